@@ -1,0 +1,3 @@
+from emergence_ray.cli import main
+
+raise SystemExit(main())

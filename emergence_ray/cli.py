@@ -1,0 +1,114 @@
+"""Command line: `emergence-ray train|evaluate|tune|validate` (also `python -m emergence_ray`).
+
+    emergence-ray train                                  # built-in digits, 2 workers, embedded Ray
+    emergence-ray train --config jobs/fashion_mnist.yaml --set optim.lr=3e-3
+    emergence-ray evaluate --checkpoint RUN_DIR/checkpoint_... [--config FILE] [--set ...]
+
+User errors print one clear message and exit 2 (traceback only with --debug). The last line
+printed by train, evaluate and tune is the path of the directory holding the results.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+from emergence_ray.errors import UserError
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="job YAML file (see jobs/)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key, e.g. --set optim.lr=3e-4 (repeatable)")
+    p.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else an embedded local Ray)")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="emergence-ray", description=__doc__.split("\n")[0])
+    sub = p.add_subparsers(dest="command")
+    train = sub.add_parser("train", help="train a classifier across Ray workers")
+    _common(train)
+    ev = sub.add_parser("evaluate", help="evaluate a checkpoint on a test split")
+    _common(ev)
+    ev.add_argument("--checkpoint", required=True, help="checkpoint directory (holds checkpoint.pt)")
+    ev.add_argument("--output", help="directory for report files (default: the checkpoint's run directory)")
+    tune = sub.add_parser("tune", help="sweep learning rate and weight decay with Ray Tune")
+    _common(tune)
+    val = sub.add_parser("validate", help="validate job files without running them")
+    val.add_argument("files", nargs="+")
+    val.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    val.add_argument("--debug", action="store_true")
+    return p
+
+
+def _user_error(err: BaseException) -> UserError | None:
+    """A UserError, possibly wrapped by Ray (task errors, Train/Tune failures)."""
+    seen = set()
+    stack = [err]
+    while stack:
+        e = stack.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, UserError):
+            return e
+        stack += [e.__cause__, e.__context__, getattr(e, "cause", None)]
+        for attr in ("worker_failures", "_worker_failures"):
+            failures = getattr(e, attr, None)
+            if isinstance(failures, dict):
+                stack += list(failures.values())
+    return None
+
+
+def run(args: argparse.Namespace) -> str | None:
+    from emergence_ray.config import load_config
+
+    if args.command == "validate":
+        for f in args.files:
+            load_config(f, args.overrides)
+            print(f"{f}: ok")
+        return None
+    cfg = load_config(args.config, args.overrides)
+    if args.command == "train":
+        from emergence_ray.trainer import train
+
+        return train(cfg, args.address)
+    if args.command == "evaluate":
+        from emergence_ray.evaluate import evaluate_command
+
+        return evaluate_command(cfg, args.checkpoint, args.output, args.address, explicit_config=args.config,
+                                overrides=args.overrides)
+    if args.command == "tune":
+        from emergence_ray.tune import tune
+
+        return tune(cfg, args.address)
+    raise AssertionError(args.command)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0].startswith("-") and argv[0] not in ("-h", "--help"):
+        argv = ["train", *argv]  # `emergence-ray` alone trains the built-in job
+    args = parser().parse_args(argv)
+    from emergence_ray.worker import setup_logging
+
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    setup_logging()
+    os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+    try:
+        out = run(args)
+    except KeyboardInterrupt:
+        print("interrupted; re-run the same command with the same run.name to resume", file=sys.stderr)
+        return 130
+    except BaseException as err:  # noqa: BLE001 - the one place that turns errors into exit codes
+        user = _user_error(err)
+        if user is None or args.debug:
+            raise
+        print(f"error: {user}", file=sys.stderr)
+        return 2
+    if out is not None:
+        print(out, flush=True)
+    return 0

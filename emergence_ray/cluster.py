@@ -1,0 +1,70 @@
+"""Connecting to Ray and sizing the request to the cluster.
+
+`RAY_ADDRESS` (or `--address`) set means that cluster; otherwise an embedded local Ray sized
+to this machine starts (no dashboard: nothing listens beyond what training needs). A request
+the cluster can never satisfy fails fast instead of waiting forever.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from dataclasses import dataclass
+
+import ray
+import ray.data as ray_data
+
+from emergence_ray.config import ScalingConfig
+from emergence_ray.errors import ResourceError
+
+log = logging.getLogger(__name__)
+DATA_CPU_RESERVE = 1.0  # CPUs left free for Ray Data tasks (a full cluster deadlocks ingest)
+
+
+def connect(address: str | None = None) -> None:
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS")
+    # Quiet Ray Data's per-dataset INFO lines in every process; our per-epoch lines stay.
+    quiet = {"RAY_DATA_LOG_LEVEL": os.environ.get("RAY_DATA_LOG_LEVEL", "WARNING")}
+    os.environ.update(quiet)
+    common = dict(logging_level=logging.WARNING, log_to_driver=True, runtime_env={"env_vars": quiet})
+    if address:
+        ray.init(address=address, **common)
+    else:
+        # The dashboard process also serves the state API that Ray Train's cleanup uses; it binds
+        # to 127.0.0.1 and requires the auth token.
+        ray.init(num_cpus=os.cpu_count() or 1, **common)
+    ray_data.DataContext.get_current().enable_progress_bars = False
+
+
+@dataclass
+class Placement:
+    num_workers: int
+    cpus_per_worker: float
+    gpus_per_worker: float
+
+
+def plan(scaling: ScalingConfig, resources: dict[str, float] | None = None) -> Placement:
+    """Resources per worker, checked against the whole cluster (not what is free right now:
+    a busy cluster is worth waiting for, one too small is not)."""
+    res = resources if resources is not None else ray.cluster_resources()
+    cpus, gpus = float(res.get("CPU", 0)), float(res.get("GPU", 0))
+    n = scaling.num_workers
+    if scaling.use_gpu and n > gpus:
+        raise ResourceError(f"scaling.num_workers={n} with scaling.use_gpu=true needs {n} GPUs; the cluster has "
+                            f"{gpus:g}. Lower scaling.num_workers or add GPU nodes.")
+    if scaling.cpus_per_worker is not None:
+        cpw = scaling.cpus_per_worker
+        if n * cpw > cpus:
+            raise ResourceError(f"scaling.num_workers={n} x scaling.cpus_per_worker={cpw:g} needs {n * cpw:g} CPUs; "
+                                f"the cluster has {cpus:g}. Lower either, or add nodes.")
+    else:
+        # whole CPUs where they fit beside one CPU for Ray Data, else an even quarter-CPU share
+        spare = cpus - DATA_CPU_RESERVE
+        cpw = 1.0 if spare >= n else math.floor(spare / n * 4) / 4
+        if cpw < 0.25:
+            raise ResourceError(f"scaling.num_workers={n} does not fit a cluster of {cpus:g} CPUs (each worker needs "
+                                "a quarter CPU at least, and Ray Data one CPU). Lower scaling.num_workers or add nodes.")
+    return Placement(n, cpw, 1.0 if scaling.use_gpu else 0.0)

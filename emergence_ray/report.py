@@ -1,0 +1,98 @@
+"""Test evaluation of a checkpoint: accuracy, scikit-learn's classification report (text and
+dict) and a confusion matrix, written as report.json, classification_report.txt and
+confusion_matrix.png into an output directory.
+"""
+
+from __future__ import annotations
+
+import io
+from typing import Any, Iterable
+
+import numpy as np
+import torch
+from sklearn.metrics import classification_report, confusion_matrix
+
+from emergence_ray import checkpoint, storage
+from emergence_ray.data.transforms import DataSpec
+from emergence_ray.engine import Batch, evaluate
+from emergence_ray.models import build_model
+
+
+def model_from_state(state: dict[str, Any]) -> tuple[torch.nn.Module, DataSpec]:
+    spec = DataSpec.from_dict(state["spec"])
+    m = state["config"]["model"]
+    model = build_model(m["name"], spec.channels, spec.num_classes, spec.image_size, m["width"], m["depth"],
+                        m["dropout"])
+    model.load_state_dict(state["model"])
+    return model.eval(), spec
+
+
+def confusion_png(cm: np.ndarray, class_names: list[str], title: str) -> bytes:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n = len(class_names)
+    fig, ax = plt.subplots(figsize=(max(4, 0.6 * n + 2), max(4, 0.6 * n + 1.5)))
+    im = ax.imshow(cm, cmap="Blues")
+    ax.set(xticks=range(n), yticks=range(n), xlabel="predicted", ylabel="true", title=title)
+    ax.set_xticklabels(class_names, rotation=45, ha="right")
+    ax.set_yticklabels(class_names)
+    if n <= 20:
+        threshold = cm.max() / 2 if cm.size else 0
+        for i in range(n):
+            for j in range(n):
+                ax.text(j, i, str(cm[i, j]), ha="center", va="center", fontsize=8,
+                        color="white" if cm[i, j] > threshold else "black")
+    fig.colorbar(im, ax=ax)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def build_report(y_true: np.ndarray, y_pred: np.ndarray, class_names: list[str], loss: float) -> dict:
+    labels = list(range(len(class_names)))
+    return {
+        "test_accuracy": float((y_true == y_pred).mean()) if len(y_true) else 0.0,
+        "test_loss": loss,
+        "num_images": int(len(y_true)),
+        "class_names": class_names,
+        "classification_report": classification_report(y_true, y_pred, labels=labels, target_names=class_names,
+                                                        output_dict=True, zero_division=0),
+        "classification_report_text": classification_report(y_true, y_pred, labels=labels,
+                                                             target_names=class_names, digits=4, zero_division=0),
+        "confusion_matrix": confusion_matrix(y_true, y_pred, labels=labels).tolist(),
+    }
+
+
+def write_report(report: dict, out_dir: str, checkpoint_path: str) -> None:
+    report = {**report, "checkpoint": checkpoint_path}
+    storage.write_text(storage.join(out_dir, "classification_report.txt"), report["classification_report_text"])
+    storage.write_bytes(storage.join(out_dir, "confusion_matrix.png"),
+                        confusion_png(np.array(report["confusion_matrix"]), report["class_names"],
+                                      f"test accuracy {report['test_accuracy']:.4f}"))
+    storage.write_json(storage.join(out_dir, "report.json"), report)
+
+
+def evaluate_batches(state: dict[str, Any], batches: Iterable[Batch], device: torch.device) -> dict:
+    model, spec = model_from_state(state)
+    totals = evaluate(model.to(device), batches, device, collect=True)
+    if not totals.labels:
+        raise ValueError("the test split has no labelled images")
+    y_true = torch.cat(totals.labels).numpy()
+    y_pred = torch.cat(totals.predictions).numpy()
+    return build_report(y_true, y_pred, spec.class_names, totals.loss)
+
+
+def evaluate_checkpoint(ckpt_dir: str, test_ds, out_dir: str, device: torch.device | None = None) -> dict:
+    """Evaluate `ckpt_dir` on a preprocessed Ray Dataset (columns image, label) on the driver."""
+    state = checkpoint.load(ckpt_dir)
+    device = device or torch.device("cpu")
+    batches = test_ds.select_columns(["image", "label"]).iter_torch_batches(
+        batch_size=512, dtypes={"image": torch.float32, "label": torch.int64})
+    report = evaluate_batches(state, batches, device)
+    write_report(report, out_dir, ckpt_dir)
+    return report

@@ -1,0 +1,199 @@
+"""The driver of a training run: reads the data, builds the TorchTrainer, fits, and evaluates
+the chosen checkpoint on the test split.
+
+    run_dir = train(load_config("jobs/digits.yaml"))
+
+The run directory (`run.storage_path/run.name`) holds Ray Train's checkpoints next to ours:
+config.yaml, meta.json, metrics.jsonl, summary.json, report.json, classification_report.txt and
+confusion_matrix.png. Re-running the same `run.name` resumes; a finished run is never touched.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import subprocess
+import sys
+import threading
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import ray
+import ray.train
+import torch
+import yaml
+from ray.train.torch import TorchTrainer
+
+from emergence_ray import __version__, cluster, storage
+from emergence_ray.config import JobConfig, to_dict
+from emergence_ray.data.pipeline import prepare
+from emergence_ray.errors import ResourceError, RunExistsError, UserError
+from emergence_ray.report import evaluate_checkpoint
+from emergence_ray.worker import train_loop_per_worker
+
+log = logging.getLogger("emergence_ray")
+
+
+def git_revision() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
+                             text=True, timeout=5)
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown"
+
+
+def run_name(cfg: JobConfig) -> str:
+    return cfg.run.name or f"{cfg.data.source}-{cfg.model.name}-{datetime.now():%Y%m%d-%H%M%S}"
+
+
+def check_run_dir(run_dir: str, name: str) -> None:
+    if storage.exists(storage.join(run_dir, "summary.json")):
+        raise RunExistsError(f"run {name!r} already finished ({run_dir}/summary.json exists) and is never "
+                             "overwritten; choose a new run.name (or omit it for a fresh timestamped one)")
+    try:
+        storage.makedirs(run_dir)
+    except OSError as err:
+        raise UserError(f"run.storage_path: cannot write to {run_dir} ({err}); choose a writable "
+                        "run.storage_path (shared storage for multi-node clusters)") from None
+
+
+def write_meta(run_dir: str, cfg: JobConfig, name: str) -> None:
+    resolved = to_dict(cfg)
+    resolved["run"]["name"] = name
+    storage.write_text(storage.join(run_dir, "config.yaml"), yaml.safe_dump(resolved, sort_keys=False))
+    storage.write_json(storage.join(run_dir, "meta.json"), {
+        "emergence_ray_version": __version__, "git_revision": git_revision(), "ray_version": ray.__version__,
+        "torch_version": torch.__version__, "python": sys.version.split()[0],
+        "command": sys.argv, "started_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    })
+
+
+class ProgressBar:
+    """Epoch/step bar drawn from rank 0's progress.json, only when a person watches a terminal."""
+
+    def __init__(self, run_dir: str):
+        self.path = storage.join(run_dir, "progress.json")
+        self.enabled = sys.stderr.isatty() and not storage.is_uri(run_dir)
+
+    def watch(self, done: threading.Event) -> None:
+        while self.enabled and not done.wait(0.5):
+            try:
+                p = storage.read_json(self.path)
+            except (OSError, ValueError):
+                continue
+            frac = (p["epoch"] + p["step"] / max(1, p["steps"])) / max(1, p["epochs"])
+            bar = "#" * int(30 * frac)
+            sys.stderr.write(f"\r[{bar:<30}] epoch {p['epoch'] + 1}/{p['epochs']} step {p['step']}/{p['steps']}")
+            sys.stderr.flush()
+        if self.enabled:
+            sys.stderr.write("\n")
+
+
+def fit(trainer: TorchTrainer, run_dir: str) -> ray.train.Result:
+    bar = ProgressBar(run_dir)
+    done = threading.Event()
+    watcher = threading.Thread(target=bar.watch, args=(done,), daemon=True)
+    watcher.start()
+    try:
+        return trainer.fit()
+    finally:
+        done.set()
+        watcher.join(timeout=2)
+
+
+def build_trainer(cfg: JobConfig, name: str, datasets: dict, spec, counts: dict, run_dir: str,
+                  callbacks: list | None = None) -> TorchTrainer:
+    placement = cluster.plan(cfg.scaling)
+    rows_per_worker = counts["train"] // placement.num_workers
+    if cfg.train.batch_size > rows_per_worker:
+        raise UserError(f"train.batch_size={cfg.train.batch_size} is larger than a worker's shard "
+                        f"({rows_per_worker} images = {counts['train']} / {placement.num_workers} workers); "
+                        "lower train.batch_size or scaling.num_workers")
+    steps_per_epoch = math.ceil(rows_per_worker / cfg.train.batch_size)
+    resources = {"CPU": placement.cpus_per_worker}
+    if placement.gpus_per_worker:
+        resources["GPU"] = placement.gpus_per_worker
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"job": to_dict(cfg), "spec": spec.to_dict(), "run_dir": run_dir,
+                           "steps_per_epoch": steps_per_epoch},
+        scaling_config=ray.train.ScalingConfig(num_workers=placement.num_workers, use_gpu=cfg.scaling.use_gpu,
+                                               resources_per_worker=resources),
+        run_config=ray.train.RunConfig(
+            name=name,
+            storage_path=storage.resolve(cfg.run.storage_path),
+            failure_config=ray.train.FailureConfig(max_failures=cfg.run.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints,
+                                                         checkpoint_score_attribute="val_accuracy",
+                                                         checkpoint_score_order="max"),
+            callbacks=callbacks,
+            logging_config=ray.train.LoggingConfig(log_level="WARNING"),
+        ),
+        datasets={"train": datasets["train"].select_columns(["image", "label"]),
+                  "val": datasets["val"].select_columns(["image", "label"])},
+    )
+
+
+def chosen_checkpoint(result: ray.train.Result, which: str) -> ray.train.Checkpoint:
+    if which == "best" and result.best_checkpoints:
+        return max(result.best_checkpoints, key=lambda cm: cm[1].get("val_accuracy", -1.0))[0]
+    if result.checkpoint is None:
+        raise UserError("training produced no checkpoint")
+    return result.checkpoint
+
+
+def train(cfg: JobConfig, address: str | None = None) -> str:
+    """Run a training job end to end; returns the run directory."""
+    wall_start = time.monotonic()
+    name = run_name(cfg)
+    run_dir = storage.join(storage.resolve(cfg.run.storage_path), name)
+    check_run_dir(run_dir, name)
+    cluster.connect(address)
+    cluster.plan(cfg.scaling)  # fail fast, before reading any data
+    prepared = prepare(cfg.data)
+    log.info("data: %s  classes=%d  channels=%d  size=%d  bad images skipped=%d", prepared.counts,
+             prepared.spec.num_classes, prepared.spec.channels, prepared.spec.image_size, prepared.bad_images)
+    write_meta(run_dir, cfg, name)
+    trainer = build_trainer(cfg, name, {"train": prepared.train, "val": prepared.val}, prepared.spec,
+                            prepared.counts, run_dir)
+    result = fit(trainer, run_dir)
+    if result.error is not None:
+        raise result.error
+    ckpt = chosen_checkpoint(result, cfg.train.evaluate)
+    history = [m for m in result.return_value or []] or storage_history(run_dir)
+    with ckpt.as_directory() as local:
+        report = evaluate_checkpoint(local, prepared.test, run_dir,
+                                     torch.device("cuda" if cfg.scaling.use_gpu and torch.cuda.is_available() else "cpu"))
+    train_s = sum(m["train_s"] for m in history)
+    summary = {
+        "run_name": name,
+        "test_accuracy": report["test_accuracy"],
+        "test_loss": report["test_loss"],
+        "best_val_accuracy": max(m["val_accuracy"] for m in history),
+        "final_val_accuracy": history[-1]["val_accuracy"],
+        "epochs": len(history),
+        "train_images_per_s": sum(m["train_images"] for m in history) / max(1e-9, train_s),
+        "wall_s": time.monotonic() - wall_start,
+        "checkpoint": ckpt.path,
+        "evaluated": cfg.train.evaluate,
+        "num_workers": cfg.scaling.num_workers,
+        "images": prepared.counts,
+        "bad_images_skipped": prepared.bad_images,
+    }
+    storage.write_json(storage.join(run_dir, "summary.json"), summary)
+    log.info("test accuracy %.4f  best val accuracy %.4f  (%d epochs, %.0f img/s, %.0f s)",
+             summary["test_accuracy"], summary["best_val_accuracy"], summary["epochs"],
+             summary["train_images_per_s"], summary["wall_s"])
+    return run_dir
+
+
+def storage_history(run_dir: str) -> list[dict]:
+    import json
+
+    text = storage.read_text(storage.join(run_dir, "metrics.jsonl"))
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
+__all__ = ["train", "build_trainer", "ResourceError"]

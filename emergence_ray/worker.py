@@ -1,0 +1,163 @@
+"""The per-worker training loop run by Ray Train's TorchTrainer (one process per worker / GPU).
+
+It touches only its dataset shards, the model and `ray.train.report`; the math lives in
+`engine`. Every epoch ends with a report that carries a checkpoint, so a restarted worker group
+(`run.max_failures`) or a re-run driver resumes from the last committed epoch.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import sys
+import tempfile
+import time
+from typing import Any
+
+import numpy as np
+import ray.train
+import ray.train.torch
+import torch
+import torch.distributed as dist
+
+from emergence_ray import checkpoint, storage
+from emergence_ray.config import JobConfig
+from emergence_ray.data.transforms import DataSpec
+from emergence_ray.engine import evaluate, train_epoch
+from emergence_ray.models import build_model
+from emergence_ray.optim import build_optimizer, build_scheduler
+
+log = logging.getLogger("emergence_ray")
+BATCH_DTYPES = {"image": torch.float32, "label": torch.int64}
+
+
+def _reduce(values: list[float], device: torch.device, op: dist.ReduceOp = dist.ReduceOp.SUM) -> list[float]:
+    if not dist.is_initialized():
+        return values
+    t = torch.tensor(values, dtype=torch.float64, device=device if device.type == "cuda" else "cpu")
+    dist.all_reduce(t, op=op)
+    return t.cpu().tolist()
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+class _Progress:
+    """Rank 0's progress file, polled by the driver to draw a bar; written at most once a second."""
+
+    def __init__(self, run_dir: str, total_epochs: int, steps_per_epoch: int, log_every_s: float):
+        self.path = storage.join(run_dir, "progress.json")
+        self.local = not storage.is_uri(run_dir)
+        self.total_epochs, self.steps = total_epochs, steps_per_epoch
+        self.log_every_s = log_every_s
+        self.epoch, self.last_write, self.last_log = 0, 0.0, time.monotonic()
+
+    def step(self, step: int) -> None:
+        now = time.monotonic()
+        if self.local and now - self.last_write >= 1.0:
+            self.last_write = now
+            storage.write_json(self.path, {"epoch": self.epoch, "epochs": self.total_epochs,
+                                           "step": step + 1, "steps": self.steps})
+        if now - self.last_log >= self.log_every_s:
+            self.last_log = now
+            log.info("epoch %d/%d  step %d/%d", self.epoch + 1, self.total_epochs, step + 1, self.steps)
+
+
+def setup_logging() -> None:
+    """Our INFO lines on stdout (forwarded to the driver); Ray's own loggers untouched."""
+    if not log.handlers:
+        handler = logging.StreamHandler(sys.stdout)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
+        log.propagate = False
+
+
+def train_loop_per_worker(loop_config: dict[str, Any]) -> list[dict]:
+    setup_logging()
+    cfg = JobConfig.model_validate(loop_config["job"])
+    spec = DataSpec.from_dict(loop_config["spec"])
+    run_dir: str = loop_config["run_dir"]
+    steps_per_epoch: int = loop_config["steps_per_epoch"]
+    ctx = ray.train.get_context()
+    rank = ctx.get_world_rank()
+    device = ray.train.torch.get_device()
+    _seed_everything(cfg.train.seed)  # identical initial weights on every rank (DDP also broadcasts)
+    model = build_model(cfg.model.name, spec.channels, spec.num_classes, spec.image_size,
+                        cfg.model.width, cfg.model.depth, cfg.model.dropout)
+    _seed_everything(cfg.train.seed + 1 + rank)  # then a stream of its own per rank (dropout)
+    model = ray.train.torch.prepare_model(model)
+    bare = model.module if hasattr(model, "module") else model
+    if device.type == "cuda":
+        bare.to(memory_format=torch.channels_last)
+    optimizer = build_optimizer(bare, cfg.optim)
+    scheduler = build_scheduler(optimizer, cfg.optim, steps_per_epoch, cfg.train.epochs)
+
+    start_epoch, history = 0, []
+    resumed = ray.train.get_checkpoint()
+    if resumed is not None:
+        with resumed.as_directory() as d:
+            state = checkpoint.load(d)
+        bare.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        start_epoch, history = state["epoch"], list(state["history"])
+        if rank == 0:
+            checkpoint.set_rng_state(state["rng"])  # rank 0 saved its own stream
+        else:
+            _seed_everything(cfg.train.seed + 1 + rank + 7919 * start_epoch)
+        if rank == 0:
+            log.info("resuming from epoch %d (checkpoint %s)", start_epoch, resumed.path)
+
+    train_shard = ray.train.get_dataset_shard("train")
+    val_shard = ray.train.get_dataset_shard("val")
+    bs = cfg.train.batch_size
+    progress = _Progress(run_dir, cfg.train.epochs, steps_per_epoch, cfg.train.log_every_s) if rank == 0 else None
+    run_start = time.monotonic() - (history[-1]["elapsed_s"] if history else 0.0)
+
+    for epoch in range(start_epoch, cfg.train.epochs):
+        if progress:
+            progress.epoch = epoch
+        batches = train_shard.iter_torch_batches(batch_size=bs, dtypes=BATCH_DTYPES, device=device,
+                                                 prefetch_batches=2, drop_last=False)
+        t = train_epoch(model, batches, optimizer, scheduler, device, cfg.train.label_smoothing,
+                        cfg.train.bf16, on_step=progress.step if progress else None)
+        v = evaluate(bare, val_shard.iter_torch_batches(batch_size=max(bs, 256), dtypes=BATCH_DTYPES,
+                                                        device=device), device, cfg.train.bf16)
+        sums = _reduce([t.loss_sum, t.correct, t.count, v.loss_sum, v.correct, v.count], device)
+        (seconds,) = _reduce([t.seconds], device, dist.ReduceOp.MAX)
+        metrics = {
+            "epoch": epoch + 1,
+            "train_loss": sums[0] / max(1, sums[2]),
+            "train_accuracy": sums[1] / max(1, sums[2]),
+            "val_loss": sums[3] / max(1, sums[5]),
+            "val_accuracy": sums[4] / max(1, sums[5]),
+            "train_images": int(sums[2]),
+            "val_images": int(sums[5]),
+            "train_s": seconds,
+            "images_per_s": sums[2] / max(1e-9, seconds),
+            "lr": scheduler.get_last_lr()[0],
+            "elapsed_s": time.monotonic() - run_start,
+        }
+        history.append(metrics)
+        with tempfile.TemporaryDirectory() as tmp:
+            ckpt = None
+            if rank == 0:
+                checkpoint.save(tmp, {
+                    "model": bare.state_dict(), "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(), "epoch": epoch + 1, "history": history,
+                    "rng": checkpoint.rng_state(), "spec": spec.to_dict(), "config": loop_config["job"],
+                })
+                ckpt = ray.train.Checkpoint.from_directory(tmp)
+            ray.train.report(metrics, checkpoint=ckpt)
+        if rank == 0:
+            storage.write_text(storage.join(run_dir, "metrics.jsonl"),
+                               "".join(json.dumps(m) + "\n" for m in history))
+            log.info("epoch %d/%d  train_loss %.4f  val_loss %.4f  val_acc %.4f  %.0f img/s  %.1fs",
+                     epoch + 1, cfg.train.epochs, metrics["train_loss"], metrics["val_loss"],
+                     metrics["val_accuracy"], metrics["images_per_s"], metrics["elapsed_s"])
+    return history
