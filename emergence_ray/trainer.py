@@ -138,7 +138,7 @@ def build_trainer(cfg: JobConfig, name: str, datasets: dict, spec, counts: dict,
 
 def chosen_checkpoint(result: ray.train.Result, which: str) -> ray.train.Checkpoint:
     if which == "best" and result.best_checkpoints:
-        return max(result.best_checkpoints, key=lambda cm: cm[1].get("val_accuracy", -1.0))[0]
+        return max(result.best_checkpoints, key=lambda cm: (cm[1].get("val_accuracy", -1.0), cm[1].get("epoch", 0)))[0]
     if result.checkpoint is None:
         raise UserError("training produced no checkpoint")
     return result.checkpoint

@@ -75,6 +75,12 @@ def setup_logging() -> None:
         log.addHandler(handler)
         log.setLevel(logging.INFO)
         log.propagate = False
+    try:  # Ray Train logs every report at INFO on a logger named after its file: too chatty
+        from ray.train.v2._internal.execution import context as train_context
+
+        logging.getLogger(train_context.__file__).setLevel(logging.WARNING)
+    except ImportError:
+        pass
 
 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> list[dict]:

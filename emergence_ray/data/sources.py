@@ -151,10 +151,13 @@ def digits(cfg: DataConfig) -> RawSplits:
 
 
 def read_idx(fs: pafs.FileSystem, path: str) -> np.ndarray:
-    with fs.open_input_stream(path) as f:
+    with fs.open_input_stream(path, compression=None) as f:
         raw = f.read()
-    if path.endswith(".gz"):
-        raw = gzip.decompress(raw)
+    if raw[:2] == b"\x1f\x8b":  # gzip magic, whatever the file is called
+        try:
+            raw = gzip.decompress(raw)
+        except (OSError, EOFError) as err:
+            raise DataError(f"{path}: corrupt or truncated gzip file ({err}); download it again") from None
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08:
         raise DataError(f"{path}: not an IDX file of unsigned bytes (bad magic number)")
     ndim = raw[3]

@@ -1,0 +1,111 @@
+"""Shared fixtures: one local Ray per test session, and real datasets written to temp folders."""
+
+from __future__ import annotations
+
+import gzip
+import io
+import os
+import struct
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+os.environ.setdefault("RAY_DATA_LOG_LEVEL", "WARNING")
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def pytest_collection_modifyitems(config, items):
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU; this machine has none")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """One real local Ray (2 CPUs, like the CI machine) shared by the tests that don't need a cluster
+    of their own. Yields the address a subprocess can use as RAY_ADDRESS."""
+    import ray
+
+    ray.init(num_cpus=2, logging_level="WARNING", runtime_env={"env_vars": {"RAY_DATA_LOG_LEVEL": "WARNING"}})
+    import ray.data
+
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    yield ray.get_runtime_context().gcs_address
+    ray.shutdown()
+
+
+def digits_arrays():
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    return np.round(d.images * (255 / 16)).astype(np.uint8), d.target.astype(np.int64)
+
+
+def png_bytes(img: np.ndarray) -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(img).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="session")
+def digits_imagefolder(tmp_path_factory) -> Path:
+    """The digits as an ImageFolder: one subfolder per class, PNG files, single tree."""
+    root = tmp_path_factory.mktemp("digits_imagefolder")
+    images, labels = digits_arrays()
+    for i, (img, y) in enumerate(zip(images, labels)):
+        d = root / f"class_{y}"
+        d.mkdir(exist_ok=True)
+        (d / f"{i:05d}.png").write_bytes(png_bytes(img))
+    return root
+
+
+@pytest.fixture(scope="session")
+def digits_parquet(tmp_path_factory) -> Path:
+    """The digits as one Parquet file: PNG bytes in a Hugging Face style {bytes, path} struct."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = tmp_path_factory.mktemp("digits_parquet") / "digits.parquet"
+    images, labels = digits_arrays()
+    structs = [{"bytes": png_bytes(img), "path": f"{i}.png"} for i, img in enumerate(images)]
+    pq.write_table(pa.table({"image": structs, "label": labels}), path)
+    return path
+
+
+def write_idx(path: Path, array: np.ndarray, gz: bool) -> None:
+    header = struct.pack(">BBBB", 0, 0, 0x08, array.ndim) + struct.pack(f">{array.ndim}I", *array.shape)
+    data = header + array.astype(np.uint8).tobytes()
+    if gz:
+        path = path.with_name(path.name + ".gz")
+        data = gzip.compress(data)
+    path.write_bytes(data)
+
+
+@pytest.fixture(scope="session", params=[True, False], ids=["gz", "raw"])
+def digits_idx(request, tmp_path_factory) -> Path:
+    """The digits as the four MNIST-style IDX files (first 1,400 train, rest test)."""
+    root = tmp_path_factory.mktemp("digits_idx")
+    images, labels = digits_arrays()
+    write_idx(root / "train-images-idx3-ubyte", images[:1400], request.param)
+    write_idx(root / "train-labels-idx1-ubyte", labels[:1400], request.param)
+    write_idx(root / "t10k-images-idx3-ubyte", images[1400:], request.param)
+    write_idx(root / "t10k-labels-idx1-ubyte", labels[1400:], request.param)
+    return root
+
+
+def cli_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env.update(extra)
+    return env
+
+
+CLI = [sys.executable, "-m", "emergence_ray"]

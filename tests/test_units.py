@@ -1,0 +1,166 @@
+"""Plain-torch pieces: models, optimizer groups, schedules, checkpoints, transforms. No Ray."""
+
+from __future__ import annotations
+
+import io
+import random
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from emergence_ray import checkpoint
+from emergence_ray.config import OptimConfig
+from emergence_ray.data.transforms import Augment, DataSpec, Preprocess, decode
+from emergence_ray.engine import evaluate, train_epoch
+from emergence_ray.errors import CheckpointError, DataError
+from emergence_ray.models import MODELS, build_model
+from emergence_ray.optim import build_optimizer, build_scheduler, lr_factor, param_groups
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+@pytest.mark.parametrize("channels, size", [(1, 8), (3, 32)])
+def test_every_model_runs_forward_and_backward(name, channels, size):
+    model = build_model(name, channels, 7, size, width=8)
+    x = torch.randn(4, channels, size, size)
+    out = model(x)
+    assert out.shape == (4, 7)
+    out.sum().backward()
+
+
+def test_resnet18_is_adapted_to_small_images():
+    model = build_model("resnet18", 1, 10, 28, width=8)
+    assert model.conv1.kernel_size == (3, 3) and model.conv1.stride == (1, 1)
+    assert isinstance(model.maxpool, torch.nn.Identity)
+
+
+def test_mlp_uses_sigmoid_units():
+    model = build_model("mlp", 1, 10, 8, width=16, depth=2)
+    assert sum(isinstance(m, torch.nn.Sigmoid) for m in model.modules()) == 2
+
+
+def test_weight_decay_only_on_matrices_and_kernels():
+    model = build_model("cnn", 1, 10, 8, width=8)
+    decay, no_decay = param_groups(model, 0.1)
+    assert all(p.dim() >= 2 for p in decay["params"]) and all(p.dim() < 2 for p in no_decay["params"])
+    assert no_decay["weight_decay"] == 0.0 and len(no_decay["params"]) > 0
+
+
+@pytest.mark.parametrize("name", ["sgd", "adamw"])
+def test_decay_is_decoupled_from_lr(name):
+    """With zero gradients, one step shrinks weights by lr/peak*wd (SGD) or lr*wd (AdamW); biases stay."""
+    model = torch.nn.Linear(4, 2)
+    w0, b0 = model.weight.detach().clone(), model.bias.detach().clone()
+    opt = build_optimizer(model, OptimConfig(name=name, lr=0.1, weight_decay=0.5))
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    opt.step()
+    shrink = 0.5 if name == "sgd" else 1 - 0.1 * 0.5
+    assert torch.allclose(model.weight, w0 * shrink)
+    assert torch.equal(model.bias, b0)
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "onecycle", "constant"])
+def test_schedules_warm_up_and_stay_bounded(schedule):
+    f = [lr_factor(s, 100, 10, schedule) for s in range(100)]
+    assert f[0] < f[9] and max(f) <= 1.0 + 1e-9 and min(f) >= 0.0
+    if schedule != "constant":
+        assert f[-1] < 0.1
+
+
+def test_scheduler_steps_per_batch():
+    model = torch.nn.Linear(2, 2)
+    opt = build_optimizer(model, OptimConfig(lr=1.0, warmup_epochs=0))
+    sched = build_scheduler(opt, OptimConfig(lr=1.0, warmup_epochs=0), steps_per_epoch=10, epochs=2)
+    for _ in range(20):
+        opt.step()
+        sched.step()
+    assert sched.get_last_lr()[0] == pytest.approx(0.0, abs=1e-6)
+
+
+def test_engine_learns_a_separable_problem():
+    torch.manual_seed(0)
+    x = torch.randn(512, 1, 4, 4)
+    y = (x.mean(dim=(1, 2, 3)) > 0).long()
+    batches = [{"image": x[i:i + 64], "label": y[i:i + 64]} for i in range(0, 512, 64)]
+    model = build_model("mlp", 1, 2, 4, width=32)
+    opt = build_optimizer(model, OptimConfig(lr=0.01, weight_decay=0.0))
+    for _ in range(20):
+        t = train_epoch(model, batches, opt, None, torch.device("cpu"))
+    assert t.count == 512
+    assert evaluate(model, batches, torch.device("cpu")).accuracy > 0.95
+
+
+def test_checkpoint_roundtrip_is_weights_only(tmp_path):
+    model = build_model("cnn", 1, 3, 8, width=4)
+    opt = build_optimizer(model, OptimConfig(name="sgd"))
+    random.seed(3)
+    state = {"model": model.state_dict(), "optimizer": opt.state_dict(), "epoch": 2, "history": [{"epoch": 1}],
+             "rng": checkpoint.rng_state(), "spec": DataSpec(1, 8, ["a", "b", "c"], [0.5], [0.2]).to_dict(),
+             "config": {"model": {"name": "cnn"}}}
+    checkpoint.save(tmp_path, state)
+    assert not list(tmp_path.glob("*.tmp"))
+    loaded = checkpoint.load(tmp_path)  # torch.load(weights_only=True) inside
+    assert loaded["epoch"] == 2 and torch.equal(loaded["model"]["0.weight"], model.state_dict()["0.weight"])
+    expected = random.random()
+    random.seed(99)
+    checkpoint.set_rng_state(loaded["rng"])
+    assert random.random() == expected
+    checkpoint.check_compatible(loaded, "cnn", 3, 1)
+    with pytest.raises(CheckpointError, match="model 'cnn'"):
+        checkpoint.check_compatible(loaded, "resnet18", 3, 1)
+    with pytest.raises(CheckpointError, match="3 classes"):
+        checkpoint.check_compatible(loaded, "cnn", 10, 1)
+
+
+def test_checkpoint_with_pickled_code_is_refused(tmp_path):
+    class Evil:
+        def __reduce__(self):
+            return (print, ("owned",))
+
+    torch.save({"format": 1, "payload": Evil()}, tmp_path / checkpoint.FILENAME)
+    with pytest.raises(CheckpointError, match="cannot be loaded safely"):
+        checkpoint.load(tmp_path)
+
+
+def _png(arr, mode=None):
+    buf = io.BytesIO()
+    Image.fromarray(arr, mode=mode).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_decode_converts_modes_and_sizes():
+    rgb = np.random.randint(0, 255, (10, 12, 3), np.uint8)
+    out = decode(_png(rgb), "x", channels=1, size=8)
+    assert out.shape == (1, 8, 8) and out.dtype == np.uint8
+    gray = np.random.randint(0, 255, (8, 8), np.uint8)
+    assert decode({"bytes": _png(gray), "path": "p"}, "x", 3, 8).shape == (3, 8, 8)
+    assert np.array_equal(decode(gray, "x", 1, 8)[0], gray)
+
+
+def test_decode_names_the_bad_file():
+    with pytest.raises(DataError, match="broken.png"):
+        decode(b"not an image", "broken.png", 1, 8)
+    truncated = _png(np.zeros((32, 32), np.uint8))[:40]
+    with pytest.raises(DataError, match="cannot decode"):
+        decode(truncated, "t.png", 1, 8)
+
+
+def test_preprocess_normalizes_and_skips_bad_images():
+    spec = DataSpec(1, 4, ["a", "b"], mean=[0.5], std=[0.25])
+    batch = {"image": np.array([_png(np.full((4, 4), 255, np.uint8)), b"junk"], dtype=object),
+             "label": np.array([1, 0]), "id": np.array(["ok.png", "junk.png"])}
+    with pytest.raises(DataError, match="junk.png"):
+        Preprocess(spec, "fail")(dict(batch))
+    out = Preprocess(spec, "skip")(dict(batch))
+    assert out["ok"].tolist() == [True, False]
+    assert np.allclose(out["image"][0], (1.0 - 0.5) / 0.25)
+
+
+def test_augment_crops_and_flips_within_bounds():
+    x = np.arange(2 * 1 * 6 * 6, dtype=np.float32).reshape(2, 1, 6, 6)
+    out = Augment(padding=2, flip=True)({"image": x.copy()})["image"]
+    assert out.shape == x.shape and out.dtype == np.float32
+    seen = set(np.unique(out)) - {0.0}
+    assert seen <= set(np.unique(x))
