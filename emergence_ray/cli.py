@@ -82,9 +82,9 @@ def run(args: argparse.Namespace) -> str | None:
         return evaluate_command(cfg, args.checkpoint, args.output, args.address, explicit_config=args.config,
                                 overrides=args.overrides)
     if args.command == "tune":
-        from emergence_ray.tune import tune
+        from emergence_ray.tune import tune_run
 
-        return tune(cfg, args.address)
+        return tune_run(cfg, args.address)
     raise AssertionError(args.command)
 
 

@@ -159,8 +159,10 @@ def test_preprocess_normalizes_and_skips_bad_images():
 
 
 def test_augment_crops_and_flips_within_bounds():
-    x = np.arange(2 * 1 * 6 * 6, dtype=np.float32).reshape(2, 1, 6, 6)
-    out = Augment(padding=2, flip=True)({"image": x.copy()})["image"]
+    x = np.arange(2 * 1 * 6 * 6, dtype=np.float32).reshape(2, 1, 6, 6) + 1
+    spec = DataSpec(1, 6, ["a", "b"], mean=[0.5], std=[0.25])
+    out = Augment(padding=2, flip=True, spec=spec)({"image": x.copy()})["image"]
     assert out.shape == x.shape and out.dtype == np.float32
-    seen = set(np.unique(out)) - {0.0}
-    assert seen <= set(np.unique(x))
+    black = -0.5 / 0.25
+    seen = set(np.unique(out)) - {black}
+    assert seen <= set(np.unique(x))  # image pixels, or black padding: nothing else

@@ -111,7 +111,7 @@ def prepare(cfg: DataConfig, spec: DataSpec | None = None, with_test: bool = Tru
         counts["test"] = test.count()
     aug = cfg.augment
     if aug.crop_padding or aug.flip:
-        train = train.map_batches(Augment(aug.crop_padding, aug.flip), batch_format="numpy", batch_size=MAP_BATCH)
+        train = train.map_batches(Augment(aug.crop_padding, aug.flip, spec), batch_format="numpy", batch_size=MAP_BATCH)
     return Prepared(train, val, test, spec, counts, raw.bad_files + bad_train + bad_val + bad_test)
 
 

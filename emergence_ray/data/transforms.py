@@ -121,13 +121,15 @@ class Preprocess:
 
 
 class Augment:
-    """map_batches callable (train split only): random crop after zero padding, optional
-    horizontal flip, on normalized float batches. Zero padding in normalized space pads with
-    the dataset mean, which is what a crop of a centred object should see."""
+    """map_batches callable (train split only): random crop after padding with black pixels
+    (like torchvision's RandomCrop(padding=p)), optional horizontal flip, on normalized batches.
+    Black is -mean/std after normalization; padding with 0 there would paint grey borders that
+    validation images never have."""
 
-    def __init__(self, padding: int, flip: bool):
+    def __init__(self, padding: int, flip: bool, spec: DataSpec):
         self.padding = padding
         self.flip = flip
+        self.fill = (-np.asarray(spec.mean, np.float32) / np.asarray(spec.std, np.float32)).reshape(1, -1, 1, 1)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         # Fresh entropy per call: this object is pickled into every Ray Data task, so a seeded
@@ -137,7 +139,9 @@ class Augment:
         n, _, h, w = x.shape
         if self.padding:
             p = self.padding
-            padded = np.pad(x, ((0, 0), (0, 0), (p, p), (p, p)))
+            padded = np.empty((n, x.shape[1], h + 2 * p, w + 2 * p), np.float32)
+            padded[:] = self.fill
+            padded[:, :, p:p + h, p:p + w] = x
             dy = rng.integers(0, 2 * p + 1, n)
             dx = rng.integers(0, 2 * p + 1, n)
             x = np.stack([padded[i, :, dy[i]:dy[i] + h, dx[i]:dx[i] + w] for i in range(n)])
