@@ -52,6 +52,8 @@ def plan(scaling: ScalingConfig, resources: dict[str, float] | None = None) -> P
     res = resources if resources is not None else ray.cluster_resources()
     cpus, gpus = float(res.get("CPU", 0)), float(res.get("GPU", 0))
     n = scaling.num_workers
+    if scaling.autoscaling:  # the autoscaler adds nodes on demand: request, don't compare
+        return Placement(n, scaling.cpus_per_worker or 1.0, 1.0 if scaling.use_gpu else 0.0)
     if scaling.use_gpu and n > gpus:
         raise ResourceError(f"scaling.num_workers={n} with scaling.use_gpu=true needs {n} GPUs; the cluster has "
                             f"{gpus:g}. Lower scaling.num_workers or add GPU nodes.")

@@ -93,6 +93,8 @@ class ScalingConfig(_Section):
     num_workers: int = Field(2, gt=0)
     use_gpu: bool = False
     cpus_per_worker: float | None = Field(None, gt=0, description="None = fit workers and Ray Data on the cluster")
+    autoscaling: bool = Field(False, description="the cluster grows on demand: skip the fail-fast check "
+                                                 "against its current size")
 
 
 class RunConfig(_Section):
