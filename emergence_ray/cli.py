@@ -1,4 +1,4 @@
-"""Command line: `emergence-ray train|evaluate|tune|validate` (also `python -m emergence_ray`).
+"""Command line: `emergence-ray train|evaluate|predict|tune|validate` (also `python -m emergence_ray`).
 
     emergence-ray train                                  # built-in digits, 2 workers, embedded Ray
     emergence-ray train --config jobs/fashion_mnist.yaml --set optim.lr=3e-3
@@ -35,6 +35,14 @@ def parser() -> argparse.ArgumentParser:
     _common(ev)
     ev.add_argument("--checkpoint", required=True, help="checkpoint directory (holds checkpoint.pt)")
     ev.add_argument("--output", help="directory for report files (default: the checkpoint's run directory)")
+    pr = sub.add_parser("predict", help="label a dataset with a checkpoint (Ray Data batch inference)")
+    _common(pr)
+    pr.add_argument("--checkpoint", required=True, help="checkpoint directory (holds checkpoint.pt)")
+    pr.add_argument("--output", required=True, help="predictions file: .parquet or .csv (never overwritten)")
+    pr.add_argument("--split", choices=["all", "train", "val", "test"], default="all",
+                    help="which images of a labelled source (default: all)")
+    pr.add_argument("--top-k", type=int, default=5)
+    pr.add_argument("--actors", type=int, default=2, help="model replicas (one per GPU with use_gpu)")
     tune = sub.add_parser("tune", help="sweep learning rate and weight decay with Ray Tune")
     _common(tune)
     val = sub.add_parser("validate", help="validate job files without running them")
@@ -68,19 +76,27 @@ def run(args: argparse.Namespace) -> str | None:
 
     if args.command == "validate":
         for f in args.files:
-            load_config(f, args.overrides)
+            cfg = load_config(f, args.overrides)
+            if cfg.tune is not None:
+                from emergence_ray.tune import tune_section
+
+                tune_section(cfg)
             print(f"{f}: ok")
         return None
+    if args.command == "evaluate":  # the job is the checkpoint's own, with --config/--set on top
+        from emergence_ray.evaluate import evaluate_command
+
+        return evaluate_command(args.checkpoint, args.output, args.address, args.config, args.overrides)
+    if args.command == "predict":
+        from emergence_ray.predict import predict_command
+
+        return predict_command(args.checkpoint, args.output, args.address, args.config, args.overrides,
+                               args.split, args.top_k, args.actors)
     cfg = load_config(args.config, args.overrides)
     if args.command == "train":
         from emergence_ray.trainer import train
 
         return train(cfg, args.address)
-    if args.command == "evaluate":
-        from emergence_ray.evaluate import evaluate_command
-
-        return evaluate_command(cfg, args.checkpoint, args.output, args.address, explicit_config=args.config,
-                                overrides=args.overrides)
     if args.command == "tune":
         from emergence_ray.tune import tune_run
 

@@ -41,7 +41,7 @@ def connect(address: str | None = None) -> None:
 
 @dataclass
 class Placement:
-    num_workers: int
+    num_workers: int | tuple[int, int]
     cpus_per_worker: float
     gpus_per_worker: float
 
@@ -51,9 +51,9 @@ def plan(scaling: ScalingConfig, resources: dict[str, float] | None = None) -> P
     a busy cluster is worth waiting for, one too small is not)."""
     res = resources if resources is not None else ray.cluster_resources()
     cpus, gpus = float(res.get("CPU", 0)), float(res.get("GPU", 0))
-    n = scaling.num_workers
+    n = scaling.min_workers  # elastic runs must fit their minimum; they grow into what is there
     if scaling.autoscaling:  # the autoscaler adds nodes on demand: request, don't compare
-        return Placement(n, scaling.cpus_per_worker or 1.0, 1.0 if scaling.use_gpu else 0.0)
+        return Placement(scaling.num_workers, scaling.cpus_per_worker or 1.0, 1.0 if scaling.use_gpu else 0.0)
     if scaling.use_gpu and n > gpus:
         raise ResourceError(f"scaling.num_workers={n} with scaling.use_gpu=true needs {n} GPUs; the cluster has "
                             f"{gpus:g}. Lower scaling.num_workers or add GPU nodes.")
@@ -65,8 +65,9 @@ def plan(scaling: ScalingConfig, resources: dict[str, float] | None = None) -> P
     else:
         # whole CPUs where they fit beside one CPU for Ray Data, else an even quarter-CPU share
         spare = cpus - DATA_CPU_RESERVE
-        cpw = 1.0 if spare >= n else math.floor(spare / n * 4) / 4
-        if cpw < 0.25:
+        most = scaling.max_workers  # size for the largest group; the smallest must fit at least
+        cpw = 1.0 if spare >= most else max(math.floor(spare / most * 4) / 4, 0.25)
+        if n * cpw > spare or spare <= 0:
             raise ResourceError(f"scaling.num_workers={n} does not fit a cluster of {cpus:g} CPUs (each worker needs "
                                 "a quarter CPU at least, and Ray Data one CPU). Lower scaling.num_workers or add nodes.")
-    return Placement(n, cpw, 1.0 if scaling.use_gpu else 0.0)
+    return Placement(scaling.num_workers, cpw, 1.0 if scaling.use_gpu else 0.0)

@@ -90,11 +90,29 @@ class TrainConfig(_Section):
 
 
 class ScalingConfig(_Section):
-    num_workers: int = Field(2, gt=0)
+    num_workers: int | tuple[int, int] = Field(2, description="workers, or [min, max] for elastic training")
     use_gpu: bool = False
     cpus_per_worker: float | None = Field(None, gt=0, description="None = fit workers and Ray Data on the cluster")
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
+        "PACK", description="placement group strategy for the workers (SPREAD: across nodes)")
     autoscaling: bool = Field(False, description="the cluster grows on demand: skip the fail-fast check "
                                                  "against its current size")
+
+    @field_validator("num_workers")
+    @classmethod
+    def _positive(cls, v: int | tuple[int, int]) -> int | tuple[int, int]:
+        lo, hi = (v, v) if isinstance(v, int) else v
+        if lo < 1 or hi < lo:
+            raise ValueError("must be >= 1, or [min, max] with 1 <= min <= max")
+        return v
+
+    @property
+    def min_workers(self) -> int:
+        return self.num_workers if isinstance(self.num_workers, int) else self.num_workers[0]
+
+    @property
+    def max_workers(self) -> int:
+        return self.num_workers if isinstance(self.num_workers, int) else self.num_workers[1]
 
 
 class RunConfig(_Section):

@@ -30,7 +30,7 @@ def job_for(state: dict, explicit_config: str | None, overrides: list[str]) -> J
     return validate(raw)
 
 
-def evaluate_command(cfg: JobConfig, ckpt_dir: str, output: str | None, address: str | None,
+def evaluate_command(ckpt_dir: str, output: str | None, address: str | None,
                      explicit_config: str | None = None, overrides: list[str] = ()) -> str:
     ckpt_dir = storage.resolve(ckpt_dir)
     if not Path(ckpt_dir).is_dir():

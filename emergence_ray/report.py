@@ -53,7 +53,7 @@ def confusion_png(cm: np.ndarray, class_names: list[str], title: str) -> bytes:
     return buf.getvalue()
 
 
-def build_report(y_true: np.ndarray, y_pred: np.ndarray, class_names: list[str], loss: float) -> dict:
+def build_report(y_true: np.ndarray, y_pred: np.ndarray, class_names: list[str], loss: float | None) -> dict:
     labels = list(range(len(class_names)))
     return {
         "test_accuracy": float((y_true == y_pred).mean()) if len(y_true) else 0.0,

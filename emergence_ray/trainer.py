@@ -11,7 +11,6 @@ confusion_matrix.png. Re-running the same `run.name` resumes; a finished run is 
 from __future__ import annotations
 
 import logging
-import math
 import subprocess
 import sys
 import threading
@@ -106,21 +105,22 @@ def fit(trainer: TorchTrainer, run_dir: str) -> ray.train.Result:
 def build_trainer(cfg: JobConfig, name: str, datasets: dict, spec, counts: dict, run_dir: str,
                   callbacks: list | None = None) -> TorchTrainer:
     placement = cluster.plan(cfg.scaling)
-    rows_per_worker = counts["train"] // placement.num_workers
+    most = cfg.scaling.max_workers
+    rows_per_worker = counts["train"] // most
     if cfg.train.batch_size > rows_per_worker:
         raise UserError(f"train.batch_size={cfg.train.batch_size} is larger than a worker's shard "
-                        f"({rows_per_worker} images = {counts['train']} / {placement.num_workers} workers); "
+                        f"({rows_per_worker} images = {counts['train']} / {most} workers); "
                         "lower train.batch_size or scaling.num_workers")
-    steps_per_epoch = math.ceil(rows_per_worker / cfg.train.batch_size)
     resources = {"CPU": placement.cpus_per_worker}
     if placement.gpus_per_worker:
         resources["GPU"] = placement.gpus_per_worker
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"job": to_dict(cfg), "spec": spec.to_dict(), "run_dir": run_dir,
-                           "steps_per_epoch": steps_per_epoch},
-        scaling_config=ray.train.ScalingConfig(num_workers=placement.num_workers, use_gpu=cfg.scaling.use_gpu,
-                                               resources_per_worker=resources),
+                           "train_rows": counts["train"]},
+        scaling_config=ray.train.ScalingConfig(num_workers=_workers(placement.num_workers), use_gpu=cfg.scaling.use_gpu,
+                                               resources_per_worker=resources,
+                                               placement_strategy=cfg.scaling.placement_strategy),
         run_config=ray.train.RunConfig(
             name=name,
             storage_path=storage.resolve(cfg.run.storage_path),
@@ -134,6 +134,10 @@ def build_trainer(cfg: JobConfig, name: str, datasets: dict, spec, counts: dict,
         datasets={"train": datasets["train"].select_columns(["image", "label"]),
                   "val": datasets["val"].select_columns(["image", "label"])},
     )
+
+
+def _workers(n: int | tuple[int, int] | list[int]) -> int | tuple[int, int]:
+    return n if isinstance(n, int) else (int(n[0]), int(n[1]))
 
 
 def chosen_checkpoint(result: ray.train.Result, which: str) -> ray.train.Checkpoint:

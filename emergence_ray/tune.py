@@ -83,6 +83,7 @@ class TuneSection(BaseModel):
     mode: Literal["max", "min"] = "max"
     scheduler: SchedulerSection = Field(default_factory=SchedulerSection)
     search: Literal["random", "grid"] = "random"
+    include_default: bool = Field(False, description="also run the job's own optim.lr / optim.weight_decay first")
     seed: int = 0
 
     @model_validator(mode="after")
@@ -136,7 +137,7 @@ def plan_trials(cfg: JobConfig, section: TuneSection) -> tuple[int, int, float]:
     (the trial function only waits on its trainer); workers share what is left after Ray Data."""
     res = ray.cluster_resources()
     cpus, gpus = float(res.get("CPU", 0)), float(res.get("GPU", 0))
-    workers = section.num_workers or cfg.scaling.num_workers
+    workers = section.num_workers or cfg.scaling.max_workers
     concurrent = section.max_concurrent_trials
     if cfg.scaling.use_gpu:
         if workers > gpus:
@@ -229,9 +230,11 @@ def _tune_config(cfg: JobConfig, section: TuneSection, concurrent: int) -> tune.
                                   reduction_factor=section.scheduler.reduction_factor)
     else:
         scheduler = FIFOScheduler()
+    default = [{"lr": cfg.optim.lr, "weight_decay": cfg.optim.weight_decay}] if section.include_default else None
     return tune.TuneConfig(metric=section.metric, mode=section.mode, num_samples=section.num_samples,
                            max_concurrent_trials=concurrent, scheduler=scheduler,
-                           search_alg=BasicVariantGenerator(random_state=section.seed, max_concurrent=concurrent))
+                           search_alg=BasicVariantGenerator(random_state=section.seed, max_concurrent=concurrent,
+                                                            points_to_evaluate=default))
 
 
 def trial_rows(grid, sweep_dir: str, sweep: str, epochs: int, section: TuneSection) -> list[dict]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import random
 import sys
 import tempfile
@@ -16,6 +17,7 @@ import time
 from typing import Any
 
 import numpy as np
+import ray
 import ray.train
 import ray.train.torch
 import torch
@@ -67,6 +69,22 @@ class _Progress:
             log.info("epoch %d/%d  step %d/%d", self.epoch + 1, self.total_epochs, step + 1, self.steps)
 
 
+def _record_workers(run_dir: str, rank: int, device: torch.device) -> None:
+    """Rank 0 writes where every rank runs (node, pid, device) to workers.json, for operators."""
+    import os
+    import socket
+
+    me = {"rank": rank, "node_id": ray.get_runtime_context().get_node_id(), "host": socket.gethostname(),
+          "pid": os.getpid(), "device": str(device)}
+    everyone = [None] * (dist.get_world_size() if dist.is_initialized() else 1)
+    if dist.is_initialized():
+        dist.all_gather_object(everyone, me)
+    else:
+        everyone = [me]
+    if rank == 0:
+        storage.write_json(storage.join(run_dir, "workers.json"), everyone)
+
+
 def setup_logging() -> None:
     """Our INFO lines on stdout (forwarded to the driver); Ray's own loggers untouched."""
     if not log.handlers:
@@ -88,9 +106,10 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> list[dict]:
     cfg = JobConfig.model_validate(loop_config["job"])
     spec = DataSpec.from_dict(loop_config["spec"])
     run_dir: str = loop_config["run_dir"]
-    steps_per_epoch: int = loop_config["steps_per_epoch"]
     ctx = ray.train.get_context()
     rank = ctx.get_world_rank()
+    # equal shards: every worker gets floor(rows / workers) rows (elastic runs re-split on resize)
+    steps_per_epoch = math.ceil(loop_config["train_rows"] // ctx.get_world_size() / cfg.train.batch_size)
     device = ray.train.torch.get_device()
     _seed_everything(cfg.train.seed)  # identical initial weights on every rank (DDP also broadcasts)
     model = build_model(cfg.model.name, spec.channels, spec.num_classes, spec.image_size,
@@ -119,6 +138,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> list[dict]:
         if rank == 0:
             log.info("resuming from epoch %d (checkpoint %s)", start_epoch, resumed.path)
 
+    _record_workers(run_dir, rank, device)
     train_shard = ray.train.get_dataset_shard("train")
     val_shard = ray.train.get_dataset_shard("val")
     bs = cfg.train.batch_size

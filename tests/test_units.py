@@ -166,3 +166,20 @@ def test_augment_crops_and_flips_within_bounds():
     black = -0.5 / 0.25
     seen = set(np.unique(out)) - {black}
     assert seen <= set(np.unique(x))  # image pixels, or black padding: nothing else
+
+
+def test_plan_sizes_workers_and_fails_fast():
+    from emergence_ray.cluster import plan
+    from emergence_ray.config import ScalingConfig
+    from emergence_ray.errors import ResourceError
+
+    assert plan(ScalingConfig(num_workers=2), {"CPU": 2}).cpus_per_worker == 0.5  # one CPU left for Ray Data
+    assert plan(ScalingConfig(num_workers=2), {"CPU": 16}).cpus_per_worker == 1.0
+    assert plan(ScalingConfig(num_workers=(1, 2)), {"CPU": 2}).num_workers == (1, 2)
+    with pytest.raises(ResourceError, match="needs 4 GPUs; the cluster has 1"):
+        plan(ScalingConfig(num_workers=4, use_gpu=True), {"CPU": 8, "GPU": 1})
+    with pytest.raises(ResourceError, match="scaling.num_workers=8"):
+        plan(ScalingConfig(num_workers=8), {"CPU": 2})
+    with pytest.raises(ResourceError, match="needs 6 CPUs"):
+        plan(ScalingConfig(num_workers=3, cpus_per_worker=2), {"CPU": 4})
+    assert plan(ScalingConfig(num_workers=4, use_gpu=True, autoscaling=True), {"CPU": 2}).gpus_per_worker == 1.0

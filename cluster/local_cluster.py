@@ -1,0 +1,138 @@
+"""A local Ray cluster for development: one head plus N worker nodes on this machine, on free
+ports, in a temp folder of its own; `stop` ends exactly the processes it started (never a plain
+`ray stop`, which would also kill every other Ray on the machine).
+
+    python cluster/local_cluster.py start --dir /tmp/dev-ray --workers 1 --cpus 2
+    export RAY_ADDRESS=$(python cluster/local_cluster.py address --dir /tmp/dev-ray)   # http://127.0.0.1:PORT
+    export RAY_AUTH_MODE=token        # clients send the token from ~/.ray/auth_token
+    ray job submit --working-dir . -- python -m emergence_ray train --config jobs/digits.yaml
+    python cluster/local_cluster.py stop --dir /tmp/dev-ray
+
+Token authentication stays on (Ray's default); the dashboard and Jobs API listen on 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+STATE = "cluster.json"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ray(args: list[str], env: dict) -> None:
+    proc = subprocess.run(["ray", *args], env=env, capture_output=True, text=True, timeout=180)
+    if proc.returncode != 0:
+        raise SystemExit(f"ray {' '.join(args[:2])} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}")
+
+
+def _node_ports() -> list[str]:
+    lo = free_port() % 20000 + 30000  # a worker-port range of our own, away from the usual ones
+    return ["--node-manager-port", str(free_port()), "--object-manager-port", str(free_port()),
+            "--metrics-export-port", str(free_port()), "--dashboard-agent-listen-port", str(free_port()),
+            "--dashboard-agent-grpc-port", str(free_port()), "--runtime-env-agent-port", str(free_port()),
+            "--min-worker-port", str(lo), "--max-worker-port", str(lo + 200)]
+
+
+def start(directory: Path, workers: int, cpus: int, object_store_mb: int) -> dict:
+    directory = directory.resolve()
+    if (directory / STATE).exists():
+        raise SystemExit(f"{directory} already holds a cluster; stop it first or choose another --dir")
+    temp = directory / "ray"
+    temp.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "RAY_AUTH_MODE": "token"}
+    env.pop("RAY_ADDRESS", None)
+    gcs_port, dash_port, client_port = free_port(), free_port(), free_port()
+    store = ["--object-store-memory", str(object_store_mb * 1024 * 1024)]
+    before = set(_pids_under(directory))
+    _ray(["start", "--head", "--port", str(gcs_port), "--temp-dir", str(temp), "--num-cpus", str(cpus),
+          "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash_port),
+          "--ray-client-server-port", str(client_port), "--disable-usage-stats", *store, *_node_ports()], env)
+    for i in range(workers):
+        _ray(["start", "--address", f"127.0.0.1:{gcs_port}", "--num-cpus", str(cpus), "--disable-usage-stats",
+              "--resources", json.dumps({f"node_{i + 1}": 1}), *store, *_node_ports()], env)
+    time.sleep(1)
+    state = {"gcs_address": f"127.0.0.1:{gcs_port}", "dashboard": f"http://127.0.0.1:{dash_port}",
+             "temp_dir": str(temp), "workers": workers,
+             "pids": sorted(set(_pids_under(directory)) - before)}
+    (directory / STATE).write_text(json.dumps(state, indent=2))
+    return state
+
+
+def _pids_under(directory: Path) -> list[int]:
+    """Processes whose command line names this cluster's temp folder (its raylets, GCS, workers,
+    dashboard and agents all carry the session path)."""
+    key = str(directory.resolve()).encode()
+    pids = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit() or int(proc.name) == os.getpid():
+            continue
+        try:
+            if key in (proc / "cmdline").read_bytes():
+                pids.append(int(proc.name))
+        except OSError:
+            continue
+    return pids
+
+
+def stop(directory: Path, timeout: float = 20.0) -> int:
+    directory = directory.resolve()
+    pids = set(_pids_under(directory))  # only processes of this cluster, whoever else runs Ray here
+    state_file = directory / STATE
+    for sig, wait in ((signal.SIGTERM, timeout), (signal.SIGKILL, 5.0)):
+        for pid in pids:
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline and any(_alive(p) for p in pids):
+            time.sleep(0.2)
+    state_file.unlink(missing_ok=True)
+    return len(pids)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return False
+    return "State:\tZ" not in status
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("command", choices=["start", "stop", "address", "status"])
+    p.add_argument("--dir", type=Path, required=True, help="this cluster's own folder (temp dir, state file)")
+    p.add_argument("--workers", type=int, default=0, help="worker nodes besides the head")
+    p.add_argument("--cpus", type=int, default=2, help="logical CPUs per node")
+    p.add_argument("--object-store-mb", type=int, default=512)
+    args = p.parse_args(argv)
+    if args.command == "start":
+        print(json.dumps(start(args.dir, args.workers, args.cpus, args.object_store_mb), indent=2))
+    elif args.command == "stop":
+        print(f"stopped {stop(args.dir)} processes")
+    else:
+        state_file = args.dir.resolve() / STATE
+        if not state_file.exists():
+            print(f"no cluster in {args.dir}", file=sys.stderr)
+            return 1
+        state = json.loads(state_file.read_text())
+        print(state["dashboard"] if args.command == "address" else json.dumps(state, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,185 @@
+"""`emergence-ray predict`: batch inference of a trained checkpoint with Ray Data.
+
+Images are decoded and normalized exactly as in training (the checkpoint's DataSpec), then a pool
+of actors, each loading the model once (`torch.load(weights_only=True)`), labels them with
+`map_batches`. The output (Parquet, or CSV by extension) holds each input's id or path, the
+predicted class name and index, and the top-k classes and probabilities; it is written under a
+temporary name and renamed when complete, so a failed run leaves nothing behind. With labels
+present, the evaluation report is written too (`<output>.report/`).
+
+    emergence-ray predict --checkpoint RUN/checkpoint_... --output preds.parquet \
+        --set data.source=imagefolder --set data.path=/data/new-images
+"""
+
+from __future__ import annotations
+
+import os
+import posixpath
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.csv as pacsv
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+import ray.data
+import torch
+
+from emergence_ray import checkpoint, cluster, storage
+from emergence_ray.config import JobConfig
+from emergence_ray.data.sources import SOURCES, filesystem
+from emergence_ray.data.transforms import IMAGE_EXTENSIONS, DataSpec, Preprocess
+from emergence_ray.errors import CheckpointError, DataError, RunExistsError, UserError
+from emergence_ray.evaluate import job_for
+from emergence_ray.report import build_report, model_from_state, write_report
+
+TOP_K = 5
+
+
+class Predictor:
+    """Ray Data actor: loads the checkpoint once, then labels batches."""
+
+    def __init__(self, ckpt_dir: str, top_k: int, use_gpu: bool):
+        state = checkpoint.load(ckpt_dir)
+        self.model, self.spec = model_from_state(state)
+        self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
+        self.model.to(self.device)
+        self.k = min(top_k, self.spec.num_classes)
+        self.names = np.array(self.spec.class_names, dtype=object)
+
+    @torch.no_grad()
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        x = torch.as_tensor(batch["image"], device=self.device)
+        probs = self.model(x).float().softmax(1).cpu()
+        top_p, top_i = probs.topk(self.k, dim=1)
+        pred = top_i[:, 0].numpy()
+        out = {
+            "id": batch["id"],
+            "pred_index": pred.astype(np.int64),
+            "pred_class": self.names[pred],
+            "topk_index": top_i.numpy().astype(np.int64),
+            "topk_prob": top_p.numpy().astype(np.float32),
+        }
+        if "label" in batch:
+            out["label"] = batch["label"]
+        return out
+
+
+def _unlabeled_images(cfg: JobConfig) -> ray.data.Dataset:
+    """A flat folder of images (no class subfolders), or a Parquet file without a label column."""
+    fs, root = filesystem(cfg.data.path)
+    kind = fs.get_file_info(root).type
+    if kind == pafs.FileType.NotFound:
+        raise DataError(f"data.path {cfg.data.path!r} does not exist")
+    if cfg.data.source == "parquet":
+        table = pq.read_table(root, filesystem=fs)
+        if cfg.data.image_column not in table.column_names:
+            raise DataError(f"{cfg.data.path}: no column {cfg.data.image_column!r} (columns: {table.column_names}); "
+                            "set data.image_column")
+        images = table.column(cfg.data.image_column).combine_chunks()
+        if pa.types.is_struct(images.type):
+            images = images.field("bytes")
+        return ray.data.from_arrow(pa.table({"image": images,
+                                             "id": pa.array([f"{i}" for i in range(len(images))])}))
+    files = [i.path for i in fs.get_file_info(pafs.FileSelector(root, recursive=True))
+             if i.type == pafs.FileType.File and i.path.rsplit(".", 1)[-1].lower() in IMAGE_EXTENSIONS
+             and not posixpath.basename(i.path).startswith(".")]
+    if not files:
+        raise DataError(f"{cfg.data.path}: no image files found")
+    ds = ray.data.read_binary_files(sorted(files), filesystem=fs, include_paths=True)
+    return ds.map_batches(lambda b: {"image": b["bytes"], "id": b["path"]}, batch_format="numpy")
+
+
+def _is_unlabeled(cfg: JobConfig) -> bool:
+    if cfg.data.source == "parquet":
+        fs, root = filesystem(cfg.data.path)
+        if fs.get_file_info(root).type == pafs.FileType.File:
+            return cfg.data.label_column not in pq.read_schema(root, filesystem=fs).names
+        return False
+    if cfg.data.source == "imagefolder":
+        fs, root = filesystem(cfg.data.path)
+        infos = fs.get_file_info(pafs.FileSelector(root)) if fs.get_file_info(root).type == pafs.FileType.Directory else []
+        return bool(infos) and not any(i.type == pafs.FileType.Directory for i in infos)
+    return False
+
+
+def inputs(cfg: JobConfig, split: str, spec: DataSpec) -> ray.data.Dataset:
+    if _is_unlabeled(cfg):
+        return _unlabeled_images(cfg)
+    raw = SOURCES[cfg.data.source](cfg.data)
+    if raw.class_names != spec.class_names:
+        raise DataError(f"the data's classes {raw.class_names} differ from the checkpoint's {spec.class_names}")
+    if split == "all":
+        return raw.train.union(raw.val, raw.test)
+    return getattr(raw, split)
+
+
+def _write(batches, output: str, fmt: str) -> tuple[np.ndarray, np.ndarray, int]:
+    """Stream prediction batches into `output` via a temp file; -> (labels, predictions, rows)."""
+    out = Path(output)
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+    labels, preds, rows = [], [], 0
+    writer = None
+    try:
+        for b in batches:
+            cols = {"id": pa.array([str(i) for i in b["id"]]), "pred_index": pa.array(b["pred_index"]),
+                    "pred_class": pa.array([str(c) for c in b["pred_class"]])}
+            if "label" in b:
+                cols["label"] = pa.array(b["label"].astype(np.int64))
+                labels.append(b["label"])
+            for j in range(b["topk_index"].shape[1]):
+                cols[f"top{j + 1}_index"] = pa.array(b["topk_index"][:, j])
+                cols[f"top{j + 1}_prob"] = pa.array(b["topk_prob"][:, j])
+            table = pa.table(cols)
+            if writer is None:
+                writer = pq.ParquetWriter(tmp, table.schema) if fmt == "parquet" else pacsv.CSVWriter(tmp, table.schema)
+            writer.write_table(table)
+            preds.append(b["pred_index"])
+            rows += len(table)
+        if writer is None:
+            raise DataError("no images to predict")
+        writer.close()
+        writer = None
+        os.replace(tmp, out)
+    finally:
+        if writer is not None:
+            writer.close()
+        tmp.unlink(missing_ok=True)
+    return (np.concatenate(labels) if labels else np.array([])), np.concatenate(preds), rows
+
+
+def predict_command(ckpt_dir: str, output: str, address: str | None, explicit_config: str | None,
+                    overrides: list[str], split: str = "all", top_k: int = TOP_K, actors: int = 2) -> str:
+    ckpt_dir = storage.resolve(ckpt_dir)
+    if not Path(ckpt_dir).is_dir():
+        raise CheckpointError(f"--checkpoint {ckpt_dir}: no such directory; pass a checkpoint directory "
+                              "(e.g. <run dir>/checkpoint_...)")
+    output = storage.resolve(output)
+    fmt = {".parquet": "parquet", ".csv": "csv"}.get(Path(output).suffix.lower())
+    if fmt is None:
+        raise UserError(f"--output {output}: end it in .parquet or .csv")
+    if Path(output).exists():
+        raise RunExistsError(f"--output {output} already exists and is never overwritten; choose another path")
+    if not Path(output).parent.is_dir():
+        raise UserError(f"--output {output}: folder {Path(output).parent} does not exist")
+    state = checkpoint.load(ckpt_dir)
+    cfg = job_for(state, explicit_config, overrides)
+    spec = DataSpec.from_dict(state["spec"])
+    checkpoint.check_compatible(state, cfg.model.name, spec.num_classes, spec.channels)
+    cluster.connect(address)
+    ds = inputs(cfg, split, spec)
+    prep = ds.map_batches(Preprocess(spec, cfg.data.on_bad_image), batch_format="numpy", batch_size=256)
+    if cfg.data.on_bad_image == "skip":
+        prep = prep.filter(lambda row: row["ok"])
+    use_gpu = cfg.scaling.use_gpu
+    preds = prep.drop_columns(["ok"]).map_batches(
+        Predictor, fn_constructor_kwargs={"ckpt_dir": ckpt_dir, "top_k": top_k, "use_gpu": use_gpu},
+        batch_format="numpy", batch_size=256, concurrency=actors,
+        num_gpus=1 if use_gpu else 0, num_cpus=0 if use_gpu else 0.5)
+    labels, predicted, rows = _write(preds.iter_batches(batch_size=1024, batch_format="numpy"), output, fmt)
+    if labels.size:
+        report = build_report(labels, predicted, spec.class_names, None)
+        report_dir = str(Path(output).with_suffix("")) + ".report"
+        write_report(report, report_dir, ckpt_dir)
+        print(f"accuracy {report['test_accuracy']:.4f} on {rows} labelled images; report in {report_dir}")
+    return output

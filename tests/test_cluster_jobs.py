@@ -1,0 +1,126 @@
+"""Jobs on a real local cluster started with `ray start --head` (free ports, own temp dir):
+`ray job submit` and `JobSubmissionClient`, the sweep job, and two nodes sharing storage.
+Each test stops exactly the processes its cluster started."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT, cli_env
+
+LOCAL_CLUSTER = [sys.executable, str(ROOT / "cluster" / "local_cluster.py")]
+
+
+@pytest.fixture
+def local_cluster(request, tmp_path_factory):
+    """Start a head (+ `workers` nodes from the test's marker param); yield its state; stop it."""
+    workers = getattr(request, "param", 0)
+    directory = tmp_path_factory.mktemp("cluster")
+    proc = subprocess.run([*LOCAL_CLUSTER, "start", "--dir", str(directory), "--workers", str(workers),
+                           "--cpus", "2"], capture_output=True, text=True, timeout=240, env=cli_env())
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    state = json.loads((directory / "cluster.json").read_text())
+    try:
+        yield state
+    finally:
+        subprocess.run([*LOCAL_CLUSTER, "stop", "--dir", str(directory)], timeout=120, env=cli_env())
+        assert not [p for p in state["pids"] if Path(f"/proc/{p}").exists()
+                    and "State:\tZ" not in Path(f"/proc/{p}/status").read_text()], "cluster processes left running"
+
+
+def _client_env() -> dict:
+    return cli_env(RAY_AUTH_MODE="token")
+
+
+def _submit(dashboard: str, *entrypoint: str) -> str:
+    proc = subprocess.run(["ray", "job", "submit", "--address", dashboard, "--working-dir", str(ROOT), "--",
+                           *entrypoint], capture_output=True, text=True, timeout=900, env=_client_env(), cwd=ROOT)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-4000:]
+    assert "succeeded" in out.lower(), out[-3000:]
+    return proc.stdout
+
+
+def _run_dir_from(logs: str) -> Path:
+    lines = [line for line in logs.splitlines() if line.strip() and not line.startswith(("-", "Job '", "Status"))]
+    for line in reversed(lines):
+        if line.strip().startswith("/"):
+            return Path(line.strip())
+    raise AssertionError(f"no run directory in the job output:\n{logs[-2000:]}")
+
+
+def test_submit_with_cli_and_client(local_cluster, tmp_path):
+    dashboard = local_cluster["dashboard"]
+    runs = tmp_path / "runs"
+    # the jobs/README.md line, with overrides to keep CI short
+    out = _submit(dashboard, "python", "-m", "emergence_ray", "train", "--config", "jobs/digits.yaml",
+                  "--set", f"run.storage_path={runs}", "--set", "run.name=cli", "--set", "train.epochs=4")
+    run_dir = _run_dir_from(out)
+    assert run_dir == runs / "cli"
+    assert json.loads((run_dir / "summary.json").read_text())["epochs"] == 4
+
+    from ray.job_submission import JobStatus, JobSubmissionClient
+
+    os.environ["RAY_AUTH_MODE"] = "token"
+    try:
+        client = JobSubmissionClient(dashboard)
+        job_id = client.submit_job(
+            entrypoint=f"python -m emergence_ray train --config jobs/digits.yaml --set run.storage_path={runs} "
+                       "--set run.name=client --set train.epochs=3",
+            runtime_env={"working_dir": str(ROOT)})
+        deadline = time.monotonic() + 600
+        while (status := client.get_job_status(job_id)) not in (JobStatus.SUCCEEDED, JobStatus.FAILED,
+                                                                 JobStatus.STOPPED):
+            assert time.monotonic() < deadline, "job did not finish"
+            time.sleep(2)
+        logs = client.get_job_logs(job_id)
+        assert status == JobStatus.SUCCEEDED, logs[-3000:]
+    finally:
+        os.environ.pop("RAY_AUTH_MODE", None)
+    assert _run_dir_from(logs) == runs / "client"
+    assert "epoch 3/3" in logs
+    assert json.loads((runs / "client" / "summary.json").read_text())["test_accuracy"] > 0.8
+
+    # without the token the Jobs API refuses
+    proc = subprocess.run(["ray", "job", "list", "--address", dashboard], capture_output=True, text=True,
+                          timeout=120, env=cli_env(RAY_AUTH_TOKEN_PATH=str(tmp_path / "no-token"),
+                                               RAY_AUTH_MODE="token", HOME=str(tmp_path)))
+    assert proc.returncode != 0
+
+
+def test_submit_sweep_and_other_jobs(local_cluster, tmp_path, digits_imagefolder, digits_idx):
+    dashboard = local_cluster["dashboard"]
+    runs = tmp_path / "runs"
+    out = _submit(dashboard, "python", "-m", "emergence_ray", "tune", "--config", "jobs/sweep_digits.yaml",
+                  "--set", f"run.storage_path={runs}", "--set", "run.name=sweep", "--set", "train.epochs=2")
+    sweep = _run_dir_from(out)
+    assert (sweep / "best.json").is_file() and (sweep / "trials.csv").is_file()
+    # the Fashion-MNIST and ResNet-18 job files, pointed at small digits data
+    _submit(dashboard, "python", "-m", "emergence_ray", "train", "--config", "jobs/fashion_mnist.yaml",
+            "--set", f"data.path={digits_idx}", "--set", "data.class_names=null", "--set", "train.epochs=1",
+            "--set", f"run.storage_path={runs}", "--set", "run.name=fmnist")
+    assert (runs / "fmnist" / "summary.json").is_file()
+    _submit(dashboard, "python", "-m", "emergence_ray", "train", "--config", "jobs/resnet18_imagefolder.yaml",
+            "--set", f"data.path={digits_imagefolder}", "--set", "data.image_size=8", "--set", "model.width=8",
+            "--set", "scaling.use_gpu=false", "--set", "train.epochs=1", "--set", "data.limit=256",
+            "--set", "train.batch_size=32", "--set", f"run.storage_path={runs}", "--set", "run.name=resnet")
+    assert (runs / "resnet" / "summary.json").is_file()
+
+
+@pytest.mark.parametrize("local_cluster", [1], indirect=True)
+def test_two_nodes_share_storage(local_cluster, tmp_path):
+    dashboard = local_cluster["dashboard"]
+    shared = tmp_path / "shared"
+    _submit(dashboard, "python", "-m", "emergence_ray", "train", "--config", "jobs/digits.yaml",
+            "--set", f"run.storage_path={shared}", "--set", "run.name=two", "--set", "train.epochs=3",
+            "--set", "scaling.placement_strategy=STRICT_SPREAD")
+    workers = json.loads((shared / "two" / "workers.json").read_text())
+    assert len({w["node_id"] for w in workers}) == 2, workers
+    assert json.loads((shared / "two" / "summary.json").read_text())["epochs"] == 3
