@@ -11,6 +11,7 @@ confusion_matrix.png. Re-running the same `run.name` resumes; a finished run is 
 from __future__ import annotations
 
 import logging
+import os
 import subprocess
 import sys
 import threading
@@ -48,14 +49,18 @@ def run_name(cfg: JobConfig) -> str:
 
 
 def check_run_dir(run_dir: str, name: str) -> None:
+    """Refuse a finished run, and an unwritable storage path, before any work is done."""
     if storage.exists(storage.join(run_dir, "summary.json")):
         raise RunExistsError(f"run {name!r} already finished ({run_dir}/summary.json exists) and is never "
                              "overwritten; choose a new run.name (or omit it for a fresh timestamped one)")
-    try:
-        storage.makedirs(run_dir)
-    except OSError as err:
-        raise UserError(f"run.storage_path: cannot write to {run_dir} ({err}); choose a writable "
-                        "run.storage_path (shared storage for multi-node clusters)") from None
+    if storage.is_uri(run_dir):
+        return
+    parent = Path(run_dir)
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise UserError(f"run.storage_path: cannot write to {run_dir} ({parent} is not a writable folder); "
+                        "choose a writable run.storage_path (shared storage for multi-node clusters)")
 
 
 def write_meta(run_dir: str, cfg: JobConfig, name: str) -> None:
@@ -102,15 +107,19 @@ def fit(trainer: TorchTrainer, run_dir: str) -> ray.train.Result:
         watcher.join(timeout=2)
 
 
-def build_trainer(cfg: JobConfig, name: str, datasets: dict, spec, counts: dict, run_dir: str,
-                  callbacks: list | None = None) -> TorchTrainer:
-    placement = cluster.plan(cfg.scaling)
+def check_batch(cfg: JobConfig, counts: dict) -> None:
     most = cfg.scaling.max_workers
     rows_per_worker = counts["train"] // most
     if cfg.train.batch_size > rows_per_worker:
         raise UserError(f"train.batch_size={cfg.train.batch_size} is larger than a worker's shard "
                         f"({rows_per_worker} images = {counts['train']} / {most} workers); "
                         "lower train.batch_size or scaling.num_workers")
+
+
+def build_trainer(cfg: JobConfig, name: str, datasets: dict, spec, counts: dict, run_dir: str,
+                  callbacks: list | None = None) -> TorchTrainer:
+    placement = cluster.plan(cfg.scaling)
+    check_batch(cfg, counts)
     resources = {"CPU": placement.cpus_per_worker}
     if placement.gpus_per_worker:
         resources["GPU"] = placement.gpus_per_worker
@@ -159,7 +168,13 @@ def train(cfg: JobConfig, address: str | None = None) -> str:
     prepared = prepare(cfg.data)
     log.info("data: %s  classes=%d  channels=%d  size=%d  bad images skipped=%d", prepared.counts,
              prepared.spec.num_classes, prepared.spec.channels, prepared.spec.image_size, prepared.bad_images)
-    write_meta(run_dir, cfg, name)
+    check_batch(cfg, prepared.counts)
+    try:
+        storage.makedirs(run_dir)
+        write_meta(run_dir, cfg, name)
+    except OSError as err:
+        raise UserError(f"run.storage_path: cannot write to {run_dir} ({err}); choose a writable "
+                        "run.storage_path (shared storage for multi-node clusters)") from None
     trainer = build_trainer(cfg, name, {"train": prepared.train, "val": prepared.val}, prepared.spec,
                             prepared.counts, run_dir)
     result = fit(trainer, run_dir)
