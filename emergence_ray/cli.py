@@ -126,6 +126,16 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"error: {user}", file=sys.stderr)
         return 2
+    _disconnect()  # flush Ray's forwarded worker logs first: the path must be the last line
     if out is not None:
         print(out, flush=True)
     return 0
+
+
+def _disconnect() -> None:
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()

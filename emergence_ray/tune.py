@@ -35,6 +35,7 @@ from emergence_ray.report import evaluate_checkpoint
 from emergence_ray.trainer import build_trainer, storage_history, write_meta
 
 log = logging.getLogger("emergence_ray")
+TRIAL_CPU = 0.01  # what a trial function itself reserves (0 is rejected by Tune)
 
 
 class Space(BaseModel):
@@ -144,7 +145,7 @@ def plan_trials(cfg: JobConfig, section: TuneSection) -> tuple[int, int, float]:
             raise ResourceError(f"one trial needs {workers} GPUs (tune.num_workers); the cluster has {gpus:g}. "
                                 "Lower tune.num_workers or add GPU nodes.")
         concurrent = min(concurrent, int(gpus // workers))
-    spare = cpus - cluster.DATA_CPU_RESERVE
+    spare = cpus - cluster.DATA_CPU_RESERVE - TRIAL_CPU * concurrent  # whole CPU left for Ray Data tasks
     if cfg.scaling.cpus_per_worker:
         cpw = cfg.scaling.cpus_per_worker
         if workers * cpw > spare:
@@ -181,7 +182,7 @@ def tune_run(cfg: JobConfig, address: str | None = None) -> str:
         tune.with_parameters(_trial, job=to_dict(cfg), sweep=sweep, sweep_dir=sweep_dir, num_workers=workers,
                              cpus_per_worker=cpw, datasets=datasets, spec_dict=prepared.spec.to_dict(),
                              counts=prepared.counts),
-        {"cpu": 0.01},  # a trial only waits on its trainer; its workers hold the real CPUs
+        {"cpu": TRIAL_CPU},  # a trial only waits on its trainer; its workers hold the real CPUs
     )
     if tune.Tuner.can_restore(sweep_dir):
         log.info("resuming sweep %s from %s", sweep, sweep_dir)

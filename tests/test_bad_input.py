@@ -1,0 +1,127 @@
+"""Bad input through the real CLI: a clear error naming the problem and the fix, exit code 2,
+no traceback (unless --debug), and every existing run left exactly as it was."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from conftest import CLI, cli_env, digits_arrays, png_bytes
+
+
+@pytest.fixture(scope="module")
+def storage(tmp_path_factory) -> Path:
+    """A storage folder holding one finished run that no bad command may touch."""
+    root = tmp_path_factory.mktemp("storage")
+    run = root / "existing"
+    (run / "checkpoint_1").mkdir(parents=True)
+    (run / "checkpoint_1" / "checkpoint.pt").write_bytes(b"weights")
+    (run / "summary.json").write_text(json.dumps({"test_accuracy": 0.9}))
+    return root
+
+
+def _snapshot(root: Path) -> dict:
+    return {str(p.relative_to(root)): (p.stat().st_mtime_ns, p.read_bytes() if p.is_file() else None)
+            for p in sorted(root.rglob("*"))}
+
+
+@pytest.fixture(scope="module")
+def bad_data(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("bad")
+    images, labels = digits_arrays()
+    (root / "empty").mkdir()
+    one = root / "one_class" / "only"
+    one.mkdir(parents=True)
+    for i in range(20):
+        (one / f"{i}.png").write_bytes(png_bytes(images[i]))
+    tree = root / "corrupt"
+    for i, (img, y) in enumerate(zip(images[:400], labels[:400])):
+        (tree / str(y)).mkdir(parents=True, exist_ok=True)
+        (tree / str(y) / f"{i}.png").write_bytes(png_bytes(img))
+    (tree / "3" / "truncated.png").write_bytes(png_bytes(images[0])[:30])
+    (tree / "4" / "garbage.jpg").write_bytes(b"this is no jpeg")
+    strays = root / "strays"
+    for i, (img, y) in enumerate(zip(images[:200], labels[:200])):
+        (strays / str(y)).mkdir(parents=True, exist_ok=True)
+        (strays / str(y) / f"{i}.png").write_bytes(png_bytes(img))
+    (strays / "2" / "notes.txt").write_text("not an image")
+    pngs = [png_bytes(i) for i in images[:300]]
+    pq.write_table(pa.table({"image": pngs, "target": labels[:300]}), root / "nolabel.parquet")
+    pq.write_table(pa.table({"image": pngs, "label": labels[:300]}), root / "labels.parquet")
+    (root / "a_file").write_text("x")
+    return {p.name: p for p in root.iterdir()} | {"root": root}
+
+
+CASES = {
+    # name: (overrides, expected fragments of the message)
+    "missing path": (["data.source=imagefolder", "data.path=/no/such/folder"], ["does not exist"]),
+    "empty folder": (["data.source=imagefolder", "data.path={empty}"], ["no images found"]),
+    "one class": (["data.source=imagefolder", "data.path={one_class}"], ["at least two"]),
+    "corrupt image": (["data.source=imagefolder", "data.path={corrupt}"],
+                      ["cannot decode", "data.on_bad_image=skip"]),
+    "non-image files": (["data.source=imagefolder", "data.path={strays}"], ["notes.txt", "not images"]),
+    "parquet without label column": (["data.source=parquet", "data.path={nolabel.parquet}"],
+                                     ["no column 'label'", "data.label_column"]),
+    "parquet without image column": (["data.source=parquet", "data.path={labels.parquet}", "data.image_column=img"],
+                                     ["no column 'img'"]),
+    "labels out of range": (["data.source=parquet", "data.path={labels.parquet}", "data.class_names=[a, b, c]"],
+                            ["labels must lie in 0..2"]),
+    "unknown model": (["model.name=vgg99"], ["model.name", "unknown model"]),
+    "unknown optimizer": (["optim.name=lion"], ["optim.name"]),
+    "lr <= 0": (["optim.lr=0"], ["optim.lr", "greater than 0"]),
+    "negative weight decay": (["optim.weight_decay=-0.01"], ["optim.weight_decay"]),
+    "batch larger than shard": (["train.batch_size=5000"], ["larger than a worker's shard"]),
+    "too many workers": (["scaling.num_workers=16"], ["does not fit a cluster of 2 CPUs"]),
+    "too many CPUs": (["scaling.cpus_per_worker=4"], ["needs 8 CPUs", "the cluster has 2"]),
+    "GPUs on a CPU cluster": (["scaling.use_gpu=true"], ["needs 2 GPUs; the cluster has 0"]),
+    "unwritable storage path": (["run.storage_path={a_file}/runs"], ["cannot write", "run.storage_path"]),
+    "finished run name": (["run.name=existing"], ["already finished", "new run.name"]),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_bad_input_is_refused_clearly(case, ray_session, storage, bad_data):
+    overrides, fragments = CASES[case]
+    args = ["train", "--set", f"run.storage_path={storage}"]
+    for o in overrides:
+        args += ["--set", o.format(**{k: str(v) for k, v in bad_data.items()})]
+    before = _snapshot(storage)
+    proc = subprocess.run([*CLI, *args], capture_output=True, text=True, timeout=300,
+                          env=cli_env(RAY_ADDRESS=ray_session))
+    assert proc.returncode == 2, (proc.stdout + proc.stderr)[-3000:]
+    assert "Traceback" not in proc.stderr
+    for fragment in fragments:
+        assert fragment in proc.stderr, proc.stderr[-2000:]
+    assert _snapshot(storage) == before  # nothing written, nothing lost
+
+
+def test_debug_shows_the_traceback(ray_session, storage):
+    proc = subprocess.run([*CLI, "train", "--debug", "--set", f"run.storage_path={storage}", "--set",
+                           "data.source=imagefolder", "--set", "data.path=/no/such/folder"],
+                          capture_output=True, text=True, timeout=300, env=cli_env(RAY_ADDRESS=ray_session))
+    assert proc.returncode != 0 and "Traceback" in proc.stderr
+
+
+def test_skipping_bad_images_counts_them(ray_session, bad_data, tmp_path):
+    proc = subprocess.run([*CLI, "train", "--set", "data.source=imagefolder", "--set", f"data.path={bad_data['corrupt']}",
+                           "--set", "data.on_bad_image=skip", "--set", "train.epochs=2", "--set", "train.batch_size=32",
+                           "--set", f"run.storage_path={tmp_path}", "--set", "run.name=skip"],
+                          capture_output=True, text=True, timeout=600, env=cli_env(RAY_ADDRESS=ray_session))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((tmp_path / "skip" / "summary.json").read_text())
+    assert summary["bad_images_skipped"] == 2
+    assert sum(summary["images"].values()) == 400
+
+
+def test_non_image_files_skipped_and_counted(ray_session, bad_data, tmp_path):
+    from emergence_ray.config import DataConfig
+    from emergence_ray.data.pipeline import prepare
+
+    p = prepare(DataConfig(source="imagefolder", path=str(bad_data["strays"]), on_bad_image="skip"))
+    assert p.bad_images == 1 and sum(p.counts.values()) == 200
