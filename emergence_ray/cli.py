@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import re
 import sys
 
 from emergence_ray.errors import UserError
@@ -68,7 +69,9 @@ def _user_error(err: BaseException) -> UserError | None:
             failures = getattr(e, attr, None)
             if isinstance(failures, dict):
                 stack += list(failures.values())
-    return None
+    # Ray Data re-raises a failing UDF's error as text inside RayTaskError(UserCodeException)
+    match = re.search(r"emergence_ray\.errors\.\w+Error: (.+)", str(err))
+    return UserError(match.group(1).strip()) if match else None
 
 
 def run(args: argparse.Namespace) -> str | None:

@@ -7,6 +7,7 @@ folder and never overwrite an existing report.
 
 from __future__ import annotations
 
+import copy
 from datetime import datetime
 from pathlib import Path
 
@@ -24,7 +25,7 @@ def job_for(state: dict, explicit_config: str | None, overrides: list[str]) -> J
     if explicit_config:
         raw = load_raw(explicit_config)
     else:
-        raw = dict(state["config"])
+        raw = copy.deepcopy(state["config"])  # never edit the checkpoint's own record
     for item in overrides:
         set_dotted(raw, *parse_override(item))
     return validate(raw)

@@ -1,0 +1,217 @@
+"""What every throughput benchmark shares, so that (a), (b) and (c) do identical work per step.
+
+A `Workload` fixes the model, the data, the batch size per worker and the step counts. The data
+is generated or read once per process from the same recipe (synthetic RGB 3x32x32, or the
+Fashion-MNIST IDX files read with `emergence_ray.data.sources.read_idx`); the model comes from
+`emergence_ray.models.build_model` with the job defaults (`ModelConfig()`), the optimizer from
+`emergence_ray.optim.build_optimizer(OptimConfig())` (AdamW), and every mode runs
+`emergence_ray.engine.train_epoch`, recording the end time of each step.
+
+Throughput is measured the same way everywhere (`steady_rates`): the first `warmup` steps are
+excluded, the next `repeats * steps` steps are cut into `repeats` consecutive segments, and each
+segment gives images/s = steps * batch_size * world / (its last step's end - the end of the step
+before it). The median of the segments is what the tables report.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import statistics
+import subprocess
+import sys
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+FASHION_MNIST = os.environ.get("FASHION_MNIST_DIR", "/usr/share/datasets/fashion-mnist")
+NUM_CLASSES = 10
+
+
+@dataclass
+class Workload:
+    model: str            # a name in emergence_ray.models.MODELS
+    data: str             # "synthetic" (RGB 3x32x32) or "fashion_mnist" (1x28x28)
+    batch_size: int = 64  # per worker
+    warmup: int = 10      # steps excluded before timing
+    steps: int = 50       # steps per timed segment
+    repeats: int = 3      # timed segments; the median is reported
+
+    @property
+    def total_steps(self) -> int:
+        return self.warmup + self.steps * self.repeats
+
+    def rows_per_worker(self) -> int:
+        return self.batch_size * self.total_steps
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Workload:
+        return cls(**{k: d[k] for k in cls.__dataclass_fields__})
+
+    @property
+    def key(self) -> str:
+        return f"{self.model}/{self.data}"
+
+
+# ---------------------------------------------------------------- data
+
+
+def synthetic_images(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """n RGB 32x32 uint8 images (N, 32, 32, 3), smooth random patterns (8x8 noise upsampled, so
+    PNGs of them compress like photos rather than like noise), and labels 0..9."""
+    rng = np.random.default_rng(seed)
+    low = rng.integers(0, 256, (n, 8, 8, 3), dtype=np.uint8)
+    images = low.repeat(4, axis=1).repeat(4, axis=2)
+    images = np.clip(images.astype(np.int16) + rng.integers(-12, 13, images.shape), 0, 255).astype(np.uint8)
+    return images, rng.integers(0, NUM_CLASSES, n).astype(np.int64)
+
+
+def fashion_mnist_images(path: str, n: int, offset: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Training images [offset, offset + n) of the IDX files, (N, 28, 28) uint8, and labels."""
+    images = read_idx_file(path, "train-images-idx3-ubyte")
+    labels = read_idx_file(path, "train-labels-idx1-ubyte").astype(np.int64)
+    if offset + n > len(images):
+        raise ValueError(f"{path}: {len(images)} training images, {offset + n} needed; lower the step counts")
+    return images[offset:offset + n], labels[offset:offset + n]
+
+
+def read_idx_file(folder: str, stem: str) -> np.ndarray:
+    """One IDX file of a local folder (`stem` or `stem.gz`), read by the service's `read_idx`."""
+    import pyarrow.fs as pafs
+
+    from emergence_ray.data.sources import read_idx
+
+    for name in (stem, stem + ".gz"):
+        path = Path(folder) / name
+        if path.is_file():
+            return read_idx(pafs.LocalFileSystem(), str(path))
+    raise FileNotFoundError(f"{folder}: no {stem}[.gz]; pass --fashion-mnist FOLDER holding the IDX files")
+
+
+def load_images(w: Workload, n: int, part: int, fashion_path: str) -> tuple[np.ndarray, np.ndarray]:
+    """The `part`-th block of n images of the workload's data (one block per worker)."""
+    if w.data == "synthetic":
+        return synthetic_images(n, seed=1000 + part)
+    if w.data == "fashion_mnist":
+        return fashion_mnist_images(fashion_path, n, offset=part * n)
+    raise ValueError(f"unknown data {w.data!r}; choose synthetic or fashion_mnist")
+
+
+def to_normalized_nchw(images: np.ndarray) -> np.ndarray:
+    """uint8 (N,H,W) or (N,H,W,C) -> float32 (N,C,H,W), per-channel standardized: the values the
+    service's `Preprocess` produces for images already at the model's size."""
+    from emergence_ray.data.transforms import channel_stats
+
+    x = images[:, None] if images.ndim == 3 else images.transpose(0, 3, 1, 2)
+    mean, std = channel_stats(x[:4096])
+    m = np.asarray(mean, np.float32).reshape(1, -1, 1, 1)
+    s = np.asarray(std, np.float32).reshape(1, -1, 1, 1)
+    return np.ascontiguousarray((x.astype(np.float32) / 255.0 - m) / s)
+
+
+def shape_of(data: str) -> tuple[int, int]:
+    """(channels, image size) of a workload's data."""
+    return (3, 32) if data == "synthetic" else (1, 28)
+
+
+# ---------------------------------------------------------------- model, optimizer
+
+
+def build_model(model_name: str, data: str):
+    """The service's model with the job defaults (`ModelConfig()`), unwrapped."""
+    from emergence_ray.config import ModelConfig
+    from emergence_ray.models import build_model as build
+
+    mc = ModelConfig(name=model_name)
+    channels, size = shape_of(data)
+    return build(mc.name, channels, NUM_CLASSES, size, mc.width, mc.depth, mc.dropout)
+
+
+def build_optimizer(bare_model):
+    """The service's default optimizer (AdamW, decoupled decay on weights with dim >= 2)."""
+    from emergence_ray.config import OptimConfig
+    from emergence_ray.optim import build_optimizer as build
+
+    return build(bare_model, OptimConfig())
+
+
+# ---------------------------------------------------------------- timing
+
+
+def steady_rates(step_ends: list[float], batch_size: int, world: int, warmup: int, steps: int,
+                 repeats: int) -> list[float]:
+    """Images/s of each timed segment (see the module docstring). step_ends[i] is when step i
+    ended, in seconds on one monotonic clock; the warm-up steps must be at least 1."""
+    if warmup < 1:
+        raise ValueError("warmup must be >= 1: a segment is timed from the end of the step before it")
+    need = warmup + steps * repeats
+    if len(step_ends) < need:
+        raise ValueError(f"{len(step_ends)} steps recorded, {need} needed")
+    rates = []
+    for r in range(repeats):
+        first = warmup + r * steps
+        seconds = step_ends[first + steps - 1] - step_ends[first - 1]
+        rates.append(steps * batch_size * world / max(seconds, 1e-9))
+    return rates
+
+
+def median(values: list[float]) -> float:
+    return float(statistics.median(values)) if values else float("nan")
+
+
+# ---------------------------------------------------------------- machine
+
+
+def machine_info() -> dict:
+    import torch
+
+    try:
+        import ray
+
+        ray_version = ray.__version__
+    except ImportError:
+        ray_version = "not installed"
+    cpu = "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    mem_gib = float("nan")
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                mem_gib = int(line.split()[1]) / 2**20
+    except OSError:
+        pass
+    return {
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "host": platform.node(),
+        "nproc": os.cpu_count(),
+        "cpu": cpu,
+        "ram_gib": round(mem_gib, 1),
+        "os": platform.platform(),
+        "python": sys.version.split()[0],
+        "torch": torch.__version__,
+        "ray": ray_version,
+        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none",
+        "git_revision": _git_revision(),
+        "load_average": [round(x, 2) for x in os.getloadavg()],
+    }
+
+
+def _git_revision() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                             timeout=5)
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown"

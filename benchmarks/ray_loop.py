@@ -1,0 +1,139 @@
+"""Mode (c): emergence-ray's data path under Ray Train, timed per step.
+
+The driver side is the service's: the images become a Ray Dataset (`sources.from_arrays` for
+synthetic data, the `idx` source via `pipeline.prepare` for Fashion-MNIST), are preprocessed
+(decode, normalize) and materialized by `pipeline.preprocess`, and the `TorchTrainer` gets the
+resources `cluster.plan` gives a 2-worker job (0.5 CPU each on 2 CPUs, leaving Ray Data a CPU).
+The worker side mirrors `emergence_ray.worker.train_loop_per_worker` step for step:
+`prepare_model` (DDP, gloo), `get_dataset_shard("train").iter_torch_batches(...)` with the same
+arguments, and `engine.train_epoch`; it only adds per-step timestamps and leaves out validation
+and checkpoints, which happen between epochs. Augmentation is off, as in (a) and (b) (its cost is
+in the ingest benchmark). One epoch holds exactly warm-up + repeats x steps batches per worker.
+
+    result = run_ray(workload, fashion_path, storage_dir)   # needs ray.init() first
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import ray.train
+import ray.train.torch
+import torch
+
+from benchmarks import common
+from emergence_ray.engine import train_epoch
+from emergence_ray.worker import BATCH_DTYPES
+
+
+def bench_loop_per_worker(config: dict) -> dict:
+    """Runs in every Ray Train worker; rank 0's return value reaches the driver. Imports happen
+    at module level, as for the service's loop: they are paid when Ray unpickles the function."""
+    t_enter = time.time()
+    torch.set_num_threads(config["threads"])
+    w = common.Workload.from_dict(config["workload"])
+    rank = ray.train.get_context().get_world_rank()
+    world = ray.train.get_context().get_world_size()
+    device = ray.train.torch.get_device()
+    torch.manual_seed(0)  # the same initial weights as (a) and (b)
+    bare = common.build_model(w.model, w.data)
+    model = ray.train.torch.prepare_model(bare)
+    optimizer = common.build_optimizer(bare)
+    t_model = time.time()
+
+    shard = ray.train.get_dataset_shard("train")
+    batches = shard.iter_torch_batches(batch_size=w.batch_size, dtypes=BATCH_DTYPES, device=device,
+                                       prefetch_batches=2, drop_last=False)
+    marks: dict[str, float] = {}
+
+    def timed(it):  # note when the first batch arrives
+        for batch in it:
+            marks.setdefault("first_batch", time.time())
+            yield batch
+
+    ends: list[float] = []
+
+    def on_step(step: int) -> None:
+        ends.append(time.perf_counter())
+        if step == 0:
+            marks["first_step"] = time.time()
+
+    totals = train_epoch(model, timed(batches), optimizer, None, device, on_step=on_step)
+    t_done = time.time()
+    return {
+        "rank": rank, "world": world, "steps_run": len(ends), "train_loss": totals.loss,
+        "rates": common.steady_rates(ends, w.batch_size, world, w.warmup, w.steps, w.repeats),
+        "t_enter": t_enter, "t_model": t_model, "t_first_batch": marks["first_batch"],
+        "t_first_step": marks["first_step"], "t_done": t_done,
+    }
+
+
+def build_dataset(w: common.Workload, world: int, fashion_path: str):
+    """-> (preprocessed, materialized train Dataset with columns image/label, its row count)."""
+    from emergence_ray.config import DataConfig
+    from emergence_ray.data import pipeline
+    from emergence_ray.data.sources import RawSplits, from_arrays
+
+    rows = w.rows_per_worker() * world
+    no_aug = {"crop_padding": 0, "flip": False}
+    if w.data == "fashion_mnist":
+        cfg = DataConfig(source="idx", path=fashion_path, limit=rows, augment=no_aug)
+        prepared = pipeline.prepare(cfg, with_test=False)
+        return prepared.train.select_columns(["image", "label"]), prepared.counts["train"]
+    # synthetic: one block of images per worker, as the baselines generate them
+    blocks = [common.load_images(w, w.rows_per_worker(), part=r, fashion_path=fashion_path) for r in range(world)]
+    import numpy as np
+
+    images = np.concatenate([b[0] for b in blocks])
+    labels = np.concatenate([b[1] for b in blocks])
+    ds = from_arrays(images, labels, [f"synthetic/{i}" for i in range(rows)])
+    cfg = DataConfig(source="digits", augment=no_aug)  # source unused: the raw dataset is given
+    raw = RawSplits(train=ds, val=ds, test=ds, class_names=[str(i) for i in range(common.NUM_CLASSES)])
+    spec = pipeline.resolve_spec(raw, cfg)
+    train, _ = pipeline.preprocess(ds, spec, cfg)
+    return train.select_columns(["image", "label"]), train.count()
+
+
+def run_ray(w: common.Workload, fashion_path: str, storage_dir: Path, num_workers: int = 2,
+            threads: int = 1) -> dict:
+    from ray.train.torch import TorchTrainer
+
+    from emergence_ray import cluster
+    from emergence_ray.config import ScalingConfig
+
+    t0 = time.time()
+    train_ds, rows = build_dataset(w, num_workers, fashion_path)
+    t_data = time.time()
+    placement = cluster.plan(ScalingConfig(num_workers=num_workers))
+    trainer = TorchTrainer(
+        bench_loop_per_worker,
+        train_loop_config={"workload": w.to_dict(), "threads": threads},
+        scaling_config=ray.train.ScalingConfig(num_workers=num_workers,
+                                               resources_per_worker={"CPU": placement.cpus_per_worker}),
+        run_config=ray.train.RunConfig(name=f"bench-{w.model}-{w.data}-{int(t0)}", storage_path=str(storage_dir),
+                                       logging_config=ray.train.LoggingConfig(log_level="WARNING")),
+        datasets={"train": train_ds},
+    )
+    t_fit = time.time()
+    result = trainer.fit()
+    t_end = time.time()
+    if result.error is not None:
+        raise result.error
+    r = result.return_value
+    if r["steps_run"] != w.total_steps:
+        raise RuntimeError(f"rank 0 ran {r['steps_run']} steps, expected {w.total_steps} ({rows} rows)")
+    return {
+        "mode": "emergence-ray", "world": num_workers, "threads": threads,
+        "cpus_per_worker": placement.cpus_per_worker, "workload": w.to_dict(), "rows": rows,
+        "rates": r["rates"], "images_per_s": common.median(r["rates"]), "train_loss": r["train_loss"],
+        "startup": {
+            "data_prepare_s": t_data - t0,                   # Ray Data read, preprocess, materialize
+            "trainer_setup_s": r["t_enter"] - t_fit,         # fit() -> worker loop entered (process group up)
+            "model_s": r["t_model"] - r["t_enter"],          # build model, prepare_model (DDP)
+            "first_batch_s": r["t_first_batch"] - r["t_model"],  # shard iterator -> first batch
+            "first_step_s": r["t_first_step"] - r["t_first_batch"],
+            "fit_to_first_step_s": r["t_first_step"] - t_fit,
+            "teardown_s": t_end - r["t_done"],
+        },
+    }

@@ -1,0 +1,179 @@
+"""Renders the collected benchmark results (one dict, also saved as JSON) into RESULTS.md."""
+
+from __future__ import annotations
+
+import json
+
+
+def _f(x, digits: int = 0, unit: str = "") -> str:
+    if x is None:
+        return "not reached"
+    if isinstance(x, float) and x != x:
+        return "n/a"
+    return f"{x:,.{digits}f}{unit}"
+
+
+def _rates(r: dict) -> str:
+    return f"**{_f(r['images_per_s'])}** ({', '.join(_f(x) for x in r['rates'])})"
+
+
+def header(res: dict) -> list[str]:
+    m = res["machine"]
+    return [
+        "# emergence-ray benchmarks", "",
+        f"Generated {m['date']} by `{res['command']}` (git {m['git_revision']}). Re-running that command "
+        "from the repository root regenerates this file.", "",
+        f"Machine: {m['nproc']} CPUs ({m['cpu']}), {m['ram_gib']} GiB RAM, GPU: {m['cuda']}; {m['os']}; "
+        f"Python {m['python']}, torch {m['torch']}, ray {m['ray']}. Load average at start: "
+        f"{', '.join(str(x) for x in m['load_average'])} (other work on the machine makes every figure noisy; "
+        "compare within one file).", "",
+    ]
+
+
+def throughput(res: dict) -> list[str]:
+    rows = res.get("throughput") or []
+    if not rows:
+        return []
+    out = [
+        "## Training throughput: torch vs torchrun vs emergence-ray", "",
+        "Same model (`build_model`, job defaults), same data, batch 64 per worker, AdamW "
+        "(`build_optimizer`), the same `engine.train_epoch`, the same steps. Images/s across all "
+        "workers; the warm-up steps are excluded and the remaining steps are cut into R timed "
+        "segments of S steps: **median**, then each segment. (a) and (b) train on in-memory "
+        "tensors; (c) on Ray Datasets preprocessed and materialized by `pipeline.preprocess` "
+        "(Fashion-MNIST through the `idx` source and `pipeline.prepare`), read through "
+        "`get_dataset_shard(...).iter_torch_batches(...)` inside Ray Train workers (0.5 CPU each, as "
+        "`cluster.plan` sizes a 2-worker job on 2 CPUs). Augmentation is off in all three. "
+        "Synthetic data is random RGB 32x32 (no real CIFAR here).", "",
+        "| model | data | steps: warm-up + R x S | (a) torch, 1 process, 2 threads | "
+        "(b) torchrun, 2 x 1 thread, gloo | (c) emergence-ray, 2 workers x 1 thread | c/b | c/a |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        w, a, b, c = r["workload"], r.get("a"), r.get("b"), r.get("c")
+        out.append(f"| {w['model']} | {w['data']} | {w['warmup']} + {w['repeats']} x {w['steps']} | "
+                   f"{_rates(a) if a else '-'} | {_rates(b) if b else '-'} | {_rates(c) if c else '-'} | "
+                   f"{_f(r.get('ratio_c_b'), 2)} | {_f(r.get('ratio_c_a'), 2)} |")
+    out += ["", "Commands (the workload JSON is the row's fields; `run.py` launches them):", ""]
+    first = rows[0]
+    for mode in ("a", "b"):
+        if first.get(mode):
+            out.append(f"- ({mode}) `{first[mode]['command']}`")
+    out += ["- (c) in the `run.py` process: `ray.init(num_cpus=2)`, then `benchmarks/ray_loop.py:run_ray` "
+            "(TorchTrainer + `bench_loop_per_worker`).", ""]
+    out += startup(res)
+    return out
+
+
+def startup(res: dict) -> list[str]:
+    rows = res["throughput"]
+    out = ["### One-off start-up cost", ""]
+    if res.get("ray_start_s") is not None:
+        out += [f"Ray start (`ray.init(num_cpus=2)`, once per run): **{_f(res['ray_start_s'], 1)} s**.", ""]
+    out += ["| model | data | mode | to first step | where the time goes (s) |", "|---|---|---|---|---|"]
+    for r in rows:
+        w = r["workload"]
+        for mode, key, label in (("a", "launch_to_first_step_s", "launch"), ("b", "launch_to_first_step_s", "launch"),
+                                 ("c", "fit_to_first_step_s", "fit()")):
+            m = r.get(mode)
+            if not m:
+                continue
+            parts = ", ".join(f"{k.removesuffix('_s').replace('_', ' ')} {v:.1f}" for k, v in m["startup"].items()
+                              if k != key)
+            out.append(f"| {w['model']} | {w['data']} | ({mode}) | {label} -> first step: "
+                       f"**{m['startup'][key]:.1f} s** | {parts} |")
+    return out + [""]
+
+
+def ingest(res: dict) -> list[str]:
+    ing = res.get("ingest")
+    if not ing:
+        return []
+    out = [
+        "## Ingest: Ray Data vs torch DataLoader", "",
+        f"{ing['images']:,} synthetic RGB 32x32 PNGs, as an ImageFolder and as Parquet (PNG bytes); decode + "
+        "normalize (`Preprocess`), augment (`Augment`: 2 px random crop, flip), batches of "
+        f"{ing['batch_size']} as torch tensors; {ing['workers']} CPUs for Ray Data, "
+        f"`num_workers={ing['workers']}` for the DataLoader. Whole passes after one warm-up pass, median of "
+        f"{ing['repeats']} (each pass in brackets). *Ray cold*: source -> Preprocess -> Augment -> "
+        "`iter_torch_batches`, decoding every pass (a first epoch). *Ray service epoch*: what every later "
+        "epoch of the service does: Augment on the materialized, preprocessed base (materializing it once "
+        "took the time shown). *DataLoader*: the same Preprocess and Augment in its `collate_fn`.", "",
+        "| format | pipeline | images/s | first batch (s) |", "|---|---|---|---|",
+    ]
+    names = {"ray_cold": "Ray Data, cold (decode every pass)", "ray_epoch": "Ray Data, service epoch",
+             "dataloader": "torch DataLoader"}
+    for fmt, d in ing["formats"].items():
+        for key, name in names.items():
+            r = d[key]
+            extra = f" (materialize once: {r['materialize_s']:.1f} s)" if "materialize_s" in r else ""
+            out.append(f"| {fmt} | {name}{extra} | **{_f(r['images_per_s'])}** "
+                       f"({', '.join(_f(x) for x in r['runs'])}) | {r['first_batch_s']:.2f} |")
+    return out + [""]
+
+
+def time_to_accuracy(res: dict) -> list[str]:
+    runs = res.get("time_to_accuracy") or []
+    if not runs:
+        return []
+    out = [
+        "## Time to accuracy: Fashion-MNIST, 2 CPU workers", "",
+        "`jobs/fashion_mnist.yaml` (cnn width 16, AdamW one-cycle, 15 epochs, batch 128 per worker, "
+        "crop + flip). *This run*: every epoch's checkpoint scored on the official 10,000 test images; time "
+        "from launching `emergence-ray train` (embedded Ray start included) to the checkpoint. *Recorded "
+        "run*: validation accuracy per epoch on the training loop's clock (its metrics.jsonl), and the test "
+        "accuracy of its best checkpoint.", "",
+        "| source | accuracy | clock | to 90% | to 92% | best within 10 min | final test accuracy | wall |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in runs:
+        out.append(f"| {r['source']} | {r['accuracy']} | {r['clock']} | {_f(r['time_to_90_s'], 0, ' s')} | "
+                   f"{_f(r['time_to_92_s'], 0, ' s')} | {_f(r['best_within_budget'], 4)} | "
+                   f"{r['final_test_accuracy']:.4f} | {r['wall_s']:.0f} s |")
+    for r in runs:
+        if "command" in r:
+            out += ["", f"Command: `{r['command']}`", "", "| epoch | wall (s) | train clock (s) | val acc | test acc |",
+                    "|---|---|---|---|---|"]
+            out += [f"| {e['epoch']} | {e['seconds']:.0f} | {e['elapsed_s']:.0f} | {e['val_accuracy']:.4f} | "
+                    f"{e['accuracy']:.4f} |" for e in r["epochs"]]
+    if res.get("time_to_accuracy_note"):
+        out += ["", res["time_to_accuracy_note"]]
+    return out + [""]
+
+
+def first_step(res: dict) -> list[str]:
+    fs = res.get("first_step")
+    if not fs:
+        return []
+    verdict = "within" if fs["to_first_step_s"] <= 20 else "over"
+    out = [
+        "## `emergence-ray train` to the first training step, on a running local cluster", "",
+        f"`{fs['command']}` against the 2-CPU Ray started by `run.py` (built-in digits job, 2 workers). "
+        f"Launch to rank 0's first step: **{fs['to_first_step_s']:.1f} s** ({verdict} the 20 s target); the "
+        f"whole command (1 epoch, test report) took {fs['command_s']:.1f} s. Stages, from the files the run "
+        "writes on its way (meta.json, workers.json, progress.json):", "",
+        "| stage | s |", "|---|---|",
+    ]
+    out += [f"| {k} | {v:.1f} |" for k, v in fs["stages_s"].items()]
+    out += ["", "The first stage, split by `python benchmarks/first_step.py --probe ADDRESS` (the driver's "
+            "steps replayed with timers; a separate process, so imports are paid again):", "",
+            "| stage | s |", "|---|---|"]
+    out += [f"| {k} | {v:.1f} |" for k, v in fs["probe_s"].items()]
+    return out + [""]
+
+
+def gpu(res: dict) -> list[str]:
+    g = res.get("gpu")
+    out = ["## GPU (one H200-class GPU)", "",
+           "`python benchmarks/gpu.py --device cuda [--compile]` (bf16 autocast, channels_last, NCCL under "
+           "torchrun, data resident on the GPU): images/s on synthetic CIFAR-sized data and Fashion-MNIST, and "
+           "the time to 92% Fashion-MNIST test accuracy. The test suite runs it with `--device cpu` so it "
+           "keeps working.", ""]
+    if not g:
+        return out + ["Not run by this command: no CUDA device here.", ""]
+    return out + ["```json", json.dumps(g, indent=1), "```", ""]
+
+
+def render(res: dict) -> str:
+    lines = header(res) + throughput(res) + ingest(res) + time_to_accuracy(res) + first_step(res) + gpu(res)
+    return "\n".join(lines).rstrip() + "\n"

@@ -1,0 +1,200 @@
+"""The one benchmark command: torch vs torchrun vs emergence-ray, side by side in one run.
+
+    python benchmarks/run.py            # everything, ~30 min on 2 cores      -> benchmarks/RESULTS.md
+    python benchmarks/run.py --quick    # cnn on synthetic data, < 5 min      -> benchmarks/RESULTS-quick.md
+    python benchmarks/run.py --smoke    # (a) and (b) only, 5 steps, no Ray (the test suite runs this)
+
+Sections, in this order: training throughput of (a) a plain torch process, (b) torchrun DDP
+(2 x gloo) and (c) emergence-ray's Ray Data + Ray Train path on the same workloads, with their
+start-up costs; ingest (Ray Data vs DataLoader); `emergence-ray train` to the first step on the
+running cluster; time to accuracy on Fashion-MNIST (the full run trains the job through the CLI,
+--quick reads the recorded run); and benchmarks/gpu.py when a CUDA device is present (full run).
+The baselines run before Ray starts, so Ray's idle processes never slow them down.
+
+Results land in --out (markdown) and beside it as JSON. The last line printed is
+`ratio_ray_vs_torchrun=<c/b for cnn on synthetic data>`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks import common, results  # noqa: E402
+from benchmarks.common import Workload  # noqa: E402
+
+HERE = Path(__file__).resolve().parent
+WORKERS = 2
+
+PROFILES = {
+    "full": {
+        "workloads": [Workload("cnn", "synthetic", 64, 20, 100, 5), Workload("cnn", "fashion_mnist", 64, 20, 100, 5),
+                      Workload("resnet18", "synthetic", 64, 3, 10, 3),
+                      Workload("resnet18", "fashion_mnist", 64, 3, 10, 3)],
+        "ray": True, "ingest_images": 8192, "ingest_repeats": 3, "time_to_accuracy": "run", "gpu": True,
+        "out": HERE / "RESULTS.md",
+    },
+    "quick": {
+        "workloads": [Workload("cnn", "synthetic", 64, 10, 30, 3)],
+        "ray": True, "ingest_images": 2048, "ingest_repeats": 3, "time_to_accuracy": "recorded", "gpu": False,
+        "out": HERE / "RESULTS-quick.md",
+    },
+    "smoke": {
+        "workloads": [Workload("cnn", "synthetic", 16, 1, 2, 2)],
+        "ray": False, "ingest_images": 0, "ingest_repeats": 0, "time_to_accuracy": None, "gpu": False,
+        "out": HERE / "RESULTS-smoke.md",
+    },
+}
+
+
+def log(msg: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def baselines(workloads: list[Workload], fashion: str, workdir: Path) -> list[dict]:
+    from benchmarks.torch_baseline import run_baseline
+
+    rows = []
+    for w in workloads:
+        row = {"workload": w.to_dict()}
+        for mode, world, threads in (("a", 1, WORKERS), ("b", WORKERS, 1)):
+            log(f"({mode}) {w.key}: {'torchrun ' if world > 1 else ''}{world} x {threads} thread(s)")
+            row[mode] = run_baseline(w, world, threads, workdir / f"{mode}-{w.model}-{w.data}.json", fashion)
+            log(f"({mode}) {w.key}: {row[mode]['images_per_s']:.0f} img/s")
+        rows.append(row)
+    return rows
+
+
+def start_ray() -> float:
+    import ray
+
+    os.environ.setdefault("RAY_DATA_LOG_LEVEL", "WARNING")
+    t = time.perf_counter()
+    # PYTHONPATH: Ray workers import benchmarks.ray_loop to run its per-worker loop
+    ray.init(num_cpus=WORKERS, logging_level="WARNING",
+             runtime_env={"env_vars": {"PYTHONPATH": str(common.ROOT), "RAY_DATA_LOG_LEVEL": "WARNING"}})
+    seconds = time.perf_counter() - t
+    import ray.data
+
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    return seconds
+
+
+def with_ray(res: dict, profile: dict, fashion: str, workdir: Path) -> None:
+    import ray
+
+    from benchmarks import first_step, ingest, ray_loop
+
+    res["ray_start_s"] = start_ray()
+    log(f"Ray started in {res['ray_start_s']:.1f} s")
+    try:
+        for row in res["throughput"]:
+            w = Workload.from_dict(row["workload"])
+            log(f"(c) {w.key}: emergence-ray, {WORKERS} workers")
+            row["c"] = ray_loop.run_ray(w, fashion, workdir / "ray_train", WORKERS)
+            row["ratio_c_b"] = row["c"]["images_per_s"] / row["b"]["images_per_s"]
+            row["ratio_c_a"] = row["c"]["images_per_s"] / row["a"]["images_per_s"]
+            log(f"(c) {w.key}: {row['c']['images_per_s']:.0f} img/s, c/b = {row['ratio_c_b']:.3f}")
+        if profile["ingest_images"]:
+            log(f"ingest: {profile['ingest_images']} PNGs, ImageFolder and Parquet")
+            res["ingest"] = ingest.run_ingest(workdir / "ingest", profile["ingest_images"], WORKERS,
+                                              profile["ingest_repeats"])
+        log("first step: emergence-ray train on the running cluster")
+        res["first_step"] = first_step.measure(ray.get_runtime_context().gcs_address, workdir)
+        log(f"first step after {res['first_step']['to_first_step_s']:.1f} s")
+    finally:
+        ray.shutdown()
+
+
+def accuracy(res: dict, profile: dict, fashion: str, workdir: Path) -> None:
+    from benchmarks import time_to_accuracy as tta
+
+    runs = []
+    if profile["time_to_accuracy"] == "run":
+        if Path(fashion).is_dir():
+            log("time to accuracy: emergence-ray train --config jobs/fashion_mnist.yaml (~7-10 min)")
+            runs.append(tta.run_job(workdir, fashion))
+        else:
+            res["time_to_accuracy_note"] = f"Not trained here: no Fashion-MNIST IDX files in {fashion}."
+    else:
+        res["time_to_accuracy_note"] = ("This quick run did not train: the row is the recorded run. "
+                                        "`python benchmarks/run.py` trains the job and scores every epoch on the test set.")
+    runs.append(tta.recorded())
+    res["time_to_accuracy"] = runs
+
+
+def gpu(res: dict, workdir: Path) -> None:
+    import torch
+
+    if not torch.cuda.is_available():
+        return
+    out = workdir / "gpu.json"
+    log("gpu: benchmarks/gpu.py --device cuda")
+    subprocess.run([sys.executable, str(HERE / "gpu.py"), "--device", "cuda", "--out", str(out)], check=True,
+                   timeout=900)
+    res["gpu"] = json.loads(out.read_text())
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--quick", action="store_true", help="cnn on synthetic data only; < 5 min on 2 cores")
+    mode.add_argument("--smoke", action="store_true", help="(a) and (b) with 5 steps, no Ray (for tests)")
+    p.add_argument("--out", type=Path, help="markdown results (default: benchmarks/RESULTS[-quick|-smoke].md)")
+    p.add_argument("--fashion-mnist", default=common.FASHION_MNIST, help="folder with the Fashion-MNIST IDX files")
+    p.add_argument("--workdir", type=Path, help="scratch folder (default: a temporary one, removed at the end)")
+    args = p.parse_args(argv)
+    name = "smoke" if args.smoke else "quick" if args.quick else "full"
+    profile = PROFILES[name]
+    out = args.out or profile["out"]
+    workdir = args.workdir or Path(tempfile.mkdtemp(prefix="emergence-bench-"))
+    workdir.mkdir(parents=True, exist_ok=True)
+
+    workloads = profile["workloads"]
+    if not Path(args.fashion_mnist).is_dir():
+        log(f"no Fashion-MNIST IDX files in {args.fashion_mnist}: synthetic data only")
+        workloads = [w for w in workloads if w.data != "fashion_mnist"]
+    command = "python benchmarks/run.py" + {"full": "", "quick": " --quick", "smoke": " --smoke"}[name]
+    if args.out:
+        command += f" --out {shlex.quote(str(args.out))}"
+    res: dict = {"command": command, "profile": name, "machine": common.machine_info()}
+    t0 = time.perf_counter()
+    try:
+        res["throughput"] = baselines(workloads, args.fashion_mnist, workdir)
+        if profile["ray"]:
+            with_ray(res, profile, args.fashion_mnist, workdir)
+        if profile["time_to_accuracy"]:
+            accuracy(res, profile, args.fashion_mnist, workdir)
+        if profile["gpu"]:
+            gpu(res, workdir)
+    finally:
+        if not args.workdir:
+            shutil.rmtree(workdir, ignore_errors=True)
+    res["total_s"] = time.perf_counter() - t0
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(results.render(res))
+    out.with_suffix(".json").write_text(json.dumps(res, indent=1, default=str))
+    log(f"wrote {out} and {out.with_suffix('.json').name} ({res['total_s']:.0f} s)")
+    for row in res["throughput"]:
+        parts = [f"{m}={row[m]['images_per_s']:.0f}" for m in ("a", "b", "c") if row.get(m)]
+        log(f"{row['workload']['model']}/{row['workload']['data']} img/s: {' '.join(parts)}")
+    ref = next(r for r in res["throughput"] if r["workload"]["model"] == "cnn" and r["workload"]["data"] == "synthetic")
+    if "ratio_c_b" in ref:
+        print(f"ratio_ray_vs_torchrun={ref['ratio_c_b']:.3f}", flush=True)
+    else:
+        print(f"ratio_torch_vs_torchrun={ref['a']['images_per_s'] / ref['b']['images_per_s']:.3f}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
