@@ -5,9 +5,9 @@ from __future__ import annotations
 import json
 
 
-def _f(x, digits: int = 0, unit: str = "") -> str:
+def _f(x, digits: int = 0, unit: str = "", none: str = "-") -> str:
     if x is None:
-        return "not reached"
+        return none
     if isinstance(x, float) and x != x:
         return "n/a"
     return f"{x:,.{digits}f}{unit}"
@@ -36,7 +36,7 @@ def throughput(res: dict) -> list[str]:
         return []
     out = [
         "## Training throughput: torch vs torchrun vs emergence-ray", "",
-        "Same model (`build_model`, job defaults), same data, batch 64 per worker, AdamW "
+        "Same model (`build_model`, job defaults), same data, same batch per worker, AdamW "
         "(`build_optimizer`), the same `engine.train_epoch`, the same steps. Images/s across all "
         "workers; the warm-up steps are excluded and the remaining steps are cut into R timed "
         "segments of S steps: **median**, then each segment. (a) and (b) train on in-memory "
@@ -45,13 +45,13 @@ def throughput(res: dict) -> list[str]:
         "`get_dataset_shard(...).iter_torch_batches(...)` inside Ray Train workers (0.5 CPU each, as "
         "`cluster.plan` sizes a 2-worker job on 2 CPUs). Augmentation is off in all three. "
         "Synthetic data is random RGB 32x32 (no real CIFAR here).", "",
-        "| model | data | steps: warm-up + R x S | (a) torch, 1 process, 2 threads | "
+        "| model | data | batch per worker | steps: warm-up + R x S | (a) torch, 1 process, 2 threads | "
         "(b) torchrun, 2 x 1 thread, gloo | (c) emergence-ray, 2 workers x 1 thread | c/b | c/a |",
-        "|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         w, a, b, c = r["workload"], r.get("a"), r.get("b"), r.get("c")
-        out.append(f"| {w['model']} | {w['data']} | {w['warmup']} + {w['repeats']} x {w['steps']} | "
+        out.append(f"| {w['model']} | {w['data']} | {w['batch_size']} | {w['warmup']} + {w['repeats']} x {w['steps']} | "
                    f"{_rates(a) if a else '-'} | {_rates(b) if b else '-'} | {_rates(c) if c else '-'} | "
                    f"{_f(r.get('ratio_c_b'), 2)} | {_f(r.get('ratio_c_a'), 2)} |")
     out += ["", "Commands (the workload JSON is the row's fields; `run.py` launches them):", ""]
@@ -127,8 +127,8 @@ def time_to_accuracy(res: dict) -> list[str]:
         "|---|---|---|---|---|---|---|---|",
     ]
     for r in runs:
-        out.append(f"| {r['source']} | {r['accuracy']} | {r['clock']} | {_f(r['time_to_90_s'], 0, ' s')} | "
-                   f"{_f(r['time_to_92_s'], 0, ' s')} | {_f(r['best_within_budget'], 4)} | "
+        out.append(f"| {r['source']} | {r['accuracy']} | {r['clock']} | {_f(r['time_to_90_s'], 0, ' s', 'not reached')} | "
+                   f"{_f(r['time_to_92_s'], 0, ' s', 'not reached')} | {_f(r['best_within_budget'], 4)} | "
                    f"{r['final_test_accuracy']:.4f} | {r['wall_s']:.0f} s |")
     for r in runs:
         if "command" in r:

@@ -42,6 +42,7 @@ def main(argv: list[str] | None = None) -> None:
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel
 
+    from emergence_ray import config, models, optim  # noqa: F401 - imported here, timed as imports
     from emergence_ray.engine import train_epoch
 
     w = common.Workload.from_dict(json.loads(args.workload))
@@ -107,19 +108,20 @@ def run_baseline(w: common.Workload, world: int, threads: int, out: Path, fashio
                  timeout: float = 900) -> dict:
     """Launch (a) (world=1, a plain process) or (b) (world>1, torchrun) and return rank 0's JSON."""
     script = str(Path(__file__).resolve())
-    args = ["--workload", json.dumps(w.to_dict()), "--threads", str(threads), "--out", str(out),
-            "--fashion-mnist", fashion_path]
+    args = ["--workload", json.dumps(w.to_dict()), "--threads", str(threads), "--fashion-mnist", fashion_path]
     if world > 1:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={world}",
                script, *args]
     else:
         cmd = [sys.executable, script, *args]
+    shown = ["python", *cmd[1:]]  # as typed from the repository root
+    cmd += ["--out", str(out)]
     env = dict(os.environ, BENCH_LAUNCH_T=repr(time.time()), OMP_NUM_THREADS=str(threads))
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd[:6])} ... failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
     result = json.loads(out.read_text())
-    result["command"] = shlex.join(cmd)
+    result["command"] = shlex.join(a.replace(str(common.ROOT) + "/", "") for a in shown) + " --out FILE.json"
     return result
 
 

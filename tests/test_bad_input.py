@@ -55,7 +55,7 @@ def bad_data(tmp_path_factory) -> dict[str, Path]:
     pq.write_table(pa.table({"image": pngs, "target": labels[:300]}), root / "nolabel.parquet")
     pq.write_table(pa.table({"image": pngs, "label": labels[:300]}), root / "labels.parquet")
     (root / "a_file").write_text("x")
-    return {p.name: p for p in root.iterdir()} | {"root": root}
+    return {p.stem: p for p in root.iterdir()} | {"root": root}
 
 
 CASES = {
@@ -66,11 +66,11 @@ CASES = {
     "corrupt image": (["data.source=imagefolder", "data.path={corrupt}"],
                       ["cannot decode", "data.on_bad_image=skip"]),
     "non-image files": (["data.source=imagefolder", "data.path={strays}"], ["notes.txt", "not images"]),
-    "parquet without label column": (["data.source=parquet", "data.path={nolabel.parquet}"],
+    "parquet without label column": (["data.source=parquet", "data.path={nolabel}"],
                                      ["no column 'label'", "data.label_column"]),
-    "parquet without image column": (["data.source=parquet", "data.path={labels.parquet}", "data.image_column=img"],
+    "parquet without image column": (["data.source=parquet", "data.path={labels}", "data.image_column=img"],
                                      ["no column 'img'"]),
-    "labels out of range": (["data.source=parquet", "data.path={labels.parquet}", "data.class_names=[a, b, c]"],
+    "labels out of range": (["data.source=parquet", "data.path={labels}", "data.class_names=[a, b, c]"],
                             ["labels must lie in 0..2"]),
     "unknown model": (["model.name=vgg99"], ["model.name", "unknown model"]),
     "unknown optimizer": (["optim.name=lion"], ["optim.name"]),
