@@ -41,7 +41,7 @@ from emergence_ray.models import build_model  # noqa: E402
 from emergence_ray.optim import build_optimizer, build_scheduler  # noqa: E402
 
 DEFAULTS = {  # per device: (steps, warmup, batch per process, tta epochs, tta train images (0 = all))
-    "cuda": dict(steps=100, warmup=20, batch_size=512, tta_epochs=12, tta_limit=0),
+    "cuda": dict(steps=100, warmup=20, batch_size=512, tta_epochs=15, tta_limit=0),
     "cpu": dict(steps=4, warmup=2, batch_size=32, tta_epochs=1, tta_limit=1024),
 }
 

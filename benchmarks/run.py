@@ -39,8 +39,8 @@ WORKERS = 2
 PROFILES = {
     "full": {
         "workloads": [Workload("cnn", "synthetic", 64, 20, 100, 5), Workload("cnn", "fashion_mnist", 64, 20, 100, 5),
-                      Workload("resnet18", "synthetic", 64, 3, 10, 3),
-                      Workload("resnet18", "fashion_mnist", 64, 3, 10, 3)],
+                      Workload("resnet18", "synthetic", 64, 2, 5, 3),
+                      Workload("resnet18", "fashion_mnist", 64, 2, 5, 3)],
         "ray": True, "ingest_images": 8192, "ingest_repeats": 3, "time_to_accuracy": "run", "gpu": True,
         "out": HERE / "RESULTS.md",
     },

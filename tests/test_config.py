@@ -85,3 +85,37 @@ def test_cli_validate_every_job():
                           timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.count(": ok") == len(JOBS)
+
+
+def _documented_commands() -> list[list[str]]:
+    """Every `emergence-ray ...` / `python -m emergence_ray ...` command in README.md and jobs/README.md."""
+    import shlex
+
+    commands = []
+    for doc in (ROOT / "README.md", ROOT / "jobs" / "README.md", ROOT / "cluster" / "README.md"):
+        text = doc.read_text().replace("\\\n", " ")
+        for line in text.splitlines():
+            for marker in ("emergence-ray ", "python -m emergence_ray "):
+                if marker in line and not line.lstrip().startswith(("|", "#", "`emergence-ray validate")):
+                    cmd = line[line.index(marker) + len(marker):].split("#")[0].split("`")[0].strip()
+                    words = shlex.split(cmd)
+                    if words and words[0] in ("train", "tune", "evaluate", "predict"):
+                        commands.append(words)
+    return commands
+
+
+def test_every_documented_command_parses_and_its_job_validates():
+    """The heavy runs are in the e2e/cluster tests; here every documented command line is parsed
+    by the real CLI parser and its job (config file + --set) validated."""
+    from emergence_ray.cli import parser
+
+    commands = _documented_commands()
+    assert len(commands) >= 8
+    for words in commands:
+        args = parser().parse_args(words)
+        if args.command in ("train", "tune"):
+            cfg = load_config(ROOT / args.config if args.config else None, args.overrides)
+            if args.command == "tune":
+                from emergence_ray.tune import tune_section
+
+                tune_section(cfg)

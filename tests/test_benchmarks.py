@@ -1,0 +1,120 @@
+"""The benchmarks keep working: benchmarks/gpu.py on the CPU with tiny settings, run.py's --smoke
+mode ((a) one torch process and (b) torchrun, 5 steps, no Ray), and the pure helpers. Nothing here
+asserts a timing value: only that the numbers exist and are positive."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from benchmarks import common, results, time_to_accuracy  # noqa: E402
+
+
+def _write_idx(path: Path, array: np.ndarray) -> None:
+    header = struct.pack(">BBBB", 0, 0, 0x08, array.ndim) + struct.pack(f">{array.ndim}I", *array.shape)
+    path.write_bytes(gzip.compress(header + array.astype(np.uint8).tobytes()))
+
+
+@pytest.fixture
+def tiny_idx(tmp_path) -> Path:
+    """Fashion-MNIST-shaped IDX files of random images (the real files are not a test dependency)."""
+    rng = np.random.default_rng(0)
+    root = tmp_path / "idx"
+    root.mkdir()
+    for prefix, n in (("train", 512), ("t10k", 128)):
+        _write_idx(root / f"{prefix}-images-idx3-ubyte.gz", rng.integers(0, 256, (n, 28, 28)))
+        _write_idx(root / f"{prefix}-labels-idx1-ubyte.gz", rng.integers(0, 10, n))
+    return root
+
+
+def test_steady_rates_cut_warmup_and_segments():
+    ends = [0.0, 0.5, 1.0, 2.0, 3.0]  # step 0 is warm-up; then two segments of two steps
+    assert common.steady_rates(ends, batch_size=10, world=2, warmup=1, steps=2, repeats=2) == [40.0, 20.0]
+    with pytest.raises(ValueError):
+        common.steady_rates(ends, 10, 2, warmup=1, steps=3, repeats=2)
+
+
+def test_time_to_accuracy_helpers_and_recorded_run():
+    points = [(10.0, 0.85), (20.0, 0.905), (30.0, 0.921), (700.0, 0.93)]
+    s = time_to_accuracy.summarize(points, budget_s=600)
+    assert (s["time_to_90_s"], s["time_to_92_s"], s["best_within_budget"]) == (20.0, 30.0, 0.921)
+    assert time_to_accuracy.summarize(points[:1])["time_to_90_s"] is None
+    rec = time_to_accuracy.recorded()
+    assert rec["time_to_90_s"] > 0 and 0.9 < rec["final_test_accuracy"] < 1
+
+
+def test_gpu_script_runs_on_cpu(tmp_path, tiny_idx):
+    out = tmp_path / "gpu.json"
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "gpu.py"), "--device", "cpu", "--models", "cnn,resnet18",
+         "--data", "synthetic,fashion_mnist", "--fashion-mnist", str(tiny_idx), "--batch-size", "4",
+         "--steps", "2", "--warmup", "1", "--repeats", "3", "--tta-epochs", "2", "--tta-limit", "256",
+         "--tta-width", "8", "--out", str(out)],
+        capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    printed = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert printed == json.loads(out.read_text())
+    assert printed["device"] == "cpu" and printed["world"] == 1 and printed["skipped"] == []
+    combos = {(t["model"], t["data"]) for t in printed["throughput"]}
+    assert combos == {(m, d) for m in ("cnn", "resnet18") for d in ("synthetic", "fashion_mnist")}
+    for t in printed["throughput"]:
+        assert len(t["rates"]) == 3 and all(r > 0 for r in t["rates"]) and t["images_per_s"] > 0
+    tta = printed["time_to_accuracy"]
+    assert [e["epoch"] for e in tta["epochs"]] == [1, 2]
+    assert tta["train_images"] == 256 and 0 <= tta["best_test_accuracy"] <= 1
+    assert all(e["elapsed_s"] > 0 for e in tta["epochs"])
+    assert "time_to_target_s" in tta  # None: random labels never reach 92%
+
+
+def test_run_smoke_torch_and_torchrun(tmp_path):
+    out = tmp_path / "RESULTS-smoke.md"
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "run.py"), "--smoke", "--out", str(out),
+                           "--workdir", str(tmp_path / "work")],
+                          capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    last = proc.stdout.strip().splitlines()[-1]
+    assert last.startswith("ratio_torch_vs_torchrun=") and float(last.split("=")[1]) > 0
+    res = json.loads(out.with_suffix(".json").read_text())
+    (row,) = res["throughput"]
+    assert row["a"]["world"] == 1 and row["b"]["world"] == 2 and row["b"]["mode"] == "torchrun"
+    for mode in ("a", "b"):
+        assert len(row[mode]["rates"]) == 2 and all(r > 0 for r in row[mode]["rates"])
+        assert row[mode]["startup"]["launch_to_first_step_s"] > 0
+    text = out.read_text()
+    assert "python benchmarks/run.py --smoke" in text and "| cnn | synthetic |" in text
+
+
+def test_results_render_every_section():
+    """RESULTS.md renders from a result of the full shape (no benchmark runs here)."""
+    run = {"images_per_s": 100.0, "rates": [90.0, 100.0, 110.0], "command": "python x",
+           "startup": {"launch_to_first_step_s": 5.0, "imports_s": 2.0, "fit_to_first_step_s": 9.0}}
+    ing = {"images_per_s": 1000.0, "first_batch_s": 0.1, "runs": [900.0, 1000.0, 1100.0]}
+    tta = {"source": "this run", "accuracy": "test", "clock": "wall", "time_to_90_s": 100.0, "time_to_92_s": None,
+           "best_within_budget": 0.915, "final_test_accuracy": 0.918, "wall_s": 400.0, "command": "emergence-ray train",
+           "epochs": [{"epoch": 1, "seconds": 30.0, "elapsed_s": 25.0, "val_accuracy": 0.8, "accuracy": 0.79}]}
+    res = {
+        "command": "python benchmarks/run.py", "machine": common.machine_info(), "ray_start_s": 4.0,
+        "throughput": [{"workload": common.Workload("cnn", "synthetic").to_dict(), "a": run, "b": run, "c": run,
+                        "ratio_c_b": 1.0, "ratio_c_a": 1.0}],
+        "ingest": {"images": 64, "batch_size": 64, "workers": 2, "repeats": 3, "formats": {
+            "parquet": {"ray_cold": ing, "ray_epoch": {**ing, "materialize_s": 1.0}, "dataloader": ing}}},
+        "time_to_accuracy": [tta, time_to_accuracy.recorded()],
+        "first_step": {"command": "emergence-ray train", "to_first_step_s": 15.0, "command_s": 40.0,
+                       "stages_s": {"launch -> x": 5.0}, "probe_s": {"imports": 3.0}},
+        "gpu": {"device": "cuda"},
+    }
+    text = results.render(res)
+    for heading in ("Training throughput", "start-up cost", "Ingest", "Time to accuracy", "first training step",
+                    "GPU"):
+        assert heading in text
+    assert "not reached" in text and "within the 20 s target" in text
