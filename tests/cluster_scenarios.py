@@ -9,15 +9,17 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
 
 
 def main(scenario: str, tmp: Path) -> dict:
-    os.environ["RAY_TMPDIR"] = str(tmp / "ray")
-    (tmp / "ray").mkdir(parents=True, exist_ok=True)
+    # Short: Ray's unix socket paths under RAY_TMPDIR must stay under ~107 characters.
+    os.environ["RAY_TMPDIR"] = tempfile.mkdtemp(prefix="er-", dir="/tmp")
     os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "20")
     os.environ.setdefault("RAY_DATA_LOG_LEVEL", "WARNING")
     import ray
@@ -74,6 +76,7 @@ def main(scenario: str, tmp: Path) -> dict:
         result["removed_node"] = node.node_id
     ray.shutdown()
     cluster.shutdown()
+    shutil.rmtree(os.environ["RAY_TMPDIR"], ignore_errors=True)
     return result
 
 

@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -22,7 +24,8 @@ LOCAL_CLUSTER = [sys.executable, str(ROOT / "cluster" / "local_cluster.py")]
 def local_cluster(request, tmp_path_factory):
     """Start a head (+ `workers` nodes from the test's marker param); yield its state; stop it."""
     workers = getattr(request, "param", 0)
-    directory = tmp_path_factory.mktemp("cluster")
+    # short: Ray's unix socket paths under the temp dir must stay under ~107 characters
+    directory = Path(tempfile.mkdtemp(prefix="erc-", dir="/tmp"))
     proc = subprocess.run([*LOCAL_CLUSTER, "start", "--dir", str(directory), "--workers", str(workers),
                            "--cpus", "2"], capture_output=True, text=True, timeout=240, env=cli_env())
     assert proc.returncode == 0, proc.stdout + proc.stderr
@@ -31,6 +34,7 @@ def local_cluster(request, tmp_path_factory):
         yield state
     finally:
         subprocess.run([*LOCAL_CLUSTER, "stop", "--dir", str(directory)], timeout=120, env=cli_env())
+        shutil.rmtree(directory, ignore_errors=True)
         assert not [p for p in state["pids"] if Path(f"/proc/{p}").exists()
                     and "State:\tZ" not in Path(f"/proc/{p}/status").read_text()], "cluster processes left running"
 
