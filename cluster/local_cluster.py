@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -39,7 +40,8 @@ def _ray(args: list[str], env: dict) -> None:
 
 
 def _node_ports() -> list[str]:
-    lo = free_port() % 20000 + 30000  # a worker-port range of our own, away from the usual ones
+    # Worker ports below the kernel's ephemeral range (32768+), where every free_port() lands
+    lo = random.randrange(10000, 30000, 200)
     return ["--node-manager-port", str(free_port()), "--object-manager-port", str(free_port()),
             "--metrics-export-port", str(free_port()), "--dashboard-agent-listen-port", str(free_port()),
             "--dashboard-agent-grpc-port", str(free_port()), "--runtime-env-agent-port", str(free_port()),
