@@ -68,6 +68,7 @@ def plan(scaling: ScalingConfig, resources: dict[str, float] | None = None) -> P
         most = scaling.max_workers  # size for the largest group; the smallest must fit at least
         cpw = 1.0 if spare >= most else max(math.floor(spare / most * 4) / 4, 0.25)
         if n * cpw > spare or spare <= 0:
-            raise ResourceError(f"scaling.num_workers={n} does not fit a cluster of {cpus:g} CPUs (each worker needs "
-                                "a quarter CPU at least, and Ray Data one CPU). Lower scaling.num_workers or add nodes.")
+            raise ResourceError(f"scaling.num_workers={n} does not fit a cluster of {cpus:g} CPUs (each worker "
+                                "needs a quarter CPU at least, and Ray Data one CPU). Lower scaling.num_workers "
+                                "or add nodes.")
     return Placement(scaling.num_workers, cpw, 1.0 if scaling.use_gpu else 0.0)

@@ -5,7 +5,7 @@ Input channels, class count and image size come from the data, never from the jo
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import nn

@@ -8,7 +8,7 @@ ourselves) and only touches tensors with dim >= 2: biases and norm gains are not
 from __future__ import annotations
 
 import math
-from typing import Callable, Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 from torch import nn

@@ -98,7 +98,9 @@ def _is_unlabeled(cfg: JobConfig) -> bool:
         return False
     if cfg.data.source == "imagefolder":
         fs, root = filesystem(cfg.data.path)
-        infos = fs.get_file_info(pafs.FileSelector(root)) if fs.get_file_info(root).type == pafs.FileType.Directory else []
+        if fs.get_file_info(root).type != pafs.FileType.Directory:
+            return False
+        infos = fs.get_file_info(pafs.FileSelector(root))
         return bool(infos) and not any(i.type == pafs.FileType.Directory for i in infos)
     return False
 

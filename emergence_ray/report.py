@@ -6,7 +6,8 @@ confusion_matrix.png into an output directory.
 from __future__ import annotations
 
 import io
-from typing import Any, Iterable
+from typing import Any
+from collections.abc import Iterable
 
 import numpy as np
 import torch

@@ -16,7 +16,7 @@ import subprocess
 import sys
 import threading
 import time
-from datetime import datetime, timezone
+from datetime import datetime, UTC
 from pathlib import Path
 
 import ray
@@ -70,7 +70,7 @@ def write_meta(run_dir: str, cfg: JobConfig, name: str) -> None:
     storage.write_json(storage.join(run_dir, "meta.json"), {
         "emergence_ray_version": __version__, "git_revision": git_revision(), "ray_version": ray.__version__,
         "torch_version": torch.__version__, "python": sys.version.split()[0],
-        "command": sys.argv, "started_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "command": sys.argv, "started_at": datetime.now(UTC).isoformat(timespec="seconds"),
     })
 
 
@@ -182,9 +182,9 @@ def train(cfg: JobConfig, address: str | None = None) -> str:
         raise result.error
     ckpt = chosen_checkpoint(result, cfg.train.evaluate)
     history = [m for m in result.return_value or []] or storage_history(run_dir)
+    device = torch.device("cuda" if cfg.scaling.use_gpu and torch.cuda.is_available() else "cpu")
     with ckpt.as_directory() as local:
-        report = evaluate_checkpoint(local, prepared.test, run_dir,
-                                     torch.device("cuda" if cfg.scaling.use_gpu and torch.cuda.is_available() else "cpu"))
+        report = evaluate_checkpoint(local, prepared.test, run_dir, device)
     train_s = sum(m["train_s"] for m in history)
     summary = {
         "run_name": name,

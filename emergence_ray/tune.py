@@ -149,8 +149,9 @@ def plan_trials(cfg: JobConfig, section: TuneSection) -> tuple[int, int, float]:
     if cfg.scaling.cpus_per_worker:
         cpw = cfg.scaling.cpus_per_worker
         if workers * cpw > spare:
-            raise ResourceError(f"one trial needs {workers * cpw:g} CPUs ({workers} workers x {cpw:g}) plus one for "
-                                f"Ray Data; the cluster has {cpus:g}. Lower tune.num_workers or scaling.cpus_per_worker.")
+            raise ResourceError(f"one trial needs {workers * cpw:g} CPUs ({workers} workers x {cpw:g}) plus one "
+                                f"for Ray Data; the cluster has {cpus:g}. Lower tune.num_workers or "
+                                "scaling.cpus_per_worker.")
         concurrent = min(concurrent, int(spare // (workers * cpw)))
     else:
         cpw = min(1.0, math.floor(spare / (workers * concurrent) * 4) / 4) if spare > 0 else 0
@@ -188,7 +189,8 @@ def tune_run(cfg: JobConfig, address: str | None = None) -> str:
         log.info("resuming sweep %s from %s", sweep, sweep_dir)
         tuner = tune.Tuner.restore(sweep_dir, trainable, resume_unfinished=True, resume_errored=True)
     else:
-        tuner = tune.Tuner(trainable, param_space=_param_space(section), tune_config=_tune_config(cfg, section, concurrent),
+        tuner = tune.Tuner(trainable, param_space=_param_space(section),
+                           tune_config=_tune_config(cfg, section, concurrent),
                            run_config=tune.RunConfig(name=sweep, storage_path=storage_path,
                                                      failure_config=tune.FailureConfig(max_failures=cfg.run.max_failures)))
     log.info("sweep %s: %d samples, %d at a time, %d workers x %g CPU per trial", sweep, section.num_samples,
@@ -227,7 +229,8 @@ def _tune_config(cfg: JobConfig, section: TuneSection, concurrent: int) -> tune.
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
     if section.scheduler.name == "asha":
-        scheduler = ASHAScheduler(time_attr="epoch", max_t=cfg.train.epochs, grace_period=section.scheduler.grace_period,
+        scheduler = ASHAScheduler(time_attr="epoch", max_t=cfg.train.epochs,
+                                  grace_period=section.scheduler.grace_period,
                                   reduction_factor=section.scheduler.reduction_factor)
     else:
         scheduler = FIFOScheduler()
@@ -271,8 +274,8 @@ def trial_rows(grid, sweep_dir: str, sweep: str, epochs: int, section: TuneSecti
             "stopped_early": status == "TERMINATED" and len(history) < epochs,
             "checkpoint": best_ckpt,
         })
-    return sorted(rows, key=lambda r: (r["best_val_metric"] is None,
-                                       -(r["best_val_metric"] or 0) if section.mode == "max" else (r["best_val_metric"] or 0)))
+    sign = -1.0 if section.mode == "max" else 1.0  # best first
+    return sorted(rows, key=lambda r: (r["best_val_metric"] is None, sign * (r["best_val_metric"] or 0.0)))
 
 
 def _trial_id_from_path(path: str) -> str:

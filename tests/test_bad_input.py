@@ -7,7 +7,6 @@ import json
 import subprocess
 from pathlib import Path
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -109,7 +108,8 @@ def test_debug_shows_the_traceback(ray_session, storage):
 
 
 def test_skipping_bad_images_counts_them(ray_session, bad_data, tmp_path):
-    proc = subprocess.run([*CLI, "train", "--set", "data.source=imagefolder", "--set", f"data.path={bad_data['corrupt']}",
+    proc = subprocess.run([*CLI, "train", "--set", "data.source=imagefolder",
+                           "--set", f"data.path={bad_data['corrupt']}",
                            "--set", "data.on_bad_image=skip", "--set", "train.epochs=2", "--set", "train.batch_size=32",
                            "--set", f"run.storage_path={tmp_path}", "--set", "run.name=skip"],
                           capture_output=True, text=True, timeout=600, env=cli_env(RAY_ADDRESS=ray_session))

@@ -59,7 +59,7 @@ def test_gpu_script_runs_on_cpu(tmp_path, tiny_idx):
         [sys.executable, str(ROOT / "benchmarks" / "gpu.py"), "--device", "cpu", "--models", "cnn,resnet18",
          "--data", "synthetic,fashion_mnist", "--fashion-mnist", str(tiny_idx), "--batch-size", "4",
          "--steps", "2", "--warmup", "1", "--repeats", "3", "--tta-epochs", "2", "--tta-limit", "256",
-         "--tta-width", "8", "--out", str(out)],
+         "--tta-width", "8", "--threads", "1", "--out", str(out)],
         capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     printed = json.loads(proc.stdout.strip().splitlines()[-1])

@@ -94,7 +94,8 @@ def test_killed_driver_ends_within_noise_of_uninterrupted(ray_session, tmp_path)
 def test_killed_sweep_worker_trial_continues(ray_session, tmp_path):
     cmd = [*CLI, "tune", "--config", str(ROOT / "jobs" / "sweep_digits.yaml"), "--set", f"run.storage_path={tmp_path}",
            "--set", "run.name=sw", "--set", "tune.scheduler.name=none", "--set", "train.epochs=5",
-           "--set", "run.max_failures=2", "--set", "tune.lr.grid=[0.003]", "--set", "tune.weight_decay.grid=[0.0, 0.001]"]
+           "--set", "run.max_failures=2", "--set", "tune.lr.grid=[0.003]",
+           "--set", "tune.weight_decay.grid=[0.0, 0.001]"]
     log = open(tmp_path / "log.txt", "w")
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=cli_env(RAY_ADDRESS=ray_session))
     trials = tmp_path / "sw" / "trials"

@@ -4,7 +4,6 @@ resume after the driver is killed part-way, and `evaluate` on a finished run."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import signal
 import subprocess
