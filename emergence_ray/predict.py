@@ -27,6 +27,7 @@ import torch
 
 from emergence_ray import checkpoint, cluster, storage
 from emergence_ray.config import JobConfig
+from emergence_ray.data.pipeline import keep_ok
 from emergence_ray.data.sources import SOURCES, filesystem
 from emergence_ray.data.transforms import IMAGE_EXTENSIONS, DataSpec, Preprocess
 from emergence_ray.errors import CheckpointError, DataError, RunExistsError, UserError
@@ -172,9 +173,9 @@ def predict_command(ckpt_dir: str, output: str, address: str | None, explicit_co
     ds = inputs(cfg, split, spec)
     prep = ds.map_batches(Preprocess(spec, cfg.data.on_bad_image), batch_format="numpy", batch_size=256)
     if cfg.data.on_bad_image == "skip":
-        prep = prep.filter(lambda row: row["ok"])
+        prep = prep.map_batches(keep_ok, batch_format="numpy")
     use_gpu = cfg.scaling.use_gpu
-    preds = prep.drop_columns(["ok"]).map_batches(
+    preds = prep.map_batches(
         Predictor, fn_constructor_kwargs={"ckpt_dir": ckpt_dir, "top_k": top_k, "use_gpu": use_gpu},
         batch_format="numpy", batch_size=256, concurrency=actors,
         num_gpus=1 if use_gpu else 0, num_cpus=0 if use_gpu else 0.5)

@@ -27,7 +27,7 @@ from ray.train.torch import TorchTrainer
 
 from emergence_ray import __version__, cluster, storage
 from emergence_ray.config import JobConfig, to_dict
-from emergence_ray.data.pipeline import prepare
+from emergence_ray.data.pipeline import prepare, prepare_test
 from emergence_ray.errors import ResourceError, RunExistsError, UserError
 from emergence_ray.report import evaluate_checkpoint
 from emergence_ray.worker import train_loop_per_worker
@@ -140,8 +140,7 @@ def build_trainer(cfg: JobConfig, name: str, datasets: dict, spec, counts: dict,
             callbacks=callbacks,
             logging_config=ray.train.LoggingConfig(log_level="WARNING"),
         ),
-        datasets={"train": datasets["train"].select_columns(["image", "label"]),
-                  "val": datasets["val"].select_columns(["image", "label"])},
+        datasets={"train": datasets["train"], "val": datasets["val"]},  # image + label only (keep_ids=False)
     )
 
 
@@ -165,7 +164,7 @@ def train(cfg: JobConfig, address: str | None = None) -> str:
     check_run_dir(run_dir, name)
     cluster.connect(address)
     cluster.plan(cfg.scaling)  # fail fast, before reading any data
-    prepared = prepare(cfg.data)
+    prepared = prepare(cfg.data, with_test=False, keep_ids=False)  # test split: after training
     log.info("data: %s  classes=%d  channels=%d  size=%d  bad images skipped=%d", prepared.counts,
              prepared.spec.num_classes, prepared.spec.channels, prepared.spec.image_size, prepared.bad_images)
     check_batch(cfg, prepared.counts)
@@ -183,8 +182,10 @@ def train(cfg: JobConfig, address: str | None = None) -> str:
     ckpt = chosen_checkpoint(result, cfg.train.evaluate)
     history = [m for m in result.return_value or []] or storage_history(run_dir)
     device = torch.device("cuda" if cfg.scaling.use_gpu and torch.cuda.is_available() else "cpu")
+    test, bad_test = prepare_test(cfg.data, prepared.spec)
+    prepared.counts["test"] = test.count()
     with ckpt.as_directory() as local:
-        report = evaluate_checkpoint(local, prepared.test, run_dir, device)
+        report = evaluate_checkpoint(local, test, run_dir, device)
     train_s = sum(m["train_s"] for m in history)
     summary = {
         "run_name": name,
@@ -199,7 +200,7 @@ def train(cfg: JobConfig, address: str | None = None) -> str:
         "evaluated": cfg.train.evaluate,
         "num_workers": cfg.scaling.num_workers,
         "images": prepared.counts,
-        "bad_images_skipped": prepared.bad_images,
+        "bad_images_skipped": prepared.bad_images + bad_test,
     }
     storage.write_json(storage.join(run_dir, "summary.json"), summary)
     log.info("test accuracy %.4f  best val accuracy %.4f  (%d epochs, %.0f img/s, %.0f s)",

@@ -175,7 +175,7 @@ def tune_run(cfg: JobConfig, address: str | None = None) -> str:
                              "overwritten; choose a new run.name")
     cluster.connect(address)
     concurrent, workers, cpw = plan_trials(cfg, section)
-    prepared = prepare(cfg.data)
+    prepared = prepare(cfg.data, keep_ids=False)
     storage.makedirs(sweep_dir)
     write_meta(sweep_dir, cfg, sweep)
     datasets = {"train": prepared.train, "val": prepared.val}

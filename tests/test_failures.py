@@ -72,7 +72,10 @@ def test_node_removed_mid_run(scenario, tmp_path):
         assert len(after) == 2
 
 
-def test_killed_driver_ends_within_noise_of_uninterrupted(ray_session, tmp_path):
+def test_killed_driver_resumes_within_noise_of_uninterrupted(ray_session, tmp_path):
+    """Kill the driver part-way; the same command resumes from the last checkpoint (not epoch 0)
+    and ends within run-to-run noise of an uninterrupted run. A finished run is then refused,
+    and `evaluate` re-scores its checkpoint into a new folder."""
     base = ["train", "--set", f"run.storage_path={tmp_path}", "--set", "train.epochs=6", "--set", "data.limit=1000"]
     env = cli_env(RAY_ADDRESS=ray_session)
     straight = subprocess.run([*CLI, *base, "--set", "run.name=straight"], capture_output=True, text=True, env=env,
@@ -83,12 +86,27 @@ def test_killed_driver_ends_within_noise_of_uninterrupted(ray_session, tmp_path)
     _wait(lambda: len(_epochs(tmp_path / "cut")) >= 3, first, 240, "three epochs")
     first.send_signal(signal.SIGKILL)
     first.wait()
-    time.sleep(3)
+    time.sleep(3)  # let Ray release the dead driver's actors and placement group
+    assert not (tmp_path / "cut" / "summary.json").exists()
     second = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
-    assert second.returncode == 0, second.stderr[-3000:]
-    acc = {n: json.loads((tmp_path / n / "summary.json").read_text())["test_accuracy"] for n in ("straight", "cut")}
+    out = second.stdout + second.stderr
+    assert second.returncode == 0, out[-3000:]
+    assert int(out.split("resuming from epoch ")[1].split()[0]) >= 2, out[-2000:]
+    assert _epochs(tmp_path / "cut") == list(range(1, 7))  # no gap, no duplicate
+    summary = {n: json.loads((tmp_path / n / "summary.json").read_text()) for n in ("straight", "cut")}
+    assert summary["cut"]["epochs"] == 6
+    acc = {n: s["test_accuracy"] for n, s in summary.items()}
     assert abs(acc["straight"] - acc["cut"]) <= 0.04, acc  # digits runs differ by ~1-2 points seed to seed
-    assert _epochs(tmp_path / "cut") == list(range(1, 7))
+
+    third = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert third.returncode == 2 and "already finished" in third.stderr
+
+    ev = subprocess.run([*CLI, "evaluate", "--checkpoint", summary["cut"]["checkpoint"], "--output",
+                         str(tmp_path / "eval")], capture_output=True, text=True, env=env, timeout=300)
+    assert ev.returncode == 0, ev.stderr[-3000:]
+    assert ev.stdout.strip().splitlines()[-1] == str(tmp_path / "eval")
+    report = json.loads((tmp_path / "eval" / "report.json").read_text())
+    assert report["test_accuracy"] == pytest.approx(acc["cut"])
 
 
 def test_killed_sweep_worker_trial_continues(ray_session, tmp_path):

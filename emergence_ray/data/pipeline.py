@@ -67,20 +67,21 @@ def resolve_spec(raw: RawSplits, cfg: DataConfig) -> DataSpec:
     return DataSpec(channels=channels, image_size=size, class_names=list(raw.class_names), mean=mean, std=std)
 
 
-def preprocess(ds: ray.data.Dataset, spec: DataSpec, cfg: DataConfig) -> tuple[ray.data.Dataset, int]:
+def preprocess(ds: ray.data.Dataset, spec: DataSpec, cfg: DataConfig,
+               keep_ids: bool = True) -> tuple[ray.data.Dataset, int]:
     """-> (materialized preprocessed dataset, number of unreadable images skipped)."""
-    out = ds.map_batches(Preprocess(spec, cfg.on_bad_image), batch_format="numpy", batch_size=MAP_BATCH)
-    out = out.materialize()
-    bad = 0
-    if cfg.on_bad_image == "skip":
-        ok = out.map_batches(_keep_ok, batch_format="numpy")
-        bad = out.count() - ok.count()
-        out = ok.materialize() if bad else out
-    return out.drop_columns(["ok"]), bad
+    out = ds.map_batches(Preprocess(spec, cfg.on_bad_image, keep_ids), batch_format="numpy",
+                         batch_size=MAP_BATCH).materialize()
+    if cfg.on_bad_image != "skip":
+        return out, 0
+    ok = out.map_batches(keep_ok, batch_format="numpy").materialize()
+    return ok, out.count() - ok.count()
 
 
-def _keep_ok(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    return {k: v[batch["ok"]] for k, v in batch.items()}
+def keep_ok(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Drop the rows of images that could not be read, and the `ok` column itself."""
+    mask = batch["ok"]
+    return {k: v[mask] for k, v in batch.items() if k != "ok"}
 
 
 def load_raw(cfg: DataConfig) -> RawSplits:
@@ -90,15 +91,18 @@ def load_raw(cfg: DataConfig) -> RawSplits:
     return raw
 
 
-def prepare(cfg: DataConfig, spec: DataSpec | None = None, with_test: bool = True) -> Prepared:
+def prepare(cfg: DataConfig, spec: DataSpec | None = None, with_test: bool = True,
+            keep_ids: bool = True) -> Prepared:
+    """Train and val (and test) preprocessed; `keep_ids=False` for training, whose workers read
+    only image and label."""
     raw = load_raw(cfg)
     if spec is None:
         spec = resolve_spec(raw, cfg)
     elif spec.class_names != raw.class_names:
         raise DataError(f"the data's classes {raw.class_names} differ from the checkpoint's {spec.class_names}; "
                         "evaluate on data with the same classes")
-    train, bad_train = preprocess(raw.train, spec, cfg)
-    val, bad_val = preprocess(raw.val, spec, cfg)
+    train, bad_train = preprocess(raw.train, spec, cfg, keep_ids)
+    val, bad_val = preprocess(raw.val, spec, cfg, keep_ids)
     counts = {"train": train.count(), "val": val.count()}
     if counts["train"] == 0:
         raise DataError("the train split is empty; use more data or lower data.val_fraction / data.test_fraction")

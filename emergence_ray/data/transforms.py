@@ -88,15 +88,16 @@ def image_stats(value: object, ident: str) -> tuple[bool, tuple[int, int]]:
 
 
 class Preprocess:
-    """map_batches callable: raw rows -> {image: float32 (N,C,H,W) normalized, label, id, ok}.
+    """map_batches callable: raw rows -> {image: float32 (N,C,H,W) normalized, label[, id][, ok]}.
 
-    Unreadable images raise (data.on_bad_image=fail) or come out with ok=False (skip), so the
-    driver can count and drop them."""
+    Unreadable images raise (data.on_bad_image=fail) or come out with ok=False (skip: only then is
+    there an `ok` column), so the driver can count and drop them. Training drops `id` here, so
+    the materialized result holds exactly what workers read and no per-epoch projection runs."""
 
-    def __init__(self, spec: DataSpec, on_bad_image: str = "fail", keep_label: bool = True):
+    def __init__(self, spec: DataSpec, on_bad_image: str = "fail", keep_ids: bool = True):
         self.spec = spec
         self.skip = on_bad_image == "skip"
-        self.keep_label = keep_label
+        self.keep_ids = keep_ids
         self.mean = np.asarray(spec.mean, np.float32).reshape(1, -1, 1, 1)
         self.inv_std = 1.0 / np.asarray(spec.std, np.float32).reshape(1, -1, 1, 1)
 
@@ -114,9 +115,13 @@ class Preprocess:
                     raise
                 ok[i] = False
         x = (out.astype(np.float32) * (1.0 / 255.0) - self.mean) * self.inv_std
-        result = {"image": x, "id": np.asarray(ids).astype(str), "ok": ok}
-        if self.keep_label and "label" in batch:
+        result = {"image": x}
+        if "label" in batch:
             result["label"] = np.asarray(batch["label"]).astype(np.int64)
+        if self.keep_ids:
+            result["id"] = np.asarray(ids).astype(str)
+        if self.skip:
+            result["ok"] = ok
         return result
 
 
