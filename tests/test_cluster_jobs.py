@@ -5,12 +5,10 @@ Each test stops exactly the processes its cluster started."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import pytest
@@ -37,6 +35,21 @@ def local_cluster(request, tmp_path_factory):
         shutil.rmtree(directory, ignore_errors=True)
         assert not [p for p in state["pids"] if Path(f"/proc/{p}").exists()
                     and "State:\tZ" not in Path(f"/proc/{p}/status").read_text()], "cluster processes left running"
+
+
+CLIENT_SCRIPT = """
+import time
+from ray.job_submission import JobStatus, JobSubmissionClient
+
+client = JobSubmissionClient({dashboard!r})
+job_id = client.submit_job(entrypoint={entrypoint!r}, runtime_env={{"working_dir": {root!r}}})
+deadline = time.monotonic() + 800
+while (status := client.get_job_status(job_id)) not in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED):
+    assert time.monotonic() < deadline, "job did not finish"
+    time.sleep(2)
+print(status.value)
+print(client.get_job_logs(job_id))
+"""
 
 
 def _client_env() -> dict:
@@ -70,24 +83,16 @@ def test_submit_with_cli_and_client(local_cluster, tmp_path):
     assert run_dir == runs / "cli"
     assert json.loads((run_dir / "summary.json").read_text())["epochs"] == 4
 
-    from ray.job_submission import JobStatus, JobSubmissionClient
-
-    os.environ["RAY_AUTH_MODE"] = "token"
-    try:
-        client = JobSubmissionClient(dashboard)
-        job_id = client.submit_job(
-            entrypoint=f"python -m emergence_ray train --config jobs/digits.yaml --set run.storage_path={runs} "
-                       "--set run.name=client --set train.epochs=3",
-            runtime_env={"working_dir": str(ROOT)})
-        deadline = time.monotonic() + 600
-        while (status := client.get_job_status(job_id)) not in (JobStatus.SUCCEEDED, JobStatus.FAILED,
-                                                                 JobStatus.STOPPED):
-            assert time.monotonic() < deadline, "job did not finish"
-            time.sleep(2)
-        logs = client.get_job_logs(job_id)
-        assert status == JobStatus.SUCCEEDED, logs[-3000:]
-    finally:
-        os.environ.pop("RAY_AUTH_MODE", None)
+    # The Python client, in its own process: Ray reads RAY_AUTH_MODE when it is imported.
+    client_script = CLIENT_SCRIPT.format(
+        dashboard=dashboard, root=str(ROOT),
+        entrypoint=f"python -m emergence_ray train --config jobs/digits.yaml --set run.storage_path={runs} "
+                   "--set run.name=client --set train.epochs=3")
+    proc = subprocess.run([sys.executable, "-c", client_script], capture_output=True, text=True, timeout=900,
+                          env=_client_env())
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    status, logs = proc.stdout.split("\n", 1)
+    assert status == "SUCCEEDED", logs[-3000:]
     assert _run_dir_from(logs) == runs / "client"
     assert "epoch 3/3" in logs
     assert json.loads((runs / "client" / "summary.json").read_text())["test_accuracy"] > 0.8
