@@ -37,7 +37,7 @@ def _wait(predicate, proc: subprocess.Popen, timeout: float, what: str) -> None:
 
 def test_killed_worker_resumes_from_checkpoint(ray_session, tmp_path):
     run_dir = tmp_path / "w"
-    cmd = [*CLI, "train", "--set", f"run.storage_path={tmp_path}", "--set", "run.name=w", "--set", "train.epochs=8",
+    cmd = [*CLI, "train", "--set", f"run.storage_path={tmp_path}", "--set", "run.name=w", "--set", "train.epochs=6",
            "--set", "data.limit=800", "--set", "run.max_failures=2"]
     log = open(tmp_path / "log.txt", "w")
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=cli_env(RAY_ADDRESS=ray_session))
@@ -47,8 +47,8 @@ def test_killed_worker_resumes_from_checkpoint(ray_session, tmp_path):
     assert proc.wait(timeout=600) == 0, (tmp_path / "log.txt").read_text()[-3000:]
     out = (tmp_path / "log.txt").read_text()
     assert "resuming from epoch" in out
-    assert _epochs(run_dir) == list(range(1, 9))
-    assert json.loads((run_dir / "summary.json").read_text())["epochs"] == 8
+    assert _epochs(run_dir) == list(range(1, 7))
+    assert json.loads((run_dir / "summary.json").read_text())["epochs"] == 6
     restarted = json.loads((run_dir / "workers.json").read_text())
     assert victim["pid"] not in {w["pid"] for w in restarted}
 

@@ -57,7 +57,7 @@ def test_digits_from_files_reach_93_percent(source, ray_session, tmp_path, reque
     from emergence_ray.trainer import train
 
     cfg = load_config(None, [f"data.source={source}", f"data.path={path}", f"run.storage_path={tmp_path}",
-                             f"run.name={source}"])
+                             f"run.name={source}", "train.epochs=6"])
     run_dir = Path(train(cfg))
     summary = _summary(run_dir)
     assert summary["test_accuracy"] >= 0.93, summary
