@@ -25,6 +25,7 @@ from emergence_ray.errors import DataError
 log = logging.getLogger(__name__)
 SAMPLE = 512  # train images inspected to resolve channels, size and normalization
 MAP_BATCH = 256
+AUGMENT_CPUS = 0.25
 
 
 @dataclass
@@ -115,7 +116,10 @@ def prepare(cfg: DataConfig, spec: DataSpec | None = None, with_test: bool = Tru
         counts["test"] = test.count()
     aug = cfg.augment
     if aug.crop_padding or aug.flip:
-        train = train.map_batches(Augment(aug.crop_padding, aug.flip, spec), batch_format="numpy", batch_size=MAP_BATCH)
+        # A quarter CPU per task: augmentation is light, and whole-CPU tasks starve when training
+        # workers (or concurrent sweep trials) hold most of a small cluster.
+        train = train.map_batches(Augment(aug.crop_padding, aug.flip, spec), batch_format="numpy",
+                                  batch_size=MAP_BATCH, num_cpus=AUGMENT_CPUS)
     return Prepared(train, val, test, spec, counts, raw.bad_files + bad_train + bad_val + bad_test)
 
 
