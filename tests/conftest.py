@@ -90,16 +90,24 @@ def write_idx(path: Path, array: np.ndarray, gz: bool) -> None:
     path.write_bytes(data)
 
 
+def _idx_folder(root: Path, gz: bool) -> Path:
+    """The digits as the four MNIST-style IDX files (first 1,400 train, rest test)."""
+    images, labels = digits_arrays()
+    write_idx(root / "train-images-idx3-ubyte", images[:1400], gz)
+    write_idx(root / "train-labels-idx1-ubyte", labels[:1400], gz)
+    write_idx(root / "t10k-images-idx3-ubyte", images[1400:], gz)
+    write_idx(root / "t10k-labels-idx1-ubyte", labels[1400:], gz)
+    return root
+
+
 @pytest.fixture(scope="session", params=[True, False], ids=["gz", "raw"])
 def digits_idx(request, tmp_path_factory) -> Path:
-    """The digits as the four MNIST-style IDX files (first 1,400 train, rest test)."""
-    root = tmp_path_factory.mktemp("digits_idx")
-    images, labels = digits_arrays()
-    write_idx(root / "train-images-idx3-ubyte", images[:1400], request.param)
-    write_idx(root / "train-labels-idx1-ubyte", labels[:1400], request.param)
-    write_idx(root / "t10k-images-idx3-ubyte", images[1400:], request.param)
-    write_idx(root / "t10k-labels-idx1-ubyte", labels[1400:], request.param)
-    return root
+    return _idx_folder(tmp_path_factory.mktemp("digits_idx"), request.param)
+
+
+@pytest.fixture(scope="session")
+def digits_idx_gz(tmp_path_factory) -> Path:
+    return _idx_folder(tmp_path_factory.mktemp("digits_idx_gz"), True)
 
 
 def cli_env(**extra: str) -> dict[str, str]:

@@ -104,7 +104,7 @@ def test_submit_with_cli_and_client(local_cluster, tmp_path):
     assert proc.returncode != 0
 
 
-def test_submit_sweep_and_other_jobs(local_cluster, tmp_path, digits_imagefolder, digits_idx):
+def test_submit_sweep_and_other_jobs(local_cluster, tmp_path, digits_imagefolder, digits_idx_gz):
     dashboard = local_cluster["dashboard"]
     runs = tmp_path / "runs"
     out = _submit(dashboard, "python", "-m", "emergence_ray", "tune", "--config", "jobs/sweep_digits.yaml",
@@ -113,7 +113,7 @@ def test_submit_sweep_and_other_jobs(local_cluster, tmp_path, digits_imagefolder
     assert (sweep / "best.json").is_file() and (sweep / "trials.csv").is_file()
     # the Fashion-MNIST and ResNet-18 job files, pointed at small digits data
     _submit(dashboard, "python", "-m", "emergence_ray", "train", "--config", "jobs/fashion_mnist.yaml",
-            "--set", f"data.path={digits_idx}", "--set", "data.class_names=null", "--set", "train.epochs=1",
+            "--set", f"data.path={digits_idx_gz}", "--set", "data.class_names=null", "--set", "train.epochs=1",
             "--set", f"run.storage_path={runs}", "--set", "run.name=fmnist")
     assert (runs / "fmnist" / "summary.json").is_file()
     _submit(dashboard, "python", "-m", "emergence_ray", "train", "--config", "jobs/resnet18_imagefolder.yaml",
