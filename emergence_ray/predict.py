@@ -50,7 +50,7 @@ class Predictor:
 
     @torch.no_grad()
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        x = torch.as_tensor(batch["image"], device=self.device)
+        x = torch.from_numpy(np.array(batch["image"], dtype=np.float32)).to(self.device)  # writable copy
         probs = self.model(x).float().softmax(1).cpu()
         top_p, top_i = probs.topk(self.k, dim=1)
         pred = top_i[:, 0].numpy()
