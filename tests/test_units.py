@@ -183,3 +183,18 @@ def test_plan_sizes_workers_and_fails_fast():
     with pytest.raises(ResourceError, match="needs 6 CPUs"):
         plan(ScalingConfig(num_workers=3, cpus_per_worker=2), {"CPU": 4})
     assert plan(ScalingConfig(num_workers=4, use_gpu=True, autoscaling=True), {"CPU": 2}).gpus_per_worker == 1.0
+
+
+def test_crash_while_writing_leaves_the_previous_checkpoint_usable(tmp_path):
+    """A save that dies mid-write leaves only a partial temp file; the last good checkpoint loads."""
+    good = {"model": {"w": torch.ones(3)}, "epoch": 1}
+    checkpoint.save(tmp_path, good)
+    partial = tmp_path / (checkpoint.FILENAME + ".tmp")
+    buf = io.BytesIO()
+    torch.save({"format": 1, "model": {"w": torch.zeros(3)}, "epoch": 2}, buf)
+    partial.write_bytes(buf.getvalue()[:50])  # what a crash during torch.save leaves behind
+    loaded = checkpoint.load(tmp_path)
+    assert loaded["epoch"] == 1 and torch.equal(loaded["model"]["w"], torch.ones(3))
+    (tmp_path / checkpoint.FILENAME).write_bytes(buf.getvalue()[:50])  # a torn file in place is refused
+    with pytest.raises(CheckpointError, match="cannot be loaded safely"):
+        checkpoint.load(tmp_path)
