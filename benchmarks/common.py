@@ -21,7 +21,7 @@ import statistics
 import subprocess
 import sys
 from dataclasses import asdict, dataclass
-from datetime import datetime, timezone
+from datetime import datetime, UTC
 from pathlib import Path
 
 import numpy as np
@@ -193,7 +193,7 @@ def machine_info() -> dict:
     except OSError:
         pass
     return {
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
         "host": platform.node(),
         "nproc": os.cpu_count(),
         "cpu": cpu,

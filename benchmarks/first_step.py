@@ -4,11 +4,12 @@
 built-in digits job, 1 epoch) and watches the run directory for the files the service writes on
 its way: meta.json (after connecting, planning and preparing the data), workers.json (every
 worker is up: process group, model built and wrapped in DDP) and progress.json (rank 0 finished
-its first step). The stages before meta.json are split by `python benchmarks/first_step.py
---probe ADDRESS`, which replays the driver's first steps (imports, connect, plan, prepare,
-build_trainer) with a timer around each.
+its first step). The stages before the TorchTrainer starts are split by `python
+benchmarks/first_step.py --probe ADDRESS`, which runs the real `trainer.train` with a timer around
+each driver step (connect, plan, prepare, write_meta, build_trainer) and stops where `fit` would
+start.
 
-    python benchmarks/first_step.py --probe ray://... | 127.0.0.1:6379   # prints JSON
+    python benchmarks/first_step.py --probe 127.0.0.1:6379 --storage /tmp/probe   # prints JSON
 """
 
 from __future__ import annotations
@@ -41,23 +42,31 @@ def _env(address: str) -> dict:
 def measure(address: str, workdir: Path, timeout_s: float = 600) -> dict:
     storage, name = workdir / "first_step", f"first-step-{int(time.time())}"
     run_dir = storage / name
+    storage.mkdir(parents=True, exist_ok=True)
     cmd = [*_cli(), "train", "--address", address, "--set", "train.epochs=1",
            "--set", f"run.storage_path={storage}", "--set", f"run.name={name}"]
     seen: dict[str, float] = {}
     t0 = time.time()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(address))
-    while proc.poll() is None and time.time() - t0 < timeout_s:
-        for f in MILESTONES:
-            if f not in seen and (run_dir / f).exists():
-                seen[f] = time.time() - t0
-        time.sleep(0.02)
-    out, err = proc.communicate(timeout=max(1.0, timeout_s - (time.time() - t0)))
+    with open(storage / "cli.log", "w") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, text=True, env=_env(address))
+        while proc.poll() is None and time.time() - t0 < timeout_s:
+            for f in MILESTONES:
+                if f not in seen and (run_dir / f).exists():
+                    seen[f] = time.time() - t0
+            time.sleep(0.02)
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
     total = time.time() - t0
     if proc.returncode != 0 or "progress.json" not in seen:
-        raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}) or never stepped:\n{err[-3000:]}")
-    probe = _probe_subprocess(address)
+        tail = (storage / "cli.log").read_text()[-3000:]
+        raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}) or never stepped:\n{tail}")
+    probe = _probe_subprocess(address, storage)
+    shown = ["emergence-ray", *cmd[cmd.index("train"):]]
+    shown[shown.index("--address") + 1] = "ADDRESS"
+    shown[shown.index(f"run.storage_path={storage}")] = "run.storage_path=SCRATCH"
     return {
-        "command": " ".join(cmd), "to_first_step_s": seen["progress.json"], "command_s": total,
+        "command": " ".join(shown), "to_first_step_s": seen["progress.json"], "command_s": total,
         "milestones_s": seen,
         "stages_s": {
             "launch -> run dir written (imports, connect, plan, prepare data)": seen["meta.json"],
@@ -70,45 +79,73 @@ def measure(address: str, workdir: Path, timeout_s: float = 600) -> dict:
     }
 
 
-def _probe_subprocess(address: str) -> dict:
+def _probe_subprocess(address: str, storage: Path) -> dict:
     t = time.time()
-    proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--probe", address],
-                          capture_output=True, text=True, timeout=300, env={**_env(address),
-                                                                            "BENCH_LAUNCH_T": repr(t)})
+    proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--probe", address, "--storage",
+                           str(storage)], capture_output=True, text=True, timeout=300,
+                          env={**_env(address), "BENCH_LAUNCH_T": repr(t)})
     if proc.returncode != 0:
         raise RuntimeError(f"first_step --probe failed:\n{proc.stderr[-3000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def probe(address: str) -> dict:
-    """Replay trainer.train up to the TorchTrainer, timing each stage (no training)."""
-    marks = {"interpreter": T_PROCESS - float(os.environ.get("BENCH_LAUNCH_T", T_PROCESS))}
+class _StopBeforeFit(Exception):
+    pass
+
+
+def probe(address: str, storage: str) -> dict:
+    """Run the real `trainer.train` up to `fit` (which is replaced by a stop), with a timer
+    around each driver step it calls, so the split follows the service's code as it changes."""
+    marks = {"interpreter start": T_PROCESS - float(os.environ.get("BENCH_LAUNCH_T", T_PROCESS))}
     t = time.time()
+    import emergence_ray.cli  # noqa: F401 - what the console script imports first
+    from emergence_ray import config
+    from emergence_ray import trainer as tr
 
-    def mark(stage: str) -> None:
-        nonlocal t
-        now = time.time()
-        marks[stage] = now - t
-        t = now
+    marks["imports (emergence_ray.cli, .trainer: torch, ray, ray.train)"] = time.time() - t
+    timed: dict[str, float] = {}
 
-    from emergence_ray import cluster, config  # noqa: F401 - the CLI's own first import
-    from emergence_ray.trainer import build_trainer
-    mark("import emergence_ray.trainer (torch, ray, ray.train)")
-    cfg = config.load_config(None, ["train.epochs=1"])
-    cluster.connect(address)
-    mark("cluster.connect (ray.init to the running cluster)")
-    cluster.plan(cfg.scaling)
-    from emergence_ray.data.pipeline import prepare
-    mark("cluster.plan")
-    prepared = prepare(cfg.data)
-    mark("pipeline.prepare (read, resolve spec, preprocess + materialize 3 splits)")
-    build_trainer(cfg, "probe", {"train": prepared.train, "val": prepared.val}, prepared.spec, prepared.counts,
-                  "/tmp/unused")
-    mark("build_trainer")
+    def wrap(owner, name: str, label: str) -> None:
+        fn = getattr(owner, name, None)
+        if fn is None:
+            return
+
+        def timed_fn(*args, **kwargs):
+            start = time.time()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                timed[label] = timed.get(label, 0.0) + time.time() - start
+
+        setattr(owner, name, timed_fn)
+
+    wrap(tr.cluster, "connect", "cluster.connect (ray.init to the running cluster)")
+    wrap(tr.cluster, "plan", "cluster.plan")
+    wrap(tr, "prepare", "pipeline.prepare (read, resolve spec, preprocess + materialize)")
+    wrap(tr, "write_meta", "write config.yaml, meta.json")
+    wrap(tr, "build_trainer", "build_trainer (TorchTrainer object)")
+
+    def stop(*_args, **_kwargs):
+        raise _StopBeforeFit
+
+    tr.fit = stop
+    cfg = config.load_config(None, ["train.epochs=1", f"run.storage_path={storage}",
+                                    f"run.name=probe-{int(time.time())}"])
+    t = time.time()
+    try:
+        tr.train(cfg, address)
+    except _StopBeforeFit:
+        pass
+    total = time.time() - t
+    marks.update(timed)
+    marks["other driver steps"] = total - sum(timed.values())
     return marks
 
 
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--probe", metavar="ADDRESS", required=True, help="time the driver's stages against ADDRESS")
-    print(json.dumps(probe(p.parse_args().probe)))
+    p.add_argument("--storage", default=os.path.join(os.getcwd(), "first-step-probe"),
+                   help="run.storage_path for the probe's run directory")
+    a = p.parse_args()
+    print(json.dumps(probe(a.probe, a.storage)))

@@ -64,6 +64,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--tta-width", type=int, default=64)
     p.add_argument("--lr", type=float, default=4e-3, help="peak AdamW lr, per global batch of 512")
     p.add_argument("--budget-s", type=float, default=540, help="stop training for accuracy after this")
+    p.add_argument("--threads", type=int, help="CPU only: torch threads per process (default: cores / processes)")
     p.add_argument("--out", type=Path, help="also write the JSON here")
     args = p.parse_args(argv)
     for k, v in DEFAULTS[args.device].items():
@@ -236,7 +237,7 @@ def main(argv: list[str] | None = None) -> dict:
     t0 = time.perf_counter()
     env = Env(args.device)
     if not env.cuda:
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // env.world))
+        torch.set_num_threads(args.threads or max(1, (os.cpu_count() or 1) // env.world))
     has_fashion = Path(args.fashion_mnist).is_dir()
     result = {
         "device": args.device, "device_name": torch.cuda.get_device_name(env.device) if env.cuda else "cpu",

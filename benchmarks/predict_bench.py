@@ -19,7 +19,7 @@ import platform
 import sys
 import tempfile
 import time
-from datetime import datetime, timezone
+from datetime import datetime, UTC
 from pathlib import Path
 
 import numpy as np
@@ -106,7 +106,7 @@ def main() -> None:
     lines = [
         "# Batch inference: `emergence-ray predict` vs a plain torch loop",
         "",
-        f"Generated {datetime.now(timezone.utc).isoformat(timespec='seconds')} by `{cmd.strip()}`; "
+        f"Generated {datetime.now(UTC).isoformat(timespec='seconds')} by `{cmd.strip()}`; "
         "re-running it regenerates this file.",
         "",
         f"Machine: {os.cpu_count()} CPUs, {platform.platform()}, Python {platform.python_version()}, "

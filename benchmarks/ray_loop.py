@@ -15,16 +15,30 @@ in the ingest benchmark). One epoch holds exactly warm-up + repeats x steps batc
 
 from __future__ import annotations
 
+import os
 import time
-from pathlib import Path
 
-import ray.train
-import ray.train.torch
-import torch
+T_MODULE = time.time()  # in a Ray Train worker: when unpickling the loop function imported this module
 
-from benchmarks import common
-from emergence_ray.engine import train_epoch
-from emergence_ray.worker import BATCH_DTYPES
+from pathlib import Path  # noqa: E402
+
+import ray.train  # noqa: E402
+import ray.train.torch  # noqa: E402
+import torch  # noqa: E402
+
+from benchmarks import common  # noqa: E402
+from emergence_ray.engine import train_epoch  # noqa: E402
+from emergence_ray.worker import BATCH_DTYPES  # noqa: E402
+
+
+def process_start_time() -> float:
+    """Wall-clock time this process started (Linux /proc; 10 ms resolution), else nan."""
+    try:
+        start_ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
+        uptime = float(Path("/proc/uptime").read_text().split()[0])
+        return time.time() - (uptime - start_ticks / os.sysconf("SC_CLK_TCK"))
+    except (OSError, ValueError, IndexError):
+        return float("nan")
 
 
 def bench_loop_per_worker(config: dict) -> dict:
@@ -64,7 +78,8 @@ def bench_loop_per_worker(config: dict) -> dict:
     return {
         "rank": rank, "world": world, "steps_run": len(ends), "train_loss": totals.loss,
         "rates": common.steady_rates(ends, w.batch_size, world, w.warmup, w.steps, w.repeats),
-        "t_enter": t_enter, "t_model": t_model, "t_first_batch": marks["first_batch"],
+        "t_process": process_start_time(), "t_module": T_MODULE, "t_enter": t_enter, "t_model": t_model,
+        "t_first_batch": marks["first_batch"],
         "t_first_step": marks["first_step"], "t_done": t_done,
     }
 
@@ -80,6 +95,9 @@ def build_dataset(w: common.Workload, world: int, fashion_path: str):
     if w.data == "fashion_mnist":
         cfg = DataConfig(source="idx", path=fashion_path, limit=rows, augment=no_aug)
         prepared = pipeline.prepare(cfg, with_test=False)
+        if prepared.counts["train"] < rows:
+            raise ValueError(f"{fashion_path}: the train split has {prepared.counts['train']} images, "
+                             f"{rows} needed; lower the step counts")
         return prepared.train.select_columns(["image", "label"]), prepared.counts["train"]
     # synthetic: one block of images per worker, as the baselines generate them
     blocks = [common.load_images(w, w.rows_per_worker(), part=r, fashion_path=fashion_path) for r in range(world)]
@@ -128,9 +146,12 @@ def run_ray(w: common.Workload, fashion_path: str, storage_dir: Path, num_worker
         "cpus_per_worker": placement.cpus_per_worker, "workload": w.to_dict(), "rows": rows,
         "rates": r["rates"], "images_per_s": common.median(r["rates"]), "train_loss": r["train_loss"],
         "startup": {
-            "data_prepare_s": t_data - t0,                   # Ray Data read, preprocess, materialize
-            "trainer_setup_s": r["t_enter"] - t_fit,         # fit() -> worker loop entered (process group up)
-            "model_s": r["t_model"] - r["t_enter"],          # build model, prepare_model (DDP)
+            "data_prepare_s": t_data - t0,  # Ray Data read, preprocess, materialize
+            # fit() -> rank 0's worker process exists (<= 0: Ray reused a pre-started worker process)
+            "worker_process_s": r["t_process"] - t_fit,
+            "worker_imports_s": r["t_module"] - max(r["t_process"], t_fit),  # -> loop function unpickled
+            "to_loop_s": r["t_enter"] - r["t_module"],  # -> loop entered (process group, dataset shards up)
+            "model_s": r["t_model"] - r["t_enter"],  # build model, prepare_model (DDP)
             "first_batch_s": r["t_first_batch"] - r["t_model"],  # shard iterator -> first batch
             "first_step_s": r["t_first_step"] - r["t_first_batch"],
             "fit_to_first_step_s": r["t_first_step"] - t_fit,
