@@ -128,6 +128,8 @@ def probe(address: str, storage: str) -> dict:
     def stop(*_args, **_kwargs):
         raise _StopBeforeFit
 
+    if not callable(getattr(tr, "fit", None)):  # renamed: stopping there would silently train instead
+        raise RuntimeError("emergence_ray.trainer.fit is gone; update benchmarks/first_step.py:probe")
     tr.fit = stop
     cfg = config.load_config(None, ["train.epochs=1", f"run.storage_path={storage}",
                                     f"run.name=probe-{int(time.time())}"])
