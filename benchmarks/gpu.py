@@ -161,19 +161,10 @@ def throughput(model_name: str, data: str, args: argparse.Namespace, env: Env) -
             "images_per_s": common.median(rates), "rates": rates, "setup_s": setup, "warmup_s": warm}
 
 
-def augment(x: torch.Tensor, pad: int, fill: torch.Tensor) -> torch.Tensor:
-    """Random crop after padding with `fill` (black after normalization), random horizontal flip;
-    one batched gather on the device (the service's `Augment`, in torch)."""
-    n, c, h, w = x.shape
-    padded = fill.expand(n, c, h + 2 * pad, w + 2 * pad).clone()
-    padded[:, :, pad:pad + h, pad:pad + w] = x
-    dy = torch.randint(0, 2 * pad + 1, (n, 1, 1), device=x.device)
-    dx = torch.randint(0, 2 * pad + 1, (n, 1, 1), device=x.device)
-    rows = (dy + torch.arange(h, device=x.device).view(1, h, 1)).expand(n, h, w)
-    cols = (dx + torch.arange(w, device=x.device).view(1, 1, w)).expand(n, h, w)
-    out = padded[torch.arange(n, device=x.device).view(n, 1, 1), :, rows, cols].permute(0, 3, 1, 2)
-    flip = torch.rand(n, device=x.device) < 0.5
-    out = torch.where(flip.view(n, 1, 1, 1), out.flip(3), out)
+def augment(x: torch.Tensor, aug) -> torch.Tensor:
+    """The service's train augmentation (`BatchAugment`: 2 px crop after black padding, flip), one
+    batched gather on the device; channels_last on a GPU, as the model is."""
+    out = aug(x)
     return out.contiguous(memory_format=torch.channels_last) if x.is_cuda else out.contiguous()
 
 
@@ -194,7 +185,9 @@ def time_to_accuracy(args: argparse.Namespace, env: Env) -> dict:
 
     x, y = normalize(images), torch.from_numpy(labels).to(env.device)
     tx, ty = normalize(test_x[env.rank::env.world]), torch.from_numpy(test_y[env.rank::env.world]).to(env.device)
-    fill = torch.full((1, 1, 1, 1), -mean[0] / std[0], device=env.device)
+    from emergence_ray.augment import BatchAugment
+
+    aug = BatchAugment(2, True, [-mean[0] / std[0]])
     bs = args.batch_size
     steps = len(y) // env.world // bs
     lr = args.lr * bs * env.world / 512
@@ -210,7 +203,7 @@ def time_to_accuracy(args: argparse.Namespace, env: Env) -> dict:
         g = torch.Generator(device="cpu").manual_seed(epoch)
         order = torch.randperm(len(y), generator=g).to(env.device)
         mine = order[env.rank::env.world][:steps * bs]
-        batches = ({"image": augment(x[i], 2, fill), "label": y[i]} for i in mine.split(bs))
+        batches = ({"image": augment(x[i], aug), "label": y[i]} for i in mine.split(bs))
         t_train = time.perf_counter()
         t = train_epoch(model, batches, optimizer, scheduler, env.device, label_smoothing=0.1, bf16=env.cuda)
         train_s += time.perf_counter() - t_train

@@ -1,21 +1,29 @@
-"""Ingest throughput: the service's Ray Data pipeline next to a torch DataLoader, same transforms.
+"""Ingest throughput: the service's data path next to a torch DataLoader, same transforms.
 
 Data: synthetic RGB 32x32 PNGs written once as an ImageFolder (10 class folders) and as one
 Parquet file of PNG bytes. Each pipeline decodes, normalizes (`transforms.Preprocess` with one
-resolved `DataSpec`), augments (`transforms.Augment`: 2-pixel random crop, flip) and yields
-batches of 64 as torch tensors:
+resolved `DataSpec`), augments (`augment.BatchAugment`: 2-pixel random crop, flip, in torch on
+the consumer's side, as the training workers do) and yields batches of 64 as torch tensors:
 
 - Ray Data, cold: the `imagefolder` / `parquet` source -> map_batches(Preprocess) ->
-  map_batches(Augment) -> `iter_torch_batches` (what a first epoch does, streaming).
-- Ray Data, service epoch: `pipeline.preprocess` materializes the decoded images once, then each
-  pass is map_batches(Augment) -> `iter_torch_batches` (every epoch after the first).
+  `iter_torch_batches` -> augment, decoding every pass (for reference: the service decodes once).
+- Service, stream epoch (`data.ingest=stream`): `pipeline.preprocess` materializes the decoded
+  images once, then each pass is `WorkerIngest` streaming the materialized base through
+  `iter_torch_batches`, then augment.
+- Service, cache epoch (`data.ingest=cache`, the default when a shard fits in memory): the
+  materialized base read once into tensors by `WorkerIngest`, then each pass is a shuffled
+  slice + augment.
 - DataLoader: a map-style Dataset (file bytes read in the worker, or Parquet bytes held in
-  memory) whose collate_fn runs the same Preprocess and Augment, `num_workers` = Ray's CPUs.
+  memory) whose collate_fn runs the same Preprocess and augment, `num_workers` = Ray's CPUs.
 
 Images/s are whole passes over the train split (images / seconds from creating the iterator to
 its end), after one warm-up pass, median of `repeats` passes; the time to the first batch is
 reported next to them. A rate "after the first batch" would flatter Ray Data: with few blocks,
-most of the work is done by the time the first block arrives. Run through `python benchmarks/run.py`.
+most of the work is done by the time the first block arrives.
+
+`fashion_mnist_ingest` runs the two service epochs on Fashion-MNIST (the `idx` source, the cnn
+job's batch of 128 and augmentation) so `run.py` can set them against the rate at which the
+cnn trains on it. Run through `python benchmarks/run.py`.
 """
 
 from __future__ import annotations
@@ -81,37 +89,66 @@ def _repeat(make_batches, repeats: int) -> dict:
             "runs": [round(r["images_per_s"], 1) for r in runs]}
 
 
-def ray_pipelines(source: str, path: Path, repeats: int) -> dict:
-    """Cold (decode every pass) and service-epoch (materialized base) Ray Data throughput."""
+def service_epochs(base, spec, batch_size: int, repeats: int) -> dict:
+    """Passes of the service's per-epoch path over a materialized, preprocessed dataset: streamed
+    (`iter_torch_batches`) and cached in memory, both augmented by `BatchAugment` in torch."""
     import torch
 
+    from emergence_ray.augment import BatchAugment
+    from emergence_ray.config import AugmentConfig
+    from emergence_ray.ingest import WorkerIngest
+
+    aug = BatchAugment.from_config(AugmentConfig(crop_padding=2, flip=True), spec)
+    device = torch.device("cpu")
+    stream = WorkerIngest(base, batch_size, device, cache=False, shuffle=True, augment=aug)
+    epochs = iter(range(10**6))
+    out = {"stream": _repeat(lambda: stream.epoch(next(epochs)), repeats)}
+    t = time.perf_counter()
+    cached = WorkerIngest(base, batch_size, device, cache=True, shuffle=True, augment=aug)
+    out["cache"] = {**_repeat(lambda: cached.epoch(next(epochs)), repeats), "load_s": time.perf_counter() - t}
+    return out
+
+
+def ray_pipelines(source: str, path: Path, repeats: int) -> dict:
+    """Cold (decode every pass) and the service's epochs (materialized base) in Ray Data."""
+    import torch
+
+    from emergence_ray.augment import BatchAugment
     from emergence_ray.data import pipeline
-    from emergence_ray.data.transforms import Augment, Preprocess
     from emergence_ray.data.sources import SOURCES
+    from emergence_ray.data.transforms import Preprocess
 
     cfg = data_config(source, path)
     raw = SOURCES[source](cfg)
     spec = pipeline.resolve_spec(raw, cfg)
-    aug = Augment(cfg.augment.crop_padding, cfg.augment.flip, spec)
+    aug = BatchAugment.from_config(cfg.augment, spec)
     dtypes = {"image": torch.float32, "label": torch.int64}
 
     def cold():
         ds = raw.train.map_batches(Preprocess(spec), batch_format="numpy", batch_size=pipeline.MAP_BATCH)
-        ds = ds.map_batches(aug, batch_format="numpy", batch_size=pipeline.MAP_BATCH)
-        return ds.select_columns(["image", "label"]).iter_torch_batches(batch_size=BATCH, dtypes=dtypes,
-                                                                        prefetch_batches=2)
+        batches = ds.select_columns(["image", "label"]).iter_torch_batches(batch_size=BATCH, dtypes=dtypes,
+                                                                           prefetch_batches=2)
+        return ({"image": aug(b["image"]), "label": b["label"]} for b in batches)
 
     t = time.perf_counter()
-    base, _ = pipeline.preprocess(raw.train, spec, cfg)
+    base, _ = pipeline.preprocess(raw.train, spec, cfg, keep_ids=False)
     materialize_s = time.perf_counter() - t
+    epochs = service_epochs(base, spec, BATCH, repeats)
+    return {"cold": _repeat(cold, repeats), "stream": {**epochs["stream"], "materialize_s": materialize_s},
+            "cache": epochs["cache"], "spec": spec}
 
-    def epoch():
-        ds = base.map_batches(aug, batch_format="numpy", batch_size=pipeline.MAP_BATCH)
-        return ds.select_columns(["image", "label"]).iter_torch_batches(batch_size=BATCH, dtypes=dtypes,
-                                                                        prefetch_batches=2)
 
-    return {"cold": _repeat(cold, repeats), "epoch": {**_repeat(epoch, repeats), "materialize_s": materialize_s},
-            "spec": spec}
+def fashion_mnist_ingest(fashion_path: str, repeats: int, batch_size: int = 128) -> dict:
+    """The service's epochs on Fashion-MNIST's train split, as `jobs/fashion_mnist.yaml` reads it."""
+    from emergence_ray.config import DataConfig
+    from emergence_ray.data import pipeline
+
+    t = time.perf_counter()
+    prepared = pipeline.prepare(DataConfig(source="idx", path=fashion_path, val_fraction=0.09), with_test=False,
+                                keep_ids=False)
+    prepare_s = time.perf_counter() - t
+    epochs = service_epochs(prepared.train, prepared.spec, batch_size, repeats)
+    return {**epochs, "prepare_s": prepare_s, "images": prepared.counts["train"], "batch_size": batch_size}
 
 
 class _Items:
@@ -132,17 +169,20 @@ class _Collate:
     """collate_fn running the service's transforms on a whole batch, inside the loader worker."""
 
     def __init__(self, spec, padding: int, flip: bool):
-        from emergence_ray.data.transforms import Augment, Preprocess
+        from emergence_ray.augment import BatchAugment
+        from emergence_ray.config import AugmentConfig
+        from emergence_ray.data.transforms import Preprocess
 
-        self.pre, self.aug = Preprocess(spec), Augment(padding, flip, spec)
+        self.pre = Preprocess(spec, keep_ids=False)
+        self.aug = BatchAugment.from_config(AugmentConfig(crop_padding=padding, flip=flip), spec)
 
     def __call__(self, items: list[tuple[bytes, int]]) -> dict:
         import torch
 
         raw = np.empty(len(items), dtype=object)
         raw[:] = [b for b, _ in items]
-        batch = self.aug(self.pre({"image": raw, "label": np.array([y for _, y in items], np.int64)}))
-        return {"image": torch.from_numpy(batch["image"]), "label": torch.from_numpy(batch["label"])}
+        batch = self.pre({"image": raw, "label": np.array([y for _, y in items], np.int64)})
+        return {"image": self.aug(torch.from_numpy(batch["image"])), "label": torch.from_numpy(batch["label"])}
 
 
 def dataloader(source: str, path: Path, spec, workers: int, repeats: int) -> dict:
@@ -171,6 +211,7 @@ def run_ingest(workdir: Path, n_images: int, workers: int, repeats: int) -> dict
     for source, path in (("imagefolder", folder), ("parquet", parquet)):
         ray_res = ray_pipelines(source, path, repeats)
         spec = ray_res.pop("spec")
-        out["formats"][source] = {"ray_cold": ray_res["cold"], "ray_epoch": ray_res["epoch"],
+        out["formats"][source] = {"ray_cold": ray_res["cold"], "service_stream": ray_res["stream"],
+                                  "service_cache": ray_res["cache"],
                                   "dataloader": dataloader(source, path, spec, workers, repeats)}
     return out

@@ -5,9 +5,11 @@ synthetic data, the `idx` source via `pipeline.prepare` for Fashion-MNIST), are 
 (decode, normalize) and materialized by `pipeline.preprocess`, and the `TorchTrainer` gets the
 resources `cluster.plan` gives a 2-worker job (0.5 CPU each on 2 CPUs, leaving Ray Data a CPU).
 The worker side mirrors `emergence_ray.worker.train_loop_per_worker` step for step:
-`prepare_model` (DDP, gloo), `get_dataset_shard("train").iter_torch_batches(...)` with the same
-arguments, and `engine.train_epoch`; it only adds per-step timestamps and leaves out validation
-and checkpoints, which happen between epochs. Augmentation is off, as in (a) and (b) (its cost is
+`prepare_model` (DDP, gloo), `ingest.WorkerIngest` over `get_dataset_shard("train")` (the shard
+cached in worker memory, or streamed with `iter_torch_batches`, as `ingest.use_cache` decides
+for the job's defaults, or forced with `ingest=`), and `engine.train_epoch`; it only adds
+per-step timestamps and leaves out validation and checkpoints, which happen between epochs.
+Augmentation is off, as in (a) and (b) (its cost is
 in the ingest benchmark). One epoch holds exactly warm-up + repeats x steps batches per worker.
 
     result = run_ray(workload, fashion_path, storage_dir)   # needs ray.init() first
@@ -28,7 +30,7 @@ import torch  # noqa: E402
 
 from benchmarks import common  # noqa: E402
 from emergence_ray.engine import train_epoch  # noqa: E402
-from emergence_ray.worker import BATCH_DTYPES  # noqa: E402
+from emergence_ray.ingest import WorkerIngest  # noqa: E402
 
 
 def process_start_time() -> float:
@@ -56,9 +58,10 @@ def bench_loop_per_worker(config: dict) -> dict:
     optimizer = common.build_optimizer(bare)
     t_model = time.time()
 
-    shard = ray.train.get_dataset_shard("train")
-    batches = shard.iter_torch_batches(batch_size=w.batch_size, dtypes=BATCH_DTYPES, device=device,
-                                       prefetch_batches=2, drop_last=False)
+    data = WorkerIngest(ray.train.get_dataset_shard("train"), w.batch_size, device, config["cache"], shuffle=True,
+                        seed=0, rank=rank)
+    t_shard = time.time()
+    batches = data.epoch(0)
     marks: dict[str, float] = {}
 
     def timed(it):  # note when the first batch arrives
@@ -79,6 +82,7 @@ def bench_loop_per_worker(config: dict) -> dict:
         "rank": rank, "world": world, "steps_run": len(ends), "train_loss": totals.loss,
         "rates": common.steady_rates(ends, w.batch_size, world, w.warmup, w.steps, w.repeats),
         "t_process": process_start_time(), "t_module": T_MODULE, "t_enter": t_enter, "t_model": t_model,
+        "t_shard": t_shard, "cached": data.cached,
         "t_first_batch": marks["first_batch"],
         "t_first_step": marks["first_step"], "t_done": t_done,
     }
@@ -114,11 +118,12 @@ def build_dataset(w: common.Workload, world: int, fashion_path: str):
 
 
 def run_ray(w: common.Workload, fashion_path: str, storage_dir: Path, num_workers: int = 2,
-            threads: int = 1) -> dict:
+            threads: int = 1, ingest: str = "auto") -> dict:
     from ray.train.torch import TorchTrainer
 
     from emergence_ray import cluster
-    from emergence_ray.config import ScalingConfig
+    from emergence_ray.config import DataConfig, ScalingConfig
+    from emergence_ray.ingest import use_cache
 
     t0 = time.time()
     train_ds, rows = build_dataset(w, num_workers, fashion_path)
@@ -126,7 +131,8 @@ def run_ray(w: common.Workload, fashion_path: str, storage_dir: Path, num_worker
     placement = cluster.plan(ScalingConfig(num_workers=num_workers))
     trainer = TorchTrainer(
         bench_loop_per_worker,
-        train_loop_config={"workload": w.to_dict(), "threads": threads},
+        train_loop_config={"workload": w.to_dict(), "threads": threads,
+                           "cache": use_cache(DataConfig(ingest=ingest), train_ds.size_bytes(), num_workers)},
         scaling_config=ray.train.ScalingConfig(num_workers=num_workers,
                                                resources_per_worker={"CPU": placement.cpus_per_worker}),
         run_config=ray.train.RunConfig(name=f"bench-{w.model}-{w.data}-{int(t0)}", storage_path=str(storage_dir),
@@ -142,7 +148,8 @@ def run_ray(w: common.Workload, fashion_path: str, storage_dir: Path, num_worker
     if r["steps_run"] != w.total_steps:
         raise RuntimeError(f"rank 0 ran {r['steps_run']} steps, expected {w.total_steps} ({rows} rows)")
     return {
-        "mode": "emergence-ray", "world": num_workers, "threads": threads,
+        "mode": "emergence-ray", "ingest": "cache" if r["cached"] else "stream", "world": num_workers,
+        "threads": threads,
         "cpus_per_worker": placement.cpus_per_worker, "workload": w.to_dict(), "rows": rows,
         "rates": r["rates"], "images_per_s": common.median(r["rates"]), "train_loss": r["train_loss"],
         "startup": {
@@ -152,7 +159,8 @@ def run_ray(w: common.Workload, fashion_path: str, storage_dir: Path, num_worker
             "worker_imports_s": r["t_module"] - max(r["t_process"], t_fit),  # -> loop function unpickled
             "to_loop_s": r["t_enter"] - r["t_module"],  # -> loop entered (process group, dataset shards up)
             "model_s": r["t_model"] - r["t_enter"],  # build model, prepare_model (DDP)
-            "first_batch_s": r["t_first_batch"] - r["t_model"],  # shard iterator -> first batch
+            "shard_s": r["t_shard"] - r["t_model"],  # cache: the whole shard read into memory
+            "first_batch_s": r["t_first_batch"] - r["t_shard"],  # -> first batch
             "first_step_s": r["t_first_step"] - r["t_first_batch"],
             "fit_to_first_step_s": r["t_first_step"] - t_fit,
             "teardown_s": t_end - r["t_done"],

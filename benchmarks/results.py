@@ -41,9 +41,12 @@ def throughput(res: dict) -> list[str]:
         "workers; the warm-up steps are excluded and the remaining steps are cut into R timed "
         "segments of S steps: **median**, then each segment. (a) and (b) train on in-memory "
         "tensors; (c) on Ray Datasets preprocessed and materialized by `pipeline.preprocess` "
-        "(Fashion-MNIST through the `idx` source and `pipeline.prepare`), read through "
-        "`get_dataset_shard(...).iter_torch_batches(...)` inside Ray Train workers (0.5 CPU each, as "
-        "`cluster.plan` sizes a 2-worker job on 2 CPUs). Augmentation is off in all three. (a) runs 2 OpenMP "
+        "(Fashion-MNIST through the `idx` source and `pipeline.prepare`), read by the service's "
+        "`ingest.WorkerIngest` from `get_dataset_shard(\"train\")` inside Ray Train workers (0.5 CPU each, as "
+        "`cluster.plan` sizes a 2-worker job on 2 CPUs): the shard is cached in worker memory at start-up "
+        "(`data.ingest=auto` picks the cache for shards that fit; the read is the *shard* stage of the "
+        "start-up table) and every epoch shuffles it, or streamed through `iter_torch_batches` "
+        "(`data.ingest=stream`), as the (c) column says. Augmentation is off in all three. (a) runs 2 OpenMP "
         "threads in one process, which suffers most when other work shares the cores. "
         "Synthetic data is random RGB 32x32 (no real CIFAR here).", "",
         "| model | data | batch per worker | steps: warm-up + R x S | (a) torch, 1 process, 2 threads | "
@@ -52,7 +55,8 @@ def throughput(res: dict) -> list[str]:
     ]
     for r in rows:
         w = r["workload"]
-        modes = " | ".join(_rates(r[m]) if r.get(m) else "-" for m in ("a", "b", "c"))
+        modes = " | ".join(_rates(r[m]) if r.get(m) else "-" for m in ("a", "b"))
+        modes += f" | {_rates(r['c'])} ({r['c'].get('ingest', 'stream')})" if r.get("c") else " | -"
         steps = f"{w['warmup']} + {w['repeats']} x {w['steps']}"
         out.append(f"| {w['model']} | {w['data']} | {w['batch_size']} | {steps} | {modes} |"
                    f" {_f(r.get('ratio_c_b'), 2)} | {_f(r.get('ratio_c_a'), 2)} |")
@@ -102,23 +106,65 @@ def ingest(res: dict) -> list[str]:
     out = [
         "## Ingest: Ray Data vs torch DataLoader", "",
         f"{ing['images']:,} synthetic RGB 32x32 PNGs, as an ImageFolder and as Parquet (PNG bytes); decode + "
-        "normalize (`Preprocess`), augment (`Augment`: 2 px random crop, flip), batches of "
+        "normalize (`Preprocess`), augment (`BatchAugment`: 2 px random crop, flip, in torch), batches of "
         f"{ing['batch_size']} as torch tensors; {ing['workers']} CPUs for Ray Data, "
         f"`num_workers={ing['workers']}` for the DataLoader. Whole passes after one warm-up pass, median of "
-        f"{ing['repeats']} (each pass in brackets). *Ray cold*: source -> Preprocess -> Augment -> "
-        "`iter_torch_batches`, decoding every pass (a first epoch). *Ray service epoch*: what every later "
-        "epoch of the service does: Augment on the materialized, preprocessed base (materializing it once "
-        "took the time shown). *DataLoader*: the same Preprocess and Augment in its `collate_fn`.", "",
+        f"{ing['repeats']} (each pass in brackets). *Ray Data, cold*: source -> Preprocess -> "
+        "`iter_torch_batches` -> augment, decoding every pass (for reference; the service decodes once). "
+        "*Service, stream epoch* (`data.ingest=stream`): the materialized, preprocessed base (materializing "
+        "it once took the time shown) through `WorkerIngest`'s `iter_torch_batches`, then augment. *Service, "
+        "cache epoch* (`data.ingest=cache`, the default for shards that fit in memory): a shuffled pass over "
+        "the shard held in memory, then augment (reading the base into memory once took the time shown). "
+        "*DataLoader*: the same Preprocess and augment in its `collate_fn`.", "",
         "| format | pipeline | images/s | first batch (s) |", "|---|---|---|---|",
     ]
-    names = {"ray_cold": "Ray Data, cold (decode every pass)", "ray_epoch": "Ray Data, service epoch",
-             "dataloader": "torch DataLoader"}
+    names = {"ray_cold": "Ray Data, cold (decode every pass)", "service_stream": "Service, stream epoch",
+             "service_cache": "Service, cache epoch", "dataloader": "torch DataLoader"}
     for fmt, d in ing["formats"].items():
         for key, name in names.items():
             r = d[key]
-            extra = f" (materialize once: {r['materialize_s']:.1f} s)" if "materialize_s" in r else ""
+            extra = (f" (materialize once: {r['materialize_s']:.1f} s)" if "materialize_s" in r else
+                     f" (read into memory once: {r['load_s']:.1f} s)" if "load_s" in r else "")
             out.append(f"| {fmt} | {name}{extra} | **{_f(r['images_per_s'])}** "
                        f"({', '.join(_f(x) for x in r['runs'])}) | {r['first_batch_s']:.2f} |")
+    return out + [""] + fashion_ingest(res)
+
+
+def consumption(res: dict) -> list[tuple[str, float]]:
+    """The rates at which training consumed Fashion-MNIST images in this run."""
+    rates = []
+    for r in res.get("throughput") or []:
+        w = r["workload"]
+        if w["model"] == "cnn" and w["data"] == "fashion_mnist" and r.get("c"):
+            rates.append((f"(c) above, cnn, batch {w['batch_size']} per worker", r["c"]["images_per_s"]))
+    for run in res.get("time_to_accuracy") or []:
+        if run.get("train_images_per_s"):
+            rates.append(("`jobs/fashion_mnist.yaml` (cnn width 16, batch 128 per worker), its own training "
+                          "clock, in the time-to-accuracy run below", run["train_images_per_s"]))
+    return rates
+
+
+def fashion_ingest(res: dict) -> list[str]:
+    fi = res.get("fashion_ingest")
+    if not fi:
+        return []
+    out = ["### Ingest against training on Fashion-MNIST", "",
+           f"The service's epochs over Fashion-MNIST's {fi['images']:,}-image train split (`idx` source, "
+           f"`pipeline.prepare` once: {fi['prepare_s']:.1f} s), batches of {fi['batch_size']}, 2 px crop + flip, in "
+           "the driver process with Ray Data holding the cluster's CPUs, next to the rate at which 2 CPU "
+           "workers train the cnn on the same images. Target: ingest >= 2x consumption.", "",
+           "| service epoch | images/s |", "|---|---|",
+           f"| stream (`data.ingest=stream`) | **{_f(fi['stream']['images_per_s'])}** "
+           f"({', '.join(_f(x) for x in fi['stream']['runs'])}) |",
+           f"| cache (`data.ingest=cache`; read into memory once: {fi['cache']['load_s']:.1f} s) | "
+           f"**{_f(fi['cache']['images_per_s'])}** ({', '.join(_f(x) for x in fi['cache']['runs'])}) |", ""]
+    rates = consumption(res)
+    if not rates:
+        return out + ["No Fashion-MNIST training rate in this run to compare with.", ""]
+    out += ["| training consumes | images/s | stream / training | cache / training |", "|---|---|---|---|"]
+    for name, rate in rates:
+        out.append(f"| {name} | {_f(rate)} | {fi['stream']['images_per_s'] / rate:.1f}x | "
+                   f"{fi['cache']['images_per_s'] / rate:.1f}x |")
     return out + [""]
 
 

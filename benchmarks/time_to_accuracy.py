@@ -120,6 +120,7 @@ def run_job(workdir: Path, fashion_path: str, overrides: list[str] = (), timeout
                 {"epoch": r["epoch"], "seconds": r["wall_s"], "accuracy": r["test_accuracy"],
                  "elapsed_s": r["elapsed_s"], "val_accuracy": r["val_accuracy"]} for r in rows],
             "final_test_accuracy": summary["test_accuracy"], "wall_s": summary["wall_s"], "command_s": wall,
+            "train_images_per_s": summary["train_images_per_s"],
             # the service's own report on its chosen checkpoint, next to this module's scoring of it
             "rescored_final": next((r["test_accuracy"] for r in rows if Path(r["path"]).name ==
                                     Path(summary["checkpoint"]).name), None),

@@ -29,6 +29,7 @@ from emergence_ray import __version__, cluster, storage
 from emergence_ray.config import JobConfig, to_dict
 from emergence_ray.data.pipeline import prepare, prepare_test
 from emergence_ray.errors import ResourceError, RunExistsError, UserError
+from emergence_ray.ingest import use_cache
 from emergence_ray.report import evaluate_checkpoint
 from emergence_ray.worker import train_loop_per_worker
 
@@ -123,10 +124,12 @@ def build_trainer(cfg: JobConfig, name: str, datasets: dict, spec, counts: dict,
     resources = {"CPU": placement.cpus_per_worker}
     if placement.gpus_per_worker:
         resources["GPU"] = placement.gpus_per_worker
+    cache = use_cache(cfg.data, datasets["train"].size_bytes() + datasets["val"].size_bytes(),
+                      cfg.scaling.min_workers)
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"job": to_dict(cfg), "spec": spec.to_dict(), "run_dir": run_dir,
-                           "train_rows": counts["train"]},
+                           "train_rows": counts["train"], "cache": cache},
         scaling_config=ray.train.ScalingConfig(num_workers=_workers(placement.num_workers), use_gpu=cfg.scaling.use_gpu,
                                                resources_per_worker=resources,
                                                placement_strategy=cfg.scaling.placement_strategy),

@@ -24,14 +24,15 @@ import torch
 import torch.distributed as dist
 
 from emergence_ray import checkpoint, storage
+from emergence_ray.augment import BatchAugment
 from emergence_ray.config import JobConfig
 from emergence_ray.data.transforms import DataSpec
 from emergence_ray.engine import evaluate, train_epoch
+from emergence_ray.ingest import BATCH_DTYPES, WorkerIngest  # noqa: F401 - BATCH_DTYPES: re-exported
 from emergence_ray.models import build_model
 from emergence_ray.optim import build_optimizer, build_scheduler
 
 log = logging.getLogger("emergence_ray")
-BATCH_DTYPES = {"image": torch.float32, "label": torch.int64}
 
 
 def _reduce(values: list[float], device: torch.device, op: dist.ReduceOp = dist.ReduceOp.SUM) -> list[float]:
@@ -139,21 +140,24 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> list[dict]:
             log.info("resuming from epoch %d (checkpoint %s)", start_epoch, resumed.path)
 
     _record_workers(run_dir, rank, device)
-    train_shard = ray.train.get_dataset_shard("train")
-    val_shard = ray.train.get_dataset_shard("val")
-    bs = cfg.train.batch_size
+    bs, cache = cfg.train.batch_size, loop_config["cache"]
+    train_data = WorkerIngest(ray.train.get_dataset_shard("train"), bs, device, cache, shuffle=True,
+                              augment=BatchAugment.from_config(cfg.data.augment, spec), seed=cfg.train.seed,
+                              rank=rank)
+    val_data = WorkerIngest(ray.train.get_dataset_shard("val"), max(bs, 256), device, cache)
+    if rank == 0 and cache:
+        log.info("data shards cached in worker memory: %d train + %d val images, %.0f MB, read in %.1f s",
+                 len(train_data.labels), len(val_data.labels), (train_data.nbytes + val_data.nbytes) / 2**20,
+                 train_data.load_s + val_data.load_s)
     progress = _Progress(run_dir, cfg.train.epochs, steps_per_epoch, cfg.train.log_every_s) if rank == 0 else None
     run_start = time.monotonic() - (history[-1]["elapsed_s"] if history else 0.0)
 
     for epoch in range(start_epoch, cfg.train.epochs):
         if progress:
             progress.epoch = epoch
-        batches = train_shard.iter_torch_batches(batch_size=bs, dtypes=BATCH_DTYPES, device=device,
-                                                 prefetch_batches=2, drop_last=False)
-        t = train_epoch(model, batches, optimizer, scheduler, device, cfg.train.label_smoothing,
+        t = train_epoch(model, train_data.epoch(epoch), optimizer, scheduler, device, cfg.train.label_smoothing,
                         cfg.train.bf16, on_step=progress.step if progress else None)
-        v = evaluate(bare, val_shard.iter_torch_batches(batch_size=max(bs, 256), dtypes=BATCH_DTYPES,
-                                                        device=device), device, cfg.train.bf16)
+        v = evaluate(bare, val_data.epoch(epoch), device, cfg.train.bf16)
         sums = _reduce([t.loss_sum, t.correct, t.count, v.loss_sum, v.correct, v.count], device)
         (seconds,) = _reduce([t.seconds], device, dist.ReduceOp.MAX)
         metrics = {

@@ -1,8 +1,8 @@
 """Driver-side data pipeline: raw source splits -> preprocessed Ray Datasets ready to shard.
 
 Decode, channel conversion, resize and normalization run once in Ray Data and the result is
-materialized in the object store; train-only augmentation runs lazily on top of it, so every
-epoch sees fresh crops without decoding again.
+materialized in the object store, so no epoch decodes again. Train-only augmentation runs in the
+training workers, in torch, on the batches they read (`emergence_ray.augment`, `.ingest`).
 
     prepared = prepare(cfg.data)             # resolves the DataSpec from the train split
     prepared = prepare(cfg.data, spec=spec)  # evaluation: preprocess exactly like training
@@ -19,18 +19,17 @@ import ray.data
 
 from emergence_ray.config import DataConfig
 from emergence_ray.data.sources import SOURCES, RawSplits
-from emergence_ray.data.transforms import Augment, DataSpec, Preprocess, channel_stats, decode, image_stats
+from emergence_ray.data.transforms import DataSpec, Preprocess, channel_stats, decode, image_stats
 from emergence_ray.errors import DataError
 
 log = logging.getLogger(__name__)
 SAMPLE = 512  # train images inspected to resolve channels, size and normalization
 MAP_BATCH = 256
-AUGMENT_CPUS = 0.25
 
 
 @dataclass
 class Prepared:
-    train: ray.data.Dataset  # augmented (lazily, per epoch) on top of a materialized base
+    train: ray.data.Dataset  # all three materialized: image (normalized float32 NCHW), label[, id]
     val: ray.data.Dataset
     test: ray.data.Dataset | None
     spec: DataSpec
@@ -114,12 +113,6 @@ def prepare(cfg: DataConfig, spec: DataSpec | None = None, with_test: bool = Tru
     if with_test:
         test, bad_test = preprocess(raw.test, spec, cfg)
         counts["test"] = test.count()
-    aug = cfg.augment
-    if aug.crop_padding or aug.flip:
-        # A quarter CPU per task: augmentation is light, and whole-CPU tasks starve when training
-        # workers (or concurrent sweep trials) hold most of a small cluster.
-        train = train.map_batches(Augment(aug.crop_padding, aug.flip, spec), batch_format="numpy",
-                                  batch_size=MAP_BATCH, num_cpus=AUGMENT_CPUS)
     return Prepared(train, val, test, spec, counts, raw.bad_files + bad_train + bad_val + bad_test)
 
 

@@ -1,6 +1,7 @@
 """Per-batch image transforms in plain numpy/PIL: decode, convert to the model's channels,
-resize, normalize, and train-only augmentation. Ray Data runs them in `map_batches`; they import
-nothing from Ray, so they are tested and reused anywhere (evaluation, prediction, benchmarks).
+resize, normalize. Ray Data runs them in `map_batches`; they import nothing from Ray, so they are
+tested and reused anywhere (evaluation, prediction, benchmarks). Train-only augmentation runs in
+the training workers, in torch: `emergence_ray.augment`.
 """
 
 from __future__ import annotations
@@ -123,39 +124,6 @@ class Preprocess:
         if self.skip:
             result["ok"] = ok
         return result
-
-
-class Augment:
-    """map_batches callable (train split only): random crop after padding with black pixels
-    (like torchvision's RandomCrop(padding=p)), optional horizontal flip, on normalized batches.
-    Black is -mean/std after normalization; padding with 0 there would paint grey borders that
-    validation images never have."""
-
-    def __init__(self, padding: int, flip: bool, spec: DataSpec):
-        self.padding = padding
-        self.flip = flip
-        self.fill = (-np.asarray(spec.mean, np.float32) / np.asarray(spec.std, np.float32)).reshape(1, -1, 1, 1)
-
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        # Fresh entropy per call: this object is pickled into every Ray Data task, so a seeded
-        # generator stored on it would replay the same crops for every block and every epoch.
-        rng = np.random.default_rng()
-        x = batch["image"]
-        n, _, h, w = x.shape
-        if self.padding:
-            p = self.padding
-            padded = np.empty((n, x.shape[1], h + 2 * p, w + 2 * p), np.float32)
-            padded[:] = self.fill
-            padded[:, :, p:p + h, p:p + w] = x
-            dy = rng.integers(0, 2 * p + 1, n)
-            dx = rng.integers(0, 2 * p + 1, n)
-            x = np.stack([padded[i, :, dy[i]:dy[i] + h, dx[i]:dx[i] + w] for i in range(n)])
-        if self.flip:
-            mask = rng.random(n) < 0.5
-            x = x.copy() if not self.padding else x
-            x[mask] = x[mask, :, :, ::-1]
-        batch["image"] = np.ascontiguousarray(x, dtype=np.float32)
-        return batch
 
 
 def channel_stats(images_uint8: np.ndarray) -> tuple[list[float], list[float]]:

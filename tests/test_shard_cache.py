@@ -1,0 +1,136 @@
+"""Worker-side ingest: torch augmentation on batches, and shards cached in worker memory or
+streamed (`emergence_ray.ingest`), checked against each other on a real local Ray."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import numpy as np
+import pytest
+import ray
+import ray.cloudpickle
+import ray.data
+import ray.train
+import torch
+from ray.train.torch import TorchTrainer
+
+from emergence_ray.augment import BatchAugment
+from emergence_ray.config import AugmentConfig, DataConfig, load_config
+from emergence_ray.data.transforms import DataSpec
+from emergence_ray.errors import ConfigError
+from emergence_ray.ingest import WorkerIngest, use_cache
+
+ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers need not import tests/
+
+
+def _candidates(img: np.ndarray, p: int, fill: float) -> list[np.ndarray]:
+    """Every crop torchvision's RandomCrop(padding=p, fill) + flip could make of one image."""
+    c, h, w = img.shape
+    padded = np.full((c, h + 2 * p, w + 2 * p), fill, np.float32)
+    padded[:, p:p + h, p:p + w] = img
+    crops = [padded[:, dy:dy + h, dx:dx + w] for dy in range(2 * p + 1) for dx in range(2 * p + 1)]
+    return crops + [c_[:, :, ::-1] for c_ in crops]
+
+
+def test_batch_augment_makes_only_crops_and_flips_of_each_image():
+    spec = DataSpec(2, 6, ["a", "b"], mean=[0.5, 0.25], std=[0.25, 0.5])
+    aug = BatchAugment.from_config(AugmentConfig(crop_padding=2, flip=True), spec)
+    x = torch.randn(64, 2, 6, 6)
+    out = aug(x, torch.Generator().manual_seed(0))
+    assert out.shape == x.shape and out.dtype == x.dtype
+    fills = [-0.5 / 0.25, -0.25 / 0.5]  # black, normalized: per channel
+    seen = set()
+    for i in range(len(x)):
+        per_channel = [_candidates(x[i, ch:ch + 1].numpy(), 2, fills[ch]) for ch in range(2)]
+        matches = [k for k in range(len(per_channel[0]))
+                   if all(np.array_equal(out[i, ch:ch + 1].numpy(), per_channel[ch][k]) for ch in range(2))]
+        assert matches, f"sample {i} is not a padded crop (or its mirror) of its input"
+        seen.add(matches[0])
+    assert len(seen) > 10  # 64 samples spread over the 50 crop x flip choices, not one fixed shift
+    again = aug(x, torch.Generator().manual_seed(0))
+    assert torch.equal(out, again)  # seeded: a resumed epoch repeats its crops
+    assert not torch.equal(out, aug(x, torch.Generator().manual_seed(1)))
+
+
+def test_batch_augment_off_and_flip_only():
+    spec = DataSpec(1, 4, ["a", "b"], mean=[0.5], std=[0.25])
+    assert BatchAugment.from_config(AugmentConfig(crop_padding=0, flip=False), spec) is None
+    flip = BatchAugment.from_config(AugmentConfig(crop_padding=0, flip=True), spec)
+    x = torch.randn(200, 1, 4, 4)
+    out = flip(x, torch.Generator().manual_seed(3))
+    same = [torch.equal(out[i], x[i]) for i in range(len(x))]
+    mirrored = [torch.equal(out[i], x[i].flip(2)) for i in range(len(x))]
+    assert all(s or m for s, m in zip(same, mirrored))
+    assert 60 < sum(mirrored) < 140  # about half
+
+
+def test_use_cache_decides_by_shard_size_and_config():
+    gib = 2**30
+    assert use_cache(DataConfig(), 7 * gib, min_workers=2)  # 3.5 GiB per worker <= 4
+    assert not use_cache(DataConfig(), 9 * gib, min_workers=2)
+    assert use_cache(DataConfig(ingest="cache"), 100 * gib, min_workers=1)
+    assert not use_cache(DataConfig(ingest="stream"), 1, min_workers=1)
+    assert not use_cache(DataConfig(cache_gb_per_worker=0.5), gib, min_workers=1)
+    with pytest.raises(ConfigError, match="data.ingest"):
+        load_config(None, ["data.ingest=memory"])
+
+
+def _dataset(n: int) -> ray.data.Dataset:
+    """n images whose pixels and label are their row number, so a batch tells which rows it holds."""
+    rows = [{"image": np.full((1, 4, 4), i, np.float32), "label": i} for i in range(n)]
+    return ray.data.from_items(rows, override_num_blocks=4).materialize()
+
+
+@pytest.mark.usefixtures("ray_session")
+def test_cached_and_streamed_epochs_hold_the_same_rows():
+    ds = _dataset(300)
+    cached = WorkerIngest(ds, 32, torch.device("cpu"), cache=True, shuffle=True, seed=5)
+    stream = WorkerIngest(ds, 32, torch.device("cpu"), cache=False, shuffle=True, seed=5)
+    assert cached.cached and not stream.cached and len(cached.labels) == 300
+
+    def rows(batches, size: int = 32) -> list[int]:
+        out = []
+        for b in batches:
+            assert len(b["label"]) <= size and b["image"].dtype == torch.float32
+            assert torch.equal(b["image"][:, 0, 0, 0].long(), b["label"])  # image and label stay paired
+            out += b["label"].tolist()
+        return out
+
+    e0, e1, e0_again = rows(cached.epoch(0)), rows(cached.epoch(1)), rows(cached.epoch(0))
+    assert sorted(e0) == sorted(e1) == sorted(rows(stream.epoch(0))) == list(range(300))
+    assert e0 != e1  # a fresh order every epoch
+    assert e0 == e0_again  # reproducible from (seed, rank, epoch): resume replays the same order
+    plain = WorkerIngest(ds, 100, torch.device("cpu"), cache=True)  # validation: no shuffle
+    assert rows(plain.epoch(0), 100) == list(range(300)) == rows(plain.epoch(3), 100)
+
+
+def _shard_rows(config):
+    from emergence_ray.ingest import WorkerIngest
+
+    rank = ray.train.get_context().get_world_rank()
+    shard = ray.train.get_dataset_shard("train")
+    cached = WorkerIngest(shard, 16, torch.device("cpu"), cache=True, shuffle=True, rank=rank)
+    stream = WorkerIngest(shard, 16, torch.device("cpu"), cache=False)
+    out = {"cached": [b["label"].tolist() for b in cached.epoch(0)],
+           "stream": [b["label"].tolist() for b in stream.epoch(0)]}
+    with open(f"{config['out']}/rows_{rank}.json", "w") as f:
+        json.dump(out, f)
+
+
+@pytest.mark.usefixtures("ray_session")
+def test_cached_shards_are_disjoint_equal_and_match_the_stream(tmp_path):
+    trainer = TorchTrainer(
+        _shard_rows, train_loop_config={"out": str(tmp_path)},
+        scaling_config=ray.train.ScalingConfig(num_workers=2, resources_per_worker={"CPU": 0.5}),
+        run_config=ray.train.RunConfig(storage_path=str(tmp_path / "runs"), name="cache"),
+        datasets={"train": _dataset(200)})
+    trainer.fit()
+    shards = [json.loads((tmp_path / f"rows_{r}.json").read_text()) for r in (0, 1)]
+    flat = [{k: sum(v, []) for k, v in s.items()} for s in shards]
+    for s in flat:
+        assert sorted(s["cached"]) == sorted(s["stream"])  # the cache holds exactly the worker's shard
+    assert len(flat[0]["cached"]) == len(flat[1]["cached"]) == 100  # equal: DDP steps stay in lockstep
+    assert not set(flat[0]["cached"]) & set(flat[1]["cached"])
+    assert set(flat[0]["cached"]) | set(flat[1]["cached"]) == set(range(200))
+    assert [len(b) for b in shards[0]["cached"]] == [16] * 6 + [4]
