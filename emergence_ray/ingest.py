@@ -8,8 +8,9 @@ Two ways, chosen by the driver (`use_cache`) and the same for every worker of a 
   (0.71-0.88x of in-memory training), a cached shard trains at in-memory speed.
 - stream: `iter_torch_batches` every epoch, for shards larger than `data.cache_gb_per_worker`.
 
-Either way the train split is shuffled (cache: a fresh permutation per epoch; stream: the order
-the seeded split left it in) and augmented here, in torch, with a generator seeded from
+Either way the train split is reshuffled every epoch (cache: a permutation of the whole shard;
+stream: Ray Data's local shuffle buffer of `STREAM_SHUFFLE_BATCHES` batches, on top of the
+seeded split's order) and augmented here, in torch, with a generator seeded from
 (seed, rank, epoch): a resumed run repeats the crops of the epochs it redoes.
 
     train = WorkerIngest(ray.train.get_dataset_shard("train"), batch_size=128, device=device,
@@ -32,6 +33,7 @@ from emergence_ray.errors import DataError
 log = logging.getLogger("emergence_ray")
 BATCH_DTYPES = {"image": torch.float32, "label": torch.int64}
 LOAD_BATCH = 1024  # rows per batch when filling the cache: few, large copies
+STREAM_SHUFFLE_BATCHES = 4  # stream mode: rows shuffled in a buffer of this many batches
 Batch = dict[str, torch.Tensor]
 
 
@@ -82,7 +84,7 @@ class WorkerIngest:
     def epoch(self, epoch: int) -> Iterator[Batch]:
         """The batches of one pass over the shard (the last one may be short)."""
         gen = _seeded(self.seed, self.rank, epoch, 1)
-        batches = self._from_cache(gen) if self.cached else self._from_stream()
+        batches = self._from_cache(gen) if self.cached else self._from_stream(gen)
         if self.augment is None:
             return batches
         aug_gen = _seeded(self.seed, self.rank, epoch, 2)
@@ -99,6 +101,10 @@ class WorkerIngest:
             idx = order[i:i + self.batch_size]
             yield {"image": self.images.index_select(0, idx), "label": self.labels.index_select(0, idx)}
 
-    def _from_stream(self) -> Iterator[Batch]:
+    def _from_stream(self, gen: torch.Generator) -> Iterator[Batch]:
+        shuffle = {}
+        if self.shuffle:
+            shuffle = {"local_shuffle_buffer_size": STREAM_SHUFFLE_BATCHES * self.batch_size,
+                       "local_shuffle_seed": int(torch.randint(0, 2**31 - 1, (1,), generator=gen))}
         yield from self.shard.iter_torch_batches(batch_size=self.batch_size, dtypes=BATCH_DTYPES,
-                                                 device=self.device, prefetch_batches=2, drop_last=False)
+                                                 device=self.device, prefetch_batches=2, drop_last=False, **shuffle)

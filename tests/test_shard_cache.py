@@ -98,8 +98,10 @@ def test_cached_and_streamed_epochs_hold_the_same_rows():
         return out
 
     e0, e1, e0_again = rows(cached.epoch(0)), rows(cached.epoch(1)), rows(cached.epoch(0))
-    assert sorted(e0) == sorted(e1) == sorted(rows(stream.epoch(0))) == list(range(300))
-    assert e0 != e1  # a fresh order every epoch
+    s0, s1 = rows(stream.epoch(0)), rows(stream.epoch(1))
+    assert sorted(e0) == sorted(e1) == sorted(s0) == sorted(s1) == list(range(300))
+    assert e0 != e1 and s0 != s1  # a fresh order every epoch, cached or streamed
+    assert s0 != list(range(300))
     assert e0 == e0_again  # reproducible from (seed, rank, epoch): resume replays the same order
     plain = WorkerIngest(ds, 100, torch.device("cpu"), cache=True)  # validation: no shuffle
     assert rows(plain.epoch(0), 100) == list(range(300)) == rows(plain.epoch(3), 100)
