@@ -105,6 +105,7 @@ def service_epochs(base, spec, batch_size: int, repeats: int) -> dict:
     out = {"stream": _repeat(lambda: stream.epoch(next(epochs)), repeats)}
     t = time.perf_counter()
     cached = WorkerIngest(base, batch_size, device, cache=True, shuffle=True, augment=aug)
+    cached.load()
     out["cache"] = {**_repeat(lambda: cached.epoch(next(epochs)), repeats), "load_s": time.perf_counter() - t}
     return out
 

@@ -60,6 +60,7 @@ def bench_loop_per_worker(config: dict) -> dict:
 
     data = WorkerIngest(ray.train.get_dataset_shard("train"), w.batch_size, device, config["cache"], shuffle=True,
                         seed=0, rank=rank)
+    data.load()
     t_shard = time.time()
     batches = data.epoch(0)
     marks: dict[str, float] = {}

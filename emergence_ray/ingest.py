@@ -52,20 +52,22 @@ def _seeded(seed: int, rank: int, epoch: int, stream: int) -> torch.Generator:
 
 class WorkerIngest:
     def __init__(self, shard, batch_size: int, device: torch.device, cache: bool, shuffle: bool = False,
-                 augment: BatchAugment | None = None, seed: int = 0, rank: int = 0):
-        self.shard, self.batch_size, self.device = shard, batch_size, device
-        self.shuffle, self.augment, self.seed, self.rank = shuffle, augment, seed, rank
+                 augment: BatchAugment | None = None, seed: int = 0, rank: int = 0, name: str = "train"):
+        self.shard, self.batch_size, self.device, self.cache = shard, batch_size, device, cache
+        self.shuffle, self.augment, self.seed, self.rank, self.name = shuffle, augment, seed, rank, name
         self.images: torch.Tensor | None = None
         self.labels: torch.Tensor | None = None
         self.load_s = 0.0
-        if cache:
-            self._load()
 
     @property
     def cached(self) -> bool:
         return self.images is not None
 
-    def _load(self) -> None:
+    def load(self) -> None:
+        """Fill the cache now (otherwise the first `epoch` does): the validation shard waits for
+        the first evaluation, so it does not delay the first training step."""
+        if not self.cache or self.cached:
+            return
         t = time.perf_counter()
         xs, ys = [], []
         for b in self.shard.iter_torch_batches(batch_size=LOAD_BATCH, dtypes=BATCH_DTYPES, device=self.device):
@@ -76,6 +78,9 @@ class WorkerIngest:
         self.images = torch.cat(xs) if len(xs) > 1 else xs[0]
         self.labels = torch.cat(ys) if len(ys) > 1 else ys[0]
         self.load_s = time.perf_counter() - t
+        if self.rank == 0:
+            log.info("%s shard cached in worker memory: %d images, %.0f MB, read in %.1f s", self.name,
+                     len(self.labels), self.nbytes / 2**20, self.load_s)
 
     @property
     def nbytes(self) -> int:
@@ -83,6 +88,7 @@ class WorkerIngest:
 
     def epoch(self, epoch: int) -> Iterator[Batch]:
         """The batches of one pass over the shard (the last one may be short)."""
+        self.load()
         gen = _seeded(self.seed, self.rank, epoch, 1)
         batches = self._from_cache(gen) if self.cached else self._from_stream(gen)
         if self.augment is None:

@@ -144,11 +144,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> list[dict]:
     train_data = WorkerIngest(ray.train.get_dataset_shard("train"), bs, device, cache, shuffle=True,
                               augment=BatchAugment.from_config(cfg.data.augment, spec), seed=cfg.train.seed,
                               rank=rank)
-    val_data = WorkerIngest(ray.train.get_dataset_shard("val"), max(bs, 256), device, cache)
-    if rank == 0 and cache:
-        log.info("data shards cached in worker memory: %d train + %d val images, %.0f MB, read in %.1f s",
-                 len(train_data.labels), len(val_data.labels), (train_data.nbytes + val_data.nbytes) / 2**20,
-                 train_data.load_s + val_data.load_s)
+    val_data = WorkerIngest(ray.train.get_dataset_shard("val"), max(bs, 256), device, cache, rank=rank, name="val")
     progress = _Progress(run_dir, cfg.train.epochs, steps_per_epoch, cfg.train.log_every_s) if rank == 0 else None
     run_start = time.monotonic() - (history[-1]["elapsed_s"] if history else 0.0)
 

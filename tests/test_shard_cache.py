@@ -87,6 +87,9 @@ def test_cached_and_streamed_epochs_hold_the_same_rows():
     ds = _dataset(300)
     cached = WorkerIngest(ds, 32, torch.device("cpu"), cache=True, shuffle=True, seed=5)
     stream = WorkerIngest(ds, 32, torch.device("cpu"), cache=False, shuffle=True, seed=5)
+    assert not cached.cached  # filled by load() or the first epoch
+    cached.load()
+    stream.load()
     assert cached.cached and not stream.cached and len(cached.labels) == 300
 
     def rows(batches, size: int = 32) -> list[int]:
