@@ -50,14 +50,15 @@ def test_readme_main_job_on_embedded_ray(tmp_path):
     assert "epoch 10/10" in proc.stdout + proc.stderr
 
 
-@pytest.mark.parametrize("source", ["imagefolder", "parquet"])
-def test_digits_from_files_reach_93_percent(source, ray_session, tmp_path, request):
+@pytest.mark.parametrize(("source", "ingest"), [("imagefolder", "auto"), ("parquet", "stream")])
+def test_digits_from_files_reach_93_percent(source, ingest, ray_session, tmp_path, request):
+    """ImageFolder with shards cached in worker memory (auto), Parquet streamed every epoch."""
     path = request.getfixturevalue(f"digits_{source}")
     from emergence_ray.config import load_config
     from emergence_ray.trainer import train
 
     cfg = load_config(None, [f"data.source={source}", f"data.path={path}", f"run.storage_path={tmp_path}",
-                             f"run.name={source}", "train.epochs=6"])
+                             f"run.name={source}", "train.epochs=6", f"data.ingest={ingest}"])
     run_dir = Path(train(cfg))
     summary = _summary(run_dir)
     assert summary["test_accuracy"] >= 0.93, summary
