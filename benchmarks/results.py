@@ -60,6 +60,19 @@ def throughput(res: dict) -> list[str]:
         steps = f"{w['warmup']} + {w['repeats']} x {w['steps']}"
         out.append(f"| {w['model']} | {w['data']} | {w['batch_size']} | {steps} | {modes} |"
                    f" {_f(r.get('ratio_c_b'), 2)} | {_f(r.get('ratio_c_a'), 2)} |")
+    streamed = [r for r in rows if r.get("c_stream")]
+    if streamed:
+        out += ["", "Where (c) lost its time before the shard cache, measured in the same run: the same workers "
+                "reading their shard through `iter_torch_batches` every epoch (`data.ingest=stream`, what every "
+                "epoch did before `data.ingest=auto` picked the cache). Ray Data's iterator threads run inside "
+                "the training process and take CPU the 1-thread training step needs, and every epoch boundary "
+                "of `streaming_split` stalls.", "",
+                "| model | data | (b) torchrun | (c) cache | (c) stream | cache/b | stream/b |",
+                "|---|---|---|---|---|---|---|"]
+        for r in streamed:
+            w, b = r["workload"], r["b"]["images_per_s"]
+            out.append(f"| {w['model']} | {w['data']} | {_f(b)} | {_rates(r['c'])} | {_rates(r['c_stream'])} | "
+                       f"{r['c']['images_per_s'] / b:.2f} | {r['c_stream']['images_per_s'] / b:.2f} |")
     out += ["", "Commands (the workload JSON is the row's fields; `run.py` launches them):", ""]
     first = rows[0]
     for mode in ("a", "b"):

@@ -42,19 +42,21 @@ PROFILES = {
         "workloads": [Workload("cnn", "synthetic", 64, 20, 80, 5), Workload("cnn", "fashion_mnist", 64, 20, 80, 5),
                       Workload("resnet18", "synthetic", 64, 2, 5, 3),
                       Workload("resnet18", "fashion_mnist", 64, 2, 5, 3)],
-        "ray": True, "ingest_images": 8192, "ingest_repeats": 3, "fashion_ingest": True, "time_to_accuracy": "run",
+        "ray": True, "ingest_images": 8192, "ingest_repeats": 3, "fashion_ingest": True, "stream_compare": True,
+        "time_to_accuracy": "run",
         "gpu": True,
         "out": HERE / "RESULTS.md",
     },
     "quick": {
         "workloads": [Workload("cnn", "synthetic", 64, 10, 25, 3)],
         "ray": True, "ingest_images": 2048, "ingest_repeats": 3, "fashion_ingest": False,
-        "time_to_accuracy": "recorded", "gpu": False,
+        "stream_compare": False, "time_to_accuracy": "recorded", "gpu": False,
         "out": HERE / "RESULTS-quick.md",
     },
     "smoke": {
         "workloads": [Workload("cnn", "synthetic", 16, 1, 2, 2)],
-        "ray": False, "ingest_images": 0, "ingest_repeats": 0, "fashion_ingest": False, "time_to_accuracy": None,
+        "ray": False, "ingest_images": 0, "ingest_repeats": 0, "fashion_ingest": False, "stream_compare": False,
+        "time_to_accuracy": None,
         "gpu": False,
         "out": HERE / "RESULTS-smoke.md",
     },
@@ -119,6 +121,9 @@ def with_ray(res: dict, profile: dict, fashion: str, workdir: Path) -> None:
             row["ratio_c_b"] = row["c"]["images_per_s"] / row["b"]["images_per_s"]
             row["ratio_c_a"] = row["c"]["images_per_s"] / row["a"]["images_per_s"]
             log(f"(c) {w.key}: {row['c']['images_per_s']:.0f} img/s, c/b = {row['ratio_c_b']:.3f}")
+            if profile["stream_compare"] and w.model == "cnn" and row["c"]["ingest"] == "cache":
+                log(f"(c) {w.key}: emergence-ray with data.ingest=stream, for comparison")
+                optional(row, "c_stream", ray_loop.run_ray, w, fashion, workdir / "ray_train", WORKERS, 1, "stream")
         if profile["ingest_images"]:
             log(f"ingest: {profile['ingest_images']} PNGs, ImageFolder and Parquet")
             optional(res, "ingest", ingest.run_ingest, workdir / "ingest", profile["ingest_images"], WORKERS,

@@ -104,11 +104,17 @@ def test_results_render_every_section():
            "epochs": [{"epoch": 1, "seconds": 30.0, "elapsed_s": 25.0, "val_accuracy": 0.8, "accuracy": 0.79}]}
     res = {
         "command": "python benchmarks/run.py", "machine": common.machine_info(), "ray_start_s": 4.0,
-        "throughput": [{"workload": common.Workload("cnn", "synthetic").to_dict(), "a": run, "b": run, "c": run,
-                        "ratio_c_b": 1.0, "ratio_c_a": 1.0}],
+        "throughput": [{"workload": common.Workload("cnn", "synthetic").to_dict(), "a": run, "b": run,
+                        "c": {**run, "ingest": "cache"}, "c_stream": {**run, "images_per_s": 80.0},
+                        "ratio_c_b": 1.0, "ratio_c_a": 1.0},
+                       {"workload": common.Workload("cnn", "fashion_mnist").to_dict(), "a": run, "b": run,
+                        "c": {**run, "ingest": "cache"}, "ratio_c_b": 1.0, "ratio_c_a": 1.0}],
         "ingest": {"images": 64, "batch_size": 64, "workers": 2, "repeats": 3, "formats": {
-            "parquet": {"ray_cold": ing, "ray_epoch": {**ing, "materialize_s": 1.0}, "dataloader": ing}}},
-        "time_to_accuracy": [tta, time_to_accuracy.recorded()],
+            "parquet": {"ray_cold": ing, "service_stream": {**ing, "materialize_s": 1.0},
+                        "service_cache": {**ing, "load_s": 0.5}, "dataloader": ing}}},
+        "fashion_ingest": {"stream": {**ing, "images_per_s": 250.0}, "cache": {**ing, "load_s": 1.0},
+                           "prepare_s": 9.0, "images": 54600, "batch_size": 128},
+        "time_to_accuracy": [{**tta, "train_images_per_s": 500.0}, time_to_accuracy.recorded()],
         "first_step": {"command": "emergence-ray train", "to_first_step_s": 15.0, "command_s": 40.0,
                        "stages_s": {"launch -> x": 5.0}, "probe_s": {"imports": 3.0}},
         "gpu": {"device": "cuda"},
@@ -118,3 +124,7 @@ def test_results_render_every_section():
                     "GPU"):
         assert heading in text
     assert "not reached" in text and "within the 20 s target" in text
+    assert "| cnn | synthetic | 100 | **100** (90, 100, 110) | **80** (90, 100, 110) | 1.00 | 0.80 |" in text
+    assert "Service, cache epoch (read into memory once: 0.5 s)" in text
+    # ingest against consumption: (c) for cnn on Fashion-MNIST (100/s), and the job's own rate (500/s)
+    assert "| 100 | 2.5x | 10.0x |" in text and "| 500 | 0.5x | 2.0x |" in text
