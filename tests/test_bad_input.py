@@ -4,7 +4,9 @@ no traceback (unless --debug), and every existing run left exactly as it was."""
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pyarrow as pa
@@ -84,26 +86,55 @@ CASES = {
 }
 
 
-@pytest.mark.parametrize("case", list(CASES))
-def test_bad_input_is_refused_clearly(case, ray_session, storage, bad_data):
-    overrides, fragments = CASES[case]
-    args = ["train", "--set", f"run.storage_path={storage}"]
+DEBUG = "--debug"  # the one bad command run with --debug
+
+
+def _args(overrides: list[str], bad_data: dict[str, Path]) -> list[str]:
+    args = []
     for o in overrides:
         args += ["--set", o.format(**{k: str(v) for k, v in bad_data.items()})]
-    before = _snapshot(storage)
-    proc = subprocess.run([*CLI, *args], capture_output=True, text=True, timeout=300,
-                          env=cli_env(RAY_ADDRESS=ray_session))
+    return args
+
+
+@pytest.fixture(scope="module")
+def refused(ray_session, storage, bad_data, tmp_path_factory) -> dict[str, tuple]:
+    """Every bad command of CASES (and the --debug one) through the real CLI, each in its own process
+    against the session's Ray, a few at a time: each process mostly waits on its own Python and Ray
+    start-up. Each gets its own copy of the storage folder (the finished run included), snapshotted
+    just before its command starts and after it ends.
+    -> {case: (CompletedProcess, snapshot before, snapshot after)}"""
+    env = cli_env(RAY_ADDRESS=ray_session)
+
+    def run(case: str) -> tuple:
+        own = tmp_path_factory.mktemp("storage")
+        shutil.copytree(storage, own, dirs_exist_ok=True)  # copy2: the same bytes and mtimes
+        if case == DEBUG:
+            args = ["train", "--debug", "--set", f"run.storage_path={own}", "--set", "data.source=imagefolder",
+                    "--set", "data.path=/no/such/folder"]
+        else:
+            args = ["train", "--set", f"run.storage_path={own}", *_args(CASES[case][0], bad_data)]
+        before = _snapshot(own)
+        proc = subprocess.run([*CLI, *args], capture_output=True, text=True, timeout=300, env=env)
+        return proc, before, _snapshot(own)
+
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        return dict(zip([*CASES, DEBUG], pool.map(run, [*CASES, DEBUG])))
+
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_bad_input_is_refused_clearly(case, refused):
+    _, fragments = CASES[case]
+    proc, before, after = refused[case]
     assert proc.returncode == 2, (proc.stdout + proc.stderr)[-3000:]
     assert "Traceback" not in proc.stderr
     for fragment in fragments:
         assert fragment in proc.stderr, proc.stderr[-2000:]
-    assert _snapshot(storage) == before  # nothing written, nothing lost
+    assert after == before  # nothing written, nothing lost
 
 
-def test_debug_shows_the_traceback(ray_session, storage):
-    proc = subprocess.run([*CLI, "train", "--debug", "--set", f"run.storage_path={storage}", "--set",
-                           "data.source=imagefolder", "--set", "data.path=/no/such/folder"],
-                          capture_output=True, text=True, timeout=300, env=cli_env(RAY_ADDRESS=ray_session))
+def test_debug_shows_the_traceback(refused):
+    proc, _, _ = refused[DEBUG]
     assert proc.returncode != 0 and "Traceback" in proc.stderr
 
 
