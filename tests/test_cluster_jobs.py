@@ -1,9 +1,10 @@
 """Jobs on a real local cluster started with `ray start --head` (free ports, own temp dir):
 `ray job submit` and `JobSubmissionClient`, the sweep job, and two nodes sharing storage.
-Each test stops exactly the processes its cluster started."""
+Each cluster fixture stops exactly the processes its cluster started."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import subprocess
@@ -18,10 +19,9 @@ from conftest import ROOT, cli_env
 LOCAL_CLUSTER = [sys.executable, str(ROOT / "cluster" / "local_cluster.py")]
 
 
-@pytest.fixture
-def local_cluster(request, tmp_path_factory):
-    """Start a head (+ `workers` nodes from the test's marker param); yield its state; stop it."""
-    workers = getattr(request, "param", 0)
+@contextlib.contextmanager
+def _local_cluster(workers: int):
+    """Start a head (+ `workers` nodes); yield its state; stop it and check nothing it started is left."""
     # short: Ray's unix socket paths under the temp dir must stay under ~107 characters
     directory = Path(tempfile.mkdtemp(prefix="erc-", dir="/tmp"))
     proc = subprocess.run([*LOCAL_CLUSTER, "start", "--dir", str(directory), "--workers", str(workers),
@@ -35,6 +35,20 @@ def local_cluster(request, tmp_path_factory):
         shutil.rmtree(directory, ignore_errors=True)
         assert not [p for p in state["pids"] if Path(f"/proc/{p}").exists()
                     and "State:\tZ" not in Path(f"/proc/{p}/status").read_text()], "cluster processes left running"
+
+
+@pytest.fixture(scope="module")
+def head_cluster():
+    """One head-only cluster shared by the single-node job tests of this module (jobs run one after
+    another on it, as they would on a real cluster)."""
+    with _local_cluster(0) as state:
+        yield state
+
+
+@pytest.fixture
+def two_node_cluster():
+    with _local_cluster(1) as state:
+        yield state
 
 
 CLIENT_SCRIPT = """
@@ -73,15 +87,15 @@ def _run_dir_from(logs: str) -> Path:
     raise AssertionError(f"no run directory in the job output:\n{logs[-2000:]}")
 
 
-def test_submit_with_cli_and_client(local_cluster, tmp_path):
-    dashboard = local_cluster["dashboard"]
+def test_submit_with_cli_and_client(head_cluster, tmp_path):
+    dashboard = head_cluster["dashboard"]
     runs = tmp_path / "runs"
     # the jobs/README.md line, with overrides to keep CI short
     out = _submit(dashboard, "python", "-m", "emergence_ray", "train", "--config", "jobs/digits.yaml",
-                  "--set", f"run.storage_path={runs}", "--set", "run.name=cli", "--set", "train.epochs=4")
+                  "--set", f"run.storage_path={runs}", "--set", "run.name=cli", "--set", "train.epochs=2")
     run_dir = _run_dir_from(out)
     assert run_dir == runs / "cli"
-    assert json.loads((run_dir / "summary.json").read_text())["epochs"] == 4
+    assert json.loads((run_dir / "summary.json").read_text())["epochs"] == 2
 
     # The Python client, in its own process: Ray reads RAY_AUTH_MODE when it is imported.
     client_script = CLIENT_SCRIPT.format(
@@ -104,13 +118,15 @@ def test_submit_with_cli_and_client(local_cluster, tmp_path):
     assert proc.returncode != 0
 
 
-def test_submit_sweep_and_other_jobs(local_cluster, tmp_path, digits_imagefolder, digits_idx_gz):
-    dashboard = local_cluster["dashboard"]
+def test_submit_sweep_and_other_jobs(head_cluster, tmp_path, digits_imagefolder, digits_idx_gz):
+    dashboard = head_cluster["dashboard"]
     runs = tmp_path / "runs"
     out = _submit(dashboard, "python", "-m", "emergence_ray", "tune", "--config", "jobs/sweep_digits.yaml",
-                  "--set", f"run.storage_path={runs}", "--set", "run.name=sweep", "--set", "train.epochs=2")
+                  "--set", f"run.storage_path={runs}", "--set", "run.name=sweep", "--set", "train.epochs=2",
+                  "--set", "tune.weight_decay.grid=[0.0]")  # 2 trials, run together (ASHA over 4: test_tune.py)
     sweep = _run_dir_from(out)
     assert (sweep / "best.json").is_file() and (sweep / "trials.csv").is_file()
+    assert len((sweep / "trials.csv").read_text().strip().splitlines()) == 1 + 2
     # the Fashion-MNIST and ResNet-18 job files, pointed at small digits data
     _submit(dashboard, "python", "-m", "emergence_ray", "train", "--config", "jobs/fashion_mnist.yaml",
             "--set", f"data.path={digits_idx_gz}", "--set", "data.class_names=null", "--set", "train.epochs=1",
@@ -123,9 +139,8 @@ def test_submit_sweep_and_other_jobs(local_cluster, tmp_path, digits_imagefolder
     assert (runs / "resnet" / "summary.json").is_file()
 
 
-@pytest.mark.parametrize("local_cluster", [1], indirect=True)
-def test_two_nodes_share_storage(local_cluster, tmp_path):
-    dashboard = local_cluster["dashboard"]
+def test_two_nodes_share_storage(two_node_cluster, tmp_path):
+    dashboard = two_node_cluster["dashboard"]
     shared = tmp_path / "shared"
     _submit(dashboard, "python", "-m", "emergence_ray", "train", "--config", "jobs/digits.yaml",
             "--set", f"run.storage_path={shared}", "--set", "run.name=two", "--set", "train.epochs=3",
