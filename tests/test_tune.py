@@ -23,6 +23,16 @@ def _rows(sweep_dir: Path) -> list[dict]:
         return list(csv.DictReader(f))
 
 
+def _saved_terminated(sweep_dir: Path) -> set[str]:
+    """Trial ids that Tune's newest saved experiment state records as TERMINATED."""
+    states = sorted(sweep_dir.glob("experiment_state-*.json"))
+    try:
+        data = json.loads(states[-1].read_text())["trial_data"] if states else []
+    except (OSError, ValueError, KeyError):  # being written
+        return set()
+    return {t["trial_id"] for t in (json.loads(entry[0]) for entry in data) if t.get("status") == "TERMINATED"}
+
+
 def test_tune_section_validation():
     with pytest.raises(ConfigError, match="tune.lr"):
         tune_section(load_config(None, ["tune.lr.loguniform=[0.1, 0.01]"]))
@@ -34,7 +44,8 @@ def test_tune_section_validation():
 def test_sweep_job_runs_asha_and_picks_the_best(ray_session, tmp_path):
     """jobs/sweep_digits.yaml through the CLI: 4 trials, 2 at a time on 2 CPUs."""
     proc = subprocess.run([*CLI, "tune", "--config", str(ROOT / "jobs" / "sweep_digits.yaml"),
-                           "--set", f"run.storage_path={tmp_path}", "--set", "run.name=sweep"],
+                           "--set", f"run.storage_path={tmp_path}", "--set", "run.name=sweep",
+                           "--set", "train.epochs=3"],  # ASHA's rungs stay at epochs 1 and 2
                           capture_output=True, text=True, env=cli_env(RAY_ADDRESS=ray_session), timeout=900)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
     sweep_dir = tmp_path / "sweep"
@@ -57,23 +68,24 @@ def test_sweep_job_runs_asha_and_picks_the_best(ray_session, tmp_path):
 def test_interrupted_sweep_resumes_without_rerunning_finished_trials(ray_session, tmp_path):
     cmd = [*CLI, "tune", "--config", str(ROOT / "jobs" / "sweep_digits.yaml"), "--set", f"run.storage_path={tmp_path}",
            "--set", "run.name=sweep", "--set", "tune.scheduler.name=none", "--set", "tune.max_concurrent_trials=1",
-           "--set", "train.epochs=3"]
-    env = cli_env(RAY_ADDRESS=ray_session)
+           "--set", "train.epochs=2"]
+    # Tune saves its experiment state every ~10 s by default; every second here. The driver is killed
+    # once a saved state records two trials as finished (they must not run again after the restore).
+    env = cli_env(RAY_ADDRESS=ray_session, TUNE_GLOBAL_CHECKPOINT_S="1")
     first = subprocess.Popen(cmd, stdout=open(tmp_path / "first.log", "w"), stderr=subprocess.STDOUT, env=env)
     trials = tmp_path / "sweep" / "trials"
     deadline = time.monotonic() + 400
     finished: set[str] = set()
     while time.monotonic() < deadline and first.poll() is None:
-        finished = {p.parent.name for p in trials.glob("*/metrics.jsonl")
-                    if len(p.read_text().splitlines()) >= 3}
+        finished = {f"sweep-{t}" for t in _saved_terminated(tmp_path / "sweep")}
         if len(finished) >= 2:
-            time.sleep(12)  # Tune saves experiment state every ~10 s
             break
         time.sleep(0.5)
     assert first.poll() is None and len(finished) >= 2, (tmp_path / "first.log").read_text()[-3000:]
     first.send_signal(signal.SIGKILL)
     first.wait()
     time.sleep(3)
+    assert all(len((trials / name / "metrics.jsonl").read_text().splitlines()) == 2 for name in finished)
     mtimes = {name: (trials / name / "metrics.jsonl").stat().st_mtime for name in finished}
 
     second = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
