@@ -98,11 +98,13 @@ def test_killed_driver_resumes_within_noise_of_uninterrupted(ray_session, tmp_pa
     acc = {n: s["test_accuracy"] for n, s in summary.items()}
     assert abs(acc["straight"] - acc["cut"]) <= 0.04, acc  # digits runs differ by ~1-2 points seed to seed
 
-    third = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
-    assert third.returncode == 2 and "already finished" in third.stderr
-
+    # the refused re-run and `evaluate` (which only reads the finished run) run side by side
+    third = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     ev = subprocess.run([*CLI, "evaluate", "--checkpoint", summary["cut"]["checkpoint"], "--output",
                          str(tmp_path / "eval")], capture_output=True, text=True, env=env, timeout=300)
+    _, third_err = third.communicate(timeout=300)
+    assert third.returncode == 2 and "already finished" in third_err
+
     assert ev.returncode == 0, ev.stderr[-3000:]
     assert ev.stdout.strip().splitlines()[-1] == str(tmp_path / "eval")
     report = json.loads((tmp_path / "eval" / "report.json").read_text())
