@@ -58,11 +58,19 @@ def bench_loop_per_worker(config: dict) -> dict:
     optimizer = common.build_optimizer(bare)
     t_model = time.time()
 
-    data = WorkerIngest(ray.train.get_dataset_shard("train"), w.batch_size, device, config["cache"], shuffle=True,
-                        seed=0, rank=rank)
-    data.load()
-    t_shard = time.time()
-    batches = data.epoch(0)
+    if config["ingest"] == "memory":  # Ray Train without Ray Data: the worker makes its block as (b) does
+        rows = w.rows_per_worker()
+        images, labels = common.load_images(w, rows, part=rank, fashion_path=config["fashion_path"])
+        x, y = torch.from_numpy(common.to_normalized_nchw(images)), torch.from_numpy(labels)
+        bs = w.batch_size
+        batches = [{"image": x[i:i + bs], "label": y[i:i + bs]} for i in range(0, rows, bs)]
+        t_shard, cached = time.time(), "memory"
+    else:
+        data = WorkerIngest(ray.train.get_dataset_shard("train"), w.batch_size, device, config["cache"],
+                            shuffle=True, seed=0, rank=rank)
+        data.load()
+        t_shard, cached = time.time(), "cache" if data.cached else "stream"
+        batches = data.epoch(0)
     marks: dict[str, float] = {}
 
     def timed(it):  # note when the first batch arrives
@@ -83,7 +91,7 @@ def bench_loop_per_worker(config: dict) -> dict:
         "rank": rank, "world": world, "steps_run": len(ends), "train_loss": totals.loss,
         "rates": common.steady_rates(ends, w.batch_size, world, w.warmup, w.steps, w.repeats),
         "t_process": process_start_time(), "t_module": T_MODULE, "t_enter": t_enter, "t_model": t_model,
-        "t_shard": t_shard, "cached": data.cached,
+        "t_shard": t_shard, "ingest": cached,
         "t_first_batch": marks["first_batch"],
         "t_first_step": marks["first_step"], "t_done": t_done,
     }
@@ -120,6 +128,8 @@ def build_dataset(w: common.Workload, world: int, fashion_path: str):
 
 def run_ray(w: common.Workload, fashion_path: str, storage_dir: Path, num_workers: int = 2,
             threads: int = 1, ingest: str = "auto") -> dict:
+    """`ingest`: auto / cache / stream (the service's `data.ingest`), or memory: no Ray Data at all,
+    each worker builds its block of images in memory as the torchrun baseline does."""
     from ray.train.torch import TorchTrainer
 
     from emergence_ray import cluster
@@ -127,18 +137,22 @@ def run_ray(w: common.Workload, fashion_path: str, storage_dir: Path, num_worker
     from emergence_ray.ingest import use_cache
 
     t0 = time.time()
-    train_ds, rows = build_dataset(w, num_workers, fashion_path)
+    if ingest == "memory":
+        train_ds, rows = None, w.rows_per_worker() * num_workers
+    else:
+        train_ds, rows = build_dataset(w, num_workers, fashion_path)
     t_data = time.time()
     placement = cluster.plan(ScalingConfig(num_workers=num_workers))
     trainer = TorchTrainer(
         bench_loop_per_worker,
-        train_loop_config={"workload": w.to_dict(), "threads": threads,
-                           "cache": use_cache(DataConfig(ingest=ingest), train_ds.size_bytes(), num_workers)},
+        train_loop_config={"workload": w.to_dict(), "threads": threads, "ingest": ingest, "fashion_path": fashion_path,
+                           "cache": ingest != "memory" and use_cache(DataConfig(ingest=ingest), train_ds.size_bytes(),
+                                                                     num_workers)},
         scaling_config=ray.train.ScalingConfig(num_workers=num_workers,
                                                resources_per_worker={"CPU": placement.cpus_per_worker}),
         run_config=ray.train.RunConfig(name=f"bench-{w.model}-{w.data}-{int(t0)}", storage_path=str(storage_dir),
                                        logging_config=ray.train.LoggingConfig(log_level="WARNING")),
-        datasets={"train": train_ds},
+        datasets={"train": train_ds} if train_ds is not None else None,
     )
     t_fit = time.time()
     result = trainer.fit()
@@ -149,7 +163,7 @@ def run_ray(w: common.Workload, fashion_path: str, storage_dir: Path, num_worker
     if r["steps_run"] != w.total_steps:
         raise RuntimeError(f"rank 0 ran {r['steps_run']} steps, expected {w.total_steps} ({rows} rows)")
     return {
-        "mode": "emergence-ray", "ingest": "cache" if r["cached"] else "stream", "world": num_workers,
+        "mode": "emergence-ray", "ingest": r["ingest"], "world": num_workers,
         "threads": threads,
         "cpus_per_worker": placement.cpus_per_worker, "workload": w.to_dict(), "rows": rows,
         "rates": r["rates"], "images_per_s": common.median(r["rates"]), "train_loss": r["train_loss"],

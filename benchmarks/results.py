@@ -62,17 +62,23 @@ def throughput(res: dict) -> list[str]:
                    f" {_f(r.get('ratio_c_b'), 2)} | {_f(r.get('ratio_c_a'), 2)} |")
     streamed = [r for r in rows if r.get("c_stream")]
     if streamed:
-        out += ["", "Where (c) lost its time before the shard cache, measured in the same run: the same workers "
-                "reading their shard through `iter_torch_batches` every epoch (`data.ingest=stream`, what every "
-                "epoch did before `data.ingest=auto` picked the cache). Ray Data's iterator threads run inside "
-                "the training process and take CPU the 1-thread training step needs, and every epoch boundary "
-                "of `streaming_split` stalls.", "",
-                "| model | data | (b) torchrun | (c) cache | (c) stream | cache/b | stream/b |",
-                "|---|---|---|---|---|---|---|"]
+        out += ["", "Where (c) loses its time, measured in the same run. *stream*: the same workers reading their "
+                "shard through `iter_torch_batches` every epoch (`data.ingest=stream`, what every epoch did before "
+                "`data.ingest=auto` picked the cache): Ray Data's iterator threads run inside the training process "
+                "and take CPU the 1-thread training step needs. *memory*: Ray Train with no Ray Data at all, each "
+                "worker building its tensors as (b) does: the most any data path can reach under Ray Train; what "
+                "separates it from (b) is the Ray runtime itself (raylet, GCS, dashboard, the Train controller and "
+                "its helper actors, each waking up a few times a second on the same 2 cores).", "",
+                "| model | data | (b) torchrun | (c) cache | (c) stream | Ray Train, memory | cache/b | stream/b | "
+                "memory/b | cache/memory |", "|---|---|---|---|---|---|---|---|---|---|"]
         for r in streamed:
             w, b = r["workload"], r["b"]["images_per_s"]
-            out.append(f"| {w['model']} | {w['data']} | {_f(b)} | {_rates(r['c'])} | {_rates(r['c_stream'])} | "
-                       f"{r['c']['images_per_s'] / b:.2f} | {r['c_stream']['images_per_s'] / b:.2f} |")
+            mem = r.get("c_memory")
+            cells = [_rates(r["c"]), _rates(r["c_stream"]), _rates(mem) if mem else "-"]
+            ratios = [f"{r['c']['images_per_s'] / b:.2f}", f"{r['c_stream']['images_per_s'] / b:.2f}",
+                      f"{mem['images_per_s'] / b:.2f}" if mem else "-",
+                      f"{r['c']['images_per_s'] / mem['images_per_s']:.2f}" if mem else "-"]
+            out.append(f"| {w['model']} | {w['data']} | {_f(b)} | {' | '.join(cells)} | {' | '.join(ratios)} |")
     out += ["", "Commands (the workload JSON is the row's fields; `run.py` launches them):", ""]
     first = rows[0]
     for mode in ("a", "b"):

@@ -124,6 +124,8 @@ def with_ray(res: dict, profile: dict, fashion: str, workdir: Path) -> None:
             if profile["stream_compare"] and w.model == "cnn" and row["c"]["ingest"] == "cache":
                 log(f"(c) {w.key}: emergence-ray with data.ingest=stream, for comparison")
                 optional(row, "c_stream", ray_loop.run_ray, w, fashion, workdir / "ray_train", WORKERS, 1, "stream")
+                log(f"(c) {w.key}: Ray Train on in-memory tensors, no Ray Data, for comparison")
+                optional(row, "c_memory", ray_loop.run_ray, w, fashion, workdir / "ray_train", WORKERS, 1, "memory")
         if profile["ingest_images"]:
             log(f"ingest: {profile['ingest_images']} PNGs, ImageFolder and Parquet")
             optional(res, "ingest", ingest.run_ingest, workdir / "ingest", profile["ingest_images"], WORKERS,

@@ -106,6 +106,7 @@ def test_results_render_every_section():
         "command": "python benchmarks/run.py", "machine": common.machine_info(), "ray_start_s": 4.0,
         "throughput": [{"workload": common.Workload("cnn", "synthetic").to_dict(), "a": run, "b": run,
                         "c": {**run, "ingest": "cache"}, "c_stream": {**run, "images_per_s": 80.0},
+                        "c_memory": {**run, "images_per_s": 125.0},
                         "ratio_c_b": 1.0, "ratio_c_a": 1.0},
                        {"workload": common.Workload("cnn", "fashion_mnist").to_dict(), "a": run, "b": run,
                         "c": {**run, "ingest": "cache"}, "ratio_c_b": 1.0, "ratio_c_a": 1.0}],
@@ -124,7 +125,8 @@ def test_results_render_every_section():
                     "GPU"):
         assert heading in text
     assert "not reached" in text and "within the 20 s target" in text
-    assert "| cnn | synthetic | 100 | **100** (90, 100, 110) | **80** (90, 100, 110) | 1.00 | 0.80 |" in text
+    assert ("| cnn | synthetic | 100 | **100** (90, 100, 110) | **80** (90, 100, 110) | **125** (90, 100, 110) | "
+            "1.00 | 0.80 | 1.25 | 0.80 |") in text
     assert "Service, cache epoch (read into memory once: 0.5 s)" in text
     # ingest against consumption: (c) for cnn on Fashion-MNIST (100/s), and the job's own rate (500/s)
     assert "| 100 | 2.5x | 10.0x |" in text and "| 500 | 0.5x | 2.0x |" in text
