@@ -103,6 +103,17 @@ def load_images(w: Workload, n: int, part: int, fashion_path: str) -> tuple[np.n
     raise ValueError(f"unknown data {w.data!r}; choose synthetic or fashion_mnist")
 
 
+def memory_batches(w: Workload, part: int, fashion_path: str) -> list[dict]:
+    """The `part`-th worker's block of the workload, normalized, as in-memory torch batches: what
+    (a), (b) and Ray Train without Ray Data train on."""
+    import torch
+
+    rows, bs = w.rows_per_worker(), w.batch_size
+    images, labels = load_images(w, rows, part=part, fashion_path=fashion_path)
+    x, y = torch.from_numpy(to_normalized_nchw(images)), torch.from_numpy(labels)
+    return [{"image": x[i:i + bs], "label": y[i:i + bs]} for i in range(0, rows, bs)]
+
+
 def to_normalized_nchw(images: np.ndarray) -> np.ndarray:
     """uint8 (N,H,W) or (N,H,W,C) -> float32 (N,C,H,W), per-channel standardized: the values the
     service's `Preprocess` produces for images already at the model's size."""

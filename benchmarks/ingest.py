@@ -29,6 +29,7 @@ cnn trains on it. Run through `python benchmarks/run.py`.
 from __future__ import annotations
 
 import io
+import itertools
 import time
 from pathlib import Path
 
@@ -101,7 +102,7 @@ def service_epochs(base, spec, batch_size: int, repeats: int) -> dict:
     aug = BatchAugment.from_config(AugmentConfig(crop_padding=2, flip=True), spec)
     device = torch.device("cpu")
     stream = WorkerIngest(base, batch_size, device, cache=False, shuffle=True, augment=aug)
-    epochs = iter(range(10**6))
+    epochs = itertools.count()  # a new epoch number (fresh order and crops) for every pass
     out = {"stream": _repeat(lambda: stream.epoch(next(epochs)), repeats)}
     t = time.perf_counter()
     cached = WorkerIngest(base, batch_size, device, cache=True, shuffle=True, augment=aug)

@@ -59,11 +59,7 @@ def bench_loop_per_worker(config: dict) -> dict:
     t_model = time.time()
 
     if config["ingest"] == "memory":  # Ray Train without Ray Data: the worker makes its block as (b) does
-        rows = w.rows_per_worker()
-        images, labels = common.load_images(w, rows, part=rank, fashion_path=config["fashion_path"])
-        x, y = torch.from_numpy(common.to_normalized_nchw(images)), torch.from_numpy(labels)
-        bs = w.batch_size
-        batches = [{"image": x[i:i + bs], "label": y[i:i + bs]} for i in range(0, rows, bs)]
+        batches = common.memory_batches(w, rank, config["fashion_path"])
         t_shard, cached = time.time(), "memory"
     else:
         data = WorkerIngest(ray.train.get_dataset_shard("train"), w.batch_size, device, config["cache"],

@@ -67,13 +67,15 @@ def log(msg: str) -> None:
     print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
-def optional(res: dict, key: str, fn, *args) -> None:
-    """Run a section after the throughput comparison; a failure is written down, not fatal."""
+def optional(res: dict, key: str, fn, *args, into: dict | None = None, label: str | None = None) -> None:
+    """Run a section after the throughput comparison; its result goes to `into[key]` (default:
+    res), a failure is written down in res["failed"][label or key] (so in RESULTS.md), not fatal."""
+    label = label or key
     try:
-        res[key] = fn(*args)
+        (res if into is None else into)[key] = fn(*args)
     except Exception as err:  # noqa: BLE001 - reported in RESULTS.md and on stdout
-        log(f"{key} failed: {type(err).__name__}: {str(err)[-2000:]}")
-        res.setdefault("failed", {})[key] = f"{type(err).__name__}: {str(err)[-1500:]}"
+        log(f"{label} failed: {type(err).__name__}: {str(err)[-2000:]}")
+        res.setdefault("failed", {})[label] = f"{type(err).__name__}: {str(err)[-1500:]}"
 
 
 def baselines(workloads: list[Workload], fashion: str, workdir: Path) -> list[dict]:
@@ -123,9 +125,11 @@ def with_ray(res: dict, profile: dict, fashion: str, workdir: Path) -> None:
             log(f"(c) {w.key}: {row['c']['images_per_s']:.0f} img/s, c/b = {row['ratio_c_b']:.3f}")
             if profile["stream_compare"] and w.model == "cnn" and row["c"]["ingest"] == "cache":
                 log(f"(c) {w.key}: emergence-ray with data.ingest=stream, for comparison")
-                optional(row, "c_stream", ray_loop.run_ray, w, fashion, workdir / "ray_train", WORKERS, 1, "stream")
+                optional(res, "c_stream", ray_loop.run_ray, w, fashion, workdir / "ray_train", WORKERS, 1, "stream",
+                         into=row, label=f"c_stream {w.key}")
                 log(f"(c) {w.key}: Ray Train on in-memory tensors, no Ray Data, for comparison")
-                optional(row, "c_memory", ray_loop.run_ray, w, fashion, workdir / "ray_train", WORKERS, 1, "memory")
+                optional(res, "c_memory", ray_loop.run_ray, w, fashion, workdir / "ray_train", WORKERS, 1, "memory",
+                         into=row, label=f"c_memory {w.key}")
         if profile["ingest_images"]:
             log(f"ingest: {profile['ingest_images']} PNGs, ImageFolder and Parquet")
             optional(res, "ingest", ingest.run_ingest, workdir / "ingest", profile["ingest_images"], WORKERS,

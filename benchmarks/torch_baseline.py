@@ -53,10 +53,7 @@ def main(argv: list[str] | None = None) -> None:
         dist.init_process_group("gloo")
     t_group = time.time()
 
-    rows = w.rows_per_worker()
-    images, labels = common.load_images(w, rows, part=rank, fashion_path=args.fashion_mnist)
-    x, y = torch.from_numpy(common.to_normalized_nchw(images)), torch.from_numpy(labels)
-    batches = [{"image": x[i:i + w.batch_size], "label": y[i:i + w.batch_size]} for i in range(0, rows, w.batch_size)]
+    batches = common.memory_batches(w, rank, args.fashion_mnist)
     t_data = time.time()
 
     torch.manual_seed(0)  # the same initial weights in every mode

@@ -97,15 +97,11 @@ class WorkerIngest:
         return ({"image": self.augment(b["image"], aug_gen), "label": b["label"]} for b in batches)
 
     def _from_cache(self, gen: torch.Generator) -> Iterator[Batch]:
-        n = len(self.labels)
-        if not self.shuffle:
-            for i in range(0, n, self.batch_size):
-                yield {"image": self.images[i:i + self.batch_size], "label": self.labels[i:i + self.batch_size]}
-            return
-        order = torch.randperm(n, generator=gen).to(self.device)
-        for i in range(0, n, self.batch_size):
-            idx = order[i:i + self.batch_size]
-            yield {"image": self.images.index_select(0, idx), "label": self.labels.index_select(0, idx)}
+        n, bs = len(self.labels), self.batch_size
+        order = torch.randperm(n, generator=gen).to(self.device) if self.shuffle else None
+        for i in range(0, n, bs):
+            idx = slice(i, i + bs) if order is None else order[i:i + bs]  # a view, or a gathered copy
+            yield {"image": self.images[idx], "label": self.labels[idx]}
 
     def _from_stream(self, gen: torch.Generator) -> Iterator[Batch]:
         shuffle = {}

@@ -28,7 +28,7 @@ from emergence_ray.augment import BatchAugment
 from emergence_ray.config import JobConfig
 from emergence_ray.data.transforms import DataSpec
 from emergence_ray.engine import evaluate, train_epoch
-from emergence_ray.ingest import BATCH_DTYPES, WorkerIngest  # noqa: F401 - BATCH_DTYPES: re-exported
+from emergence_ray.ingest import WorkerIngest
 from emergence_ray.models import build_model
 from emergence_ray.optim import build_optimizer, build_scheduler
 

@@ -121,7 +121,6 @@ def refused(ray_session, storage, bad_data, tmp_path_factory) -> dict[str, tuple
         return dict(zip([*CASES, DEBUG], pool.map(run, [*CASES, DEBUG])))
 
 
-
 @pytest.mark.parametrize("case", list(CASES))
 def test_bad_input_is_refused_clearly(case, refused):
     _, fragments = CASES[case]

@@ -17,9 +17,9 @@ from ray.train.torch import TorchTrainer
 from emergence_ray.config import DataConfig, OptimConfig
 from emergence_ray.data.pipeline import prepare
 from emergence_ray.engine import train_epoch
+from emergence_ray.ingest import BATCH_DTYPES
 from emergence_ray.models import build_model
 from emergence_ray.optim import build_optimizer
-from emergence_ray.worker import BATCH_DTYPES
 
 ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers need not import tests/
 pytestmark = pytest.mark.usefixtures("ray_session")
