@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 
 STATE = "cluster.json"
+MARKER = "EMERGENCE_RAY_LOCAL_CLUSTER"  # environment variable naming the cluster's folder
 
 
 def free_port() -> int:
@@ -54,7 +55,9 @@ def start(directory: Path, workers: int, cpus: int, object_store_mb: int) -> dic
         raise SystemExit(f"{directory} already holds a cluster; stop it first or choose another --dir")
     temp = directory / "ray"
     temp.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "RAY_AUTH_MODE": "token"}
+    # MARKER: every process of this cluster inherits it (agents rename themselves, so their command
+    # lines no longer name the temp folder; without it, stop would leave them running)
+    env = {**os.environ, "RAY_AUTH_MODE": "token", MARKER: str(directory)}
     env.pop("RAY_ADDRESS", None)
     gcs_port, dash_port, client_port = free_port(), free_port(), free_port()
     store = ["--object-store-memory", str(object_store_mb * 1024 * 1024)]
@@ -74,15 +77,16 @@ def start(directory: Path, workers: int, cpus: int, object_store_mb: int) -> dic
 
 
 def _pids_under(directory: Path) -> list[int]:
-    """Processes whose command line names this cluster's temp folder (its raylets, GCS, workers,
-    dashboard and agents all carry the session path)."""
+    """Processes of this cluster: those started with its MARKER in their environment (raylets,
+    GCS, dashboard, agents, workers, the client server), or whose command line names its folder."""
     key = str(directory.resolve()).encode()
+    marker = f"{MARKER}=".encode() + key + b"\0"
     pids = []
     for proc in Path("/proc").iterdir():
         if not proc.name.isdigit() or int(proc.name) == os.getpid():
             continue
         try:
-            if key in (proc / "cmdline").read_bytes():
+            if key in (proc / "cmdline").read_bytes() or marker in (proc / "environ").read_bytes() + b"\0":
                 pids.append(int(proc.name))
         except OSError:
             continue
