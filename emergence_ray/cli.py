@@ -113,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
         argv = ["train", *argv]  # `emergence-ray` alone trains the built-in job
     args = parser().parse_args(argv)
     os.environ.setdefault("RAY_DATA_LOG_LEVEL", "WARNING")  # before Ray Data configures its loggers
-    from emergence_ray.worker import setup_logging
+    from emergence_ray.logs import setup_logging
 
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     setup_logging()

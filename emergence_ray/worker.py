@@ -11,7 +11,6 @@ import json
 import logging
 import math
 import random
-import sys
 import tempfile
 import time
 from typing import Any
@@ -29,6 +28,7 @@ from emergence_ray.config import JobConfig
 from emergence_ray.data.transforms import DataSpec
 from emergence_ray.engine import evaluate, train_epoch
 from emergence_ray.ingest import WorkerIngest
+from emergence_ray.logs import setup_logging
 from emergence_ray.models import build_model
 from emergence_ray.optim import build_optimizer, build_scheduler
 
@@ -84,22 +84,6 @@ def _record_workers(run_dir: str, rank: int, device: torch.device) -> None:
         everyone = [me]
     if rank == 0:
         storage.write_json(storage.join(run_dir, "workers.json"), everyone)
-
-
-def setup_logging() -> None:
-    """Our INFO lines on stdout (forwarded to the driver); Ray's own loggers untouched."""
-    if not log.handlers:
-        handler = logging.StreamHandler(sys.stdout)
-        handler.setFormatter(logging.Formatter("%(message)s"))
-        log.addHandler(handler)
-        log.setLevel(logging.INFO)
-        log.propagate = False
-    try:  # Ray Train logs every report at INFO on a logger named after its file: too chatty
-        from ray.train.v2._internal.execution import context as train_context
-
-        logging.getLogger(train_context.__file__).setLevel(logging.WARNING)
-    except ImportError:
-        pass
 
 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> list[dict]:

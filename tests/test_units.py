@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from emergence_ray import checkpoint
-from emergence_ray.config import OptimConfig
+from emergence_ray.config import MODEL_NAMES, OptimConfig
 from emergence_ray.data.transforms import DataSpec, Preprocess, decode
 from emergence_ray.engine import evaluate, train_epoch
 from emergence_ray.errors import CheckpointError, DataError
@@ -27,6 +27,10 @@ def test_every_model_runs_forward_and_backward(name, channels, size):
     out = model(x)
     assert out.shape == (4, 7)
     out.sum().backward()
+
+
+def test_config_knows_exactly_the_registered_models():
+    assert sorted(MODEL_NAMES) == sorted(MODELS)
 
 
 def test_resnet18_is_adapted_to_small_images():
