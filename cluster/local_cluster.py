@@ -77,20 +77,28 @@ def start(directory: Path, workers: int, cpus: int, object_store_mb: int) -> dic
 
 
 def _pids_under(directory: Path) -> list[int]:
-    """Processes of this cluster: those started with its MARKER in their environment (raylets,
-    GCS, dashboard, agents, workers, the client server), or whose command line names its folder."""
+    """Processes of this cluster: those started with its MARKER in their environment or whose
+    command line names its folder (raylets, GCS, dashboard, workers, the client server), and every
+    descendant of those (a worker node's raylet starts its agents without the marker, and the agents
+    rename themselves)."""
     key = str(directory.resolve()).encode()
     marker = f"{MARKER}=".encode() + key + b"\0"
-    pids = []
+    ours, parent = set(), {}
     for proc in Path("/proc").iterdir():
         if not proc.name.isdigit() or int(proc.name) == os.getpid():
             continue
         try:
+            parent[int(proc.name)] = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
             if key in (proc / "cmdline").read_bytes() or marker in (proc / "environ").read_bytes() + b"\0":
-                pids.append(int(proc.name))
-        except OSError:
+                ours.add(int(proc.name))
+        except (OSError, ValueError, IndexError):
             continue
-    return pids
+    grown = True
+    while grown:
+        found = {pid for pid, ppid in parent.items() if ppid in ours} - ours
+        grown = bool(found)
+        ours |= found
+    return sorted(ours)
 
 
 def stop(directory: Path, timeout: float = 5.0) -> int:
