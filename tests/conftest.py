@@ -30,10 +30,13 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(scope="session")
 def ray_session():
     """One real local Ray (2 CPUs, like the CI machine) shared by the tests that don't need a cluster
-    of their own. Yields the address a subprocess can use as RAY_ADDRESS."""
+    of their own. Yields the address a subprocess can use as RAY_ADDRESS. No dashboard: these tests
+    use no Jobs API (test_cluster_jobs.py starts a cluster with one), and its ten processes would
+    take CPU from every test on a 2-core machine."""
     import ray
 
-    ray.init(num_cpus=2, logging_level="WARNING", runtime_env={"env_vars": {"RAY_DATA_LOG_LEVEL": "WARNING"}})
+    ray.init(num_cpus=2, logging_level="WARNING", include_dashboard=False,
+             runtime_env={"env_vars": {"RAY_DATA_LOG_LEVEL": "WARNING"}})
     import ray.data
 
     ray.data.DataContext.get_current().enable_progress_bars = False
@@ -79,6 +82,19 @@ def digits_parquet(tmp_path_factory) -> Path:
     structs = [{"bytes": png_bytes(img), "path": f"{i}.png"} for i, img in enumerate(images)]
     pq.write_table(pa.table({"image": structs, "label": labels}), path)
     return path
+
+
+@pytest.fixture(scope="session")
+def imagefolder_run(ray_session, digits_imagefolder, tmp_path_factory) -> Path:
+    """One finished training run on the digits ImageFolder (6 epochs, shards cached in worker
+    memory): test_train_e2e.py checks its accuracy, test_predict.py predicts with its checkpoint."""
+    from emergence_ray.config import load_config
+    from emergence_ray.trainer import train
+
+    storage = tmp_path_factory.mktemp("imagefolder_runs")
+    cfg = load_config(None, ["data.source=imagefolder", f"data.path={digits_imagefolder}", "train.epochs=6",
+                             "data.ingest=auto", f"run.storage_path={storage}", "run.name=imagefolder"])
+    return Path(train(cfg))
 
 
 def write_idx(path: Path, array: np.ndarray, gz: bool) -> None:

@@ -104,7 +104,8 @@ def test_results_render_every_section():
            "epochs": [{"epoch": 1, "seconds": 30.0, "elapsed_s": 25.0, "val_accuracy": 0.8, "accuracy": 0.79}]}
     res = {
         "command": "python benchmarks/run.py", "machine": common.machine_info(), "ray_start_s": 4.0,
-        "throughput": [{"workload": common.Workload("cnn", "synthetic").to_dict(), "a": run, "b": run,
+        "throughput": [{"workload": common.Workload("cnn", "synthetic").to_dict(), "a": run,
+                        "b": {**run, "runs": [95.0, 105.0]},
                         "c": {**run, "ingest": "cache"}, "c_stream": {**run, "images_per_s": 80.0},
                         "c_memory": {**run, "images_per_s": 125.0},
                         "ratio_c_b": 1.0, "ratio_c_a": 1.0},
@@ -127,6 +128,7 @@ def test_results_render_every_section():
     assert "not reached" in text and "within the 20 s target" in text
     assert ("| cnn | synthetic | 100 | **100** (90, 100, 110) | **80** (90, 100, 110) | **125** (90, 100, 110) | "
             "1.00 | 0.80 | 1.25 | 0.80 |") in text
+    assert "**100** (90, 100, 110; runs 95 / 105)" in text  # (b) before and after (c)
     assert "Service, cache epoch (read into memory once: 0.5 s)" in text
     # ingest against consumption: (c) for cnn on Fashion-MNIST (100/s), and the job's own rate (500/s)
     assert "| 100 | 2.5x | 10.0x |" in text and "| 500 | 0.5x | 2.0x |" in text

@@ -5,6 +5,7 @@ Each cluster fixture stops exactly the processes its cluster started."""
 from __future__ import annotations
 
 import contextlib
+import csv
 import json
 import shutil
 import subprocess
@@ -38,15 +39,9 @@ def _local_cluster(workers: int):
 
 
 @pytest.fixture(scope="module")
-def head_cluster():
-    """One head-only cluster shared by the single-node job tests of this module (jobs run one after
-    another on it, as they would on a real cluster)."""
-    with _local_cluster(0) as state:
-        yield state
-
-
-@pytest.fixture
-def two_node_cluster():
+def cluster():
+    """One cluster of two nodes (2 CPUs each) shared by this module's tests: jobs run one after
+    another on it, as they would on a real cluster."""
     with _local_cluster(1) as state:
         yield state
 
@@ -87,8 +82,8 @@ def _run_dir_from(logs: str) -> Path:
     raise AssertionError(f"no run directory in the job output:\n{logs[-2000:]}")
 
 
-def test_submit_with_cli_and_client(head_cluster, tmp_path):
-    dashboard = head_cluster["dashboard"]
+def test_submit_with_cli_and_client(cluster, tmp_path, digits_idx_gz):
+    dashboard = cluster["dashboard"]
     runs = tmp_path / "runs"
     # the jobs/README.md line, with overrides to keep CI short
     out = _submit(dashboard, "python", "-m", "emergence_ray", "train", "--config", "jobs/digits.yaml",
@@ -97,19 +92,21 @@ def test_submit_with_cli_and_client(head_cluster, tmp_path):
     assert run_dir == runs / "cli"
     assert json.loads((run_dir / "summary.json").read_text())["epochs"] == 2
 
-    # The Python client, in its own process: Ray reads RAY_AUTH_MODE when it is imported.
+    # The Python client, in its own process (Ray reads RAY_AUTH_MODE when it is imported), submits
+    # the Fashion-MNIST job file, pointed at small digits IDX files.
     client_script = CLIENT_SCRIPT.format(
         dashboard=dashboard, root=str(ROOT),
-        entrypoint=f"python -m emergence_ray train --config jobs/digits.yaml --set run.storage_path={runs} "
-                   "--set run.name=client --set train.epochs=3")
+        entrypoint=f"python -m emergence_ray train --config jobs/fashion_mnist.yaml --set data.path={digits_idx_gz} "
+                   f"--set data.class_names=null --set train.epochs=1 --set run.storage_path={runs} "
+                   "--set run.name=fmnist")
     proc = subprocess.run([sys.executable, "-c", client_script], capture_output=True, text=True, timeout=900,
                           env=_client_env())
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
     status, logs = proc.stdout.split("\n", 1)
     assert status == "SUCCEEDED", logs[-3000:]
-    assert _run_dir_from(logs) == runs / "client"
-    assert "epoch 3/3" in logs
-    assert json.loads((runs / "client" / "summary.json").read_text())["test_accuracy"] > 0.8
+    assert _run_dir_from(logs) == runs / "fmnist"
+    assert "epoch 1/1" in logs
+    assert json.loads((runs / "fmnist" / "summary.json").read_text())["epochs"] == 1
 
     # without the token the Jobs API refuses
     proc = subprocess.run(["ray", "job", "list", "--address", dashboard], capture_output=True, text=True,
@@ -118,20 +115,34 @@ def test_submit_with_cli_and_client(head_cluster, tmp_path):
     assert proc.returncode != 0
 
 
-def test_submit_sweep_and_other_jobs(head_cluster, tmp_path, digits_imagefolder, digits_idx_gz):
-    dashboard = head_cluster["dashboard"]
+def _rows(sweep_dir: Path) -> list[dict]:
+    with open(sweep_dir / "trials.csv") as f:
+        return list(csv.DictReader(f))
+
+
+def test_submit_asha_sweep_and_resnet_jobs(cluster, tmp_path, digits_imagefolder):
+    """jobs/sweep_digits.yaml as submitted: 4 trials, 2 at a time on 2 CPUs; ASHA stops some early and
+    best.json names the best trial. Then the ResNet-18 job file, pointed at small digits PNGs."""
+    dashboard = cluster["dashboard"]
     runs = tmp_path / "runs"
     out = _submit(dashboard, "python", "-m", "emergence_ray", "tune", "--config", "jobs/sweep_digits.yaml",
-                  "--set", f"run.storage_path={runs}", "--set", "run.name=sweep", "--set", "train.epochs=2",
-                  "--set", "tune.weight_decay.grid=[0.0]")  # 2 trials, run together (ASHA over 4: test_tune.py)
-    sweep = _run_dir_from(out)
-    assert (sweep / "best.json").is_file() and (sweep / "trials.csv").is_file()
-    assert len((sweep / "trials.csv").read_text().strip().splitlines()) == 1 + 2
-    # the Fashion-MNIST and ResNet-18 job files, pointed at small digits data
-    _submit(dashboard, "python", "-m", "emergence_ray", "train", "--config", "jobs/fashion_mnist.yaml",
-            "--set", f"data.path={digits_idx_gz}", "--set", "data.class_names=null", "--set", "train.epochs=1",
-            "--set", f"run.storage_path={runs}", "--set", "run.name=fmnist")
-    assert (runs / "fmnist" / "summary.json").is_file()
+                  "--set", f"run.storage_path={runs}", "--set", "run.name=sweep",
+                  "--set", "train.epochs=3")  # ASHA's rungs stay at epochs 1 and 2
+    sweep_dir = _run_dir_from(out)
+    assert sweep_dir == runs / "sweep"
+    rows = _rows(sweep_dir)
+    assert len(rows) == 4
+    assert any(r["stopped_early"] == "True" for r in rows), rows
+    best = json.loads((sweep_dir / "best.json").read_text())
+    top = max(rows, key=lambda r: float(r["best_val_metric"] or -1))
+    assert best["trial_id"] == top["trial_id"]
+    assert best["value"] == pytest.approx(float(top["best_val_metric"]))
+    assert Path(best["checkpoint"], "checkpoint.pt").is_file()
+    summary = json.loads((sweep_dir / "summary.json").read_text())
+    assert summary["test_accuracy"] > 0.5 and (sweep_dir / "report.json").is_file()
+    assert (sweep_dir / "sweep.png").stat().st_size > 1000
+    assert "best val_accuracy" in out  # the table is printed, sorted by the metric
+
     _submit(dashboard, "python", "-m", "emergence_ray", "train", "--config", "jobs/resnet18_imagefolder.yaml",
             "--set", f"data.path={digits_imagefolder}", "--set", "data.image_size=8", "--set", "model.width=8",
             "--set", "scaling.use_gpu=false", "--set", "train.epochs=1", "--set", "data.limit=256",
@@ -139,8 +150,8 @@ def test_submit_sweep_and_other_jobs(head_cluster, tmp_path, digits_imagefolder,
     assert (runs / "resnet" / "summary.json").is_file()
 
 
-def test_two_nodes_share_storage(two_node_cluster, tmp_path):
-    dashboard = two_node_cluster["dashboard"]
+def test_two_nodes_share_storage(cluster, tmp_path):
+    dashboard = cluster["dashboard"]
     shared = tmp_path / "shared"
     _submit(dashboard, "python", "-m", "emergence_ray", "train", "--config", "jobs/digits.yaml",
             "--set", f"run.storage_path={shared}", "--set", "run.name=two", "--set", "train.epochs=3",

@@ -16,18 +16,12 @@ import torch
 from PIL import Image
 
 from conftest import CLI, cli_env
-from emergence_ray.config import load_config
 
 
 @pytest.fixture(scope="module")
-def trained(ray_session, digits_imagefolder, tmp_path_factory) -> Path:
-    from emergence_ray.trainer import train
-
-    storage = tmp_path_factory.mktemp("predict_runs")
-    cfg = load_config(None, ["data.source=imagefolder", f"data.path={digits_imagefolder}", "train.epochs=3",
-                             f"run.storage_path={storage}", "run.name=pred"])
-    run_dir = Path(train(cfg))
-    return Path(json.loads((run_dir / "summary.json").read_text())["checkpoint"])
+def trained(imagefolder_run) -> Path:
+    """The checkpoint of the session's digits ImageFolder run (conftest.imagefolder_run)."""
+    return Path(json.loads((imagefolder_run / "summary.json").read_text())["checkpoint"])
 
 
 def _predict(ray_session, *args: str) -> subprocess.CompletedProcess:
