@@ -14,7 +14,8 @@ def _f(x, digits: int = 0, unit: str = "", none: str = "-") -> str:
 
 
 def _rates(r: dict) -> str:
-    return f"**{_f(r['images_per_s'])}** ({', '.join(_f(x) for x in r['rates'])})"
+    runs = f"; runs {' / '.join(_f(x) for x in r['runs'])}" if r.get("runs") else ""
+    return f"**{_f(r['images_per_s'])}** ({', '.join(_f(x) for x in r['rates'])}{runs})"
 
 
 def header(res: dict) -> list[str]:
@@ -39,8 +40,10 @@ def throughput(res: dict) -> list[str]:
         "Same model (`build_model`, job defaults), same data, same batch per worker, AdamW "
         "(`build_optimizer`), the same `engine.train_epoch`, the same steps. Images/s across all "
         "workers; the warm-up steps are excluded and the remaining steps are cut into R timed "
-        "segments of S steps: **median**, then each segment. (a) and (b) train on in-memory "
-        "tensors; (c) on Ray Datasets preprocessed and materialized by `pipeline.preprocess` "
+        "segments of S steps: **median**, then each segment. (b) runs twice, before Ray starts and "
+        "after it stops, so that (c) runs between its two runs on a machine whose speed drifts: its figure "
+        "is the median of the segments of both runs, followed by each run's own median. (a) and (b) train "
+        "on in-memory tensors; (c) on Ray Datasets preprocessed and materialized by `pipeline.preprocess` "
         "(Fashion-MNIST through the `idx` source and `pipeline.prepare`), read by the service's "
         "`ingest.WorkerIngest` from `get_dataset_shard(\"train\")` inside Ray Train workers (0.5 CPU each, as "
         "`cluster.plan` sizes a 2-worker job on 2 CPUs): the shard is cached in worker memory at start-up "
