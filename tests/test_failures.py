@@ -11,28 +11,10 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 
-from conftest import CLI, ROOT, cli_env
-
-
-def _epochs(run_dir: Path) -> list[int]:
-    return [json.loads(line)["epoch"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-
-
-def _wait(predicate, proc: subprocess.Popen, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            if predicate():
-                return
-        except (OSError, ValueError, KeyError):
-            pass
-        assert proc.poll() is None, f"process ended before {what}"
-        time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}")
+from conftest import CLI, ROOT, cli_env, run_epochs, wait_for
 
 
 @pytest.mark.parametrize("scenario", ["node-failure", "elastic"])
@@ -70,13 +52,13 @@ def test_killed_worker_then_killed_driver_resume_within_noise_of_uninterrupted(r
     cut = tmp_path / "cut"
     first_log = tmp_path / "first.log"
     first = subprocess.Popen(cmd, stdout=open(first_log, "w"), stderr=subprocess.STDOUT, env=env)
-    _wait(lambda: len(_epochs(cut)) >= 2 and (cut / "workers.json").exists(), first, 240, "two epochs")
+    wait_for(lambda: len(run_epochs(cut)) >= 2 and (cut / "workers.json").exists(), first, 240, "two epochs")
     victim = next(w for w in json.loads((cut / "workers.json").read_text()) if w["rank"] == 1)
     os.kill(victim["pid"], signal.SIGKILL)
-    _wait(lambda: "resuming from epoch" in first_log.read_text(), first, 240, "the worker group to restart")
-    _wait(lambda: victim["pid"] not in {w["pid"] for w in json.loads((cut / "workers.json").read_text())},
+    wait_for(lambda: "resuming from epoch" in first_log.read_text(), first, 240, "the worker group to restart")
+    wait_for(lambda: victim["pid"] not in {w["pid"] for w in json.loads((cut / "workers.json").read_text())},
           first, 60, "the restarted workers")
-    _wait(lambda: len(_epochs(cut)) >= 4, first, 240, "four epochs")
+    wait_for(lambda: len(run_epochs(cut)) >= 4, first, 240, "four epochs")
     first.send_signal(signal.SIGKILL)
     first.wait()
     time.sleep(3)  # let Ray release the dead driver's actors and placement group
@@ -87,7 +69,7 @@ def test_killed_worker_then_killed_driver_resume_within_noise_of_uninterrupted(r
     _, straight_err = straight.communicate(timeout=600)
     assert straight.returncode == 0, straight_err[-3000:]
     assert int(out.split("resuming from epoch ")[1].split()[0]) >= 2, out[-2000:]
-    assert _epochs(cut) == list(range(1, 7))  # no gap, no duplicate, across both failures
+    assert run_epochs(cut) == list(range(1, 7))  # no gap, no duplicate, across both failures
     summary = {n: json.loads((tmp_path / n / "summary.json").read_text()) for n in ("straight", "cut")}
     assert summary["cut"]["epochs"] == 6
     acc = {n: s["test_accuracy"] for n, s in summary.items()}

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import CLI, ROOT, cli_env
+from conftest import CLI, ROOT, cli_env, run_epochs, wait_for
 from emergence_ray.config import load_config
 from emergence_ray.errors import ConfigError
 from emergence_ray.tune import TuneSection, tune_section
@@ -43,23 +43,6 @@ def test_tune_section_validation():
     assert TuneSection().scheduler.name == "asha"
 
 
-def _epochs(run_dir: Path) -> list[int]:
-    return [json.loads(line)["epoch"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-
-
-def _wait(predicate, proc: subprocess.Popen, timeout: float, what: str, log: Path) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            if predicate():
-                return
-        except (OSError, ValueError, KeyError):  # files being written
-            pass
-        assert proc.poll() is None, f"the sweep ended before {what}:\n{log.read_text()[-3000:]}"
-        time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}:\n{log.read_text()[-3000:]}")
-
-
 def test_killed_trial_worker_and_killed_sweep_driver_both_resume(ray_session, tmp_path):
     """Two trials, one at a time. The first trial loses its training worker (SIGKILL by pid): Train
     restarts it from the trial's last checkpoint and the trial finishes with every epoch once. Then
@@ -76,9 +59,9 @@ def test_killed_trial_worker_and_killed_sweep_driver_both_resume(ray_session, tm
     trials = tmp_path / "sweep" / "trials"
 
     def running_trial() -> Path | None:
-        return next((d for d in trials.iterdir() if (d / "workers.json").exists() and len(_epochs(d)) >= 1), None)
+        return next((d for d in trials.iterdir() if (d / "workers.json").exists() and len(run_epochs(d)) >= 1), None)
 
-    _wait(lambda: running_trial() is not None, first, 400, "a trial at epoch 1", log)
+    wait_for(lambda: running_trial() is not None, first, 400, "a trial at epoch 1", log)
     victim_dir = running_trial()
     victim = json.loads((victim_dir / "workers.json").read_text())[0]
     os.kill(victim["pid"], signal.SIGKILL)  # from outside, like an OOM kill
@@ -88,12 +71,12 @@ def test_killed_trial_worker_and_killed_sweep_driver_both_resume(ray_session, tm
         finished.update(f"sweep-{t}" for t in _saved_terminated(tmp_path / "sweep"))
         return len(finished) >= 1
 
-    _wait(one_finished, first, 400, "a finished trial in Tune's saved state", log)
+    wait_for(one_finished, first, 400, "a finished trial in Tune's saved state", log)
     first.send_signal(signal.SIGKILL)
     first.wait()
     time.sleep(3)
     assert finished == {victim_dir.name}  # one at a time: the finished trial is the one that lost its worker
-    assert _epochs(victim_dir) == [1, 2, 3, 4]  # resumed, no epoch twice
+    assert run_epochs(victim_dir) == [1, 2, 3, 4]  # resumed, no epoch twice
     assert json.loads((victim_dir / "workers.json").read_text())[0]["pid"] != victim["pid"]
     mtime = (victim_dir / "metrics.jsonl").stat().st_mtime
 
