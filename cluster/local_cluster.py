@@ -98,7 +98,11 @@ def _pids_under(directory: Path) -> list[int]:
         found = {pid for pid, ppid in parent.items() if ppid in ours} - ours
         grown = bool(found)
         ours |= found
-    return sorted(ours)
+    mine, pid = set(), os.getppid()  # never this process's callers (a shell naming the folder)
+    while pid > 1 and pid not in mine:
+        mine.add(pid)
+        pid = parent.get(pid, 0)
+    return sorted(ours - mine)
 
 
 def stop(directory: Path, timeout: float = 5.0) -> int:
