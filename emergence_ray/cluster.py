@@ -46,12 +46,41 @@ class Placement:
     gpus_per_worker: float
 
 
-def plan(scaling: ScalingConfig, resources: dict[str, float] | None = None) -> Placement:
+def node_cpus(resources: dict[str, float] | None = None) -> list[float]:
+    """CPUs of each alive node; with `resources` given (a cluster's totals), that as one node."""
+    if resources is not None:
+        return [float(resources.get("CPU", 0))]
+    return [float(n["Resources"].get("CPU", 0)) for n in ray.nodes() if n.get("Alive")]
+
+
+def data_cpu_left(nodes: list[float], bundles: int, cpus_per_bundle: float,
+                  reserve: float = DATA_CPU_RESERVE) -> bool:
+    """Whether some node keeps `reserve` CPUs free however Ray places `bundles` worker bundles of
+    `cpus_per_bundle` CPUs. A Ray Data task needs its CPU on one node: a cluster-wide spare CPU
+    split as half a CPU on each of two nodes runs no task, and the job waits forever. A node is
+    blocked once it holds more than (cpus - reserve) / cpus_per_bundle bundles; if blocking every
+    node takes more bundles than there are, one node stays free."""
+    to_block = 0
+    for cpus in nodes:
+        if cpus < reserve - 1e-9:
+            continue  # too small to run a Ray Data task even when empty
+        k = math.floor((cpus - reserve) / cpus_per_bundle + 1e-9) + 1
+        if k * cpus_per_bundle > cpus + 1e-9:
+            return True  # workers can never fill this node past its reserve
+        to_block += k
+    return bundles < to_block
+
+
+def plan(scaling: ScalingConfig, resources: dict[str, float] | None = None,
+         nodes: list[float] | None = None) -> Placement:
     """Resources per worker, checked against the whole cluster (not what is free right now:
-    a busy cluster is worth waiting for, one too small is not)."""
+    a busy cluster is worth waiting for, one too small is not). `nodes`: CPUs per node (default:
+    the cluster's alive nodes, or `resources` as one node)."""
     res = resources if resources is not None else ray.cluster_resources()
+    nodes = nodes if nodes is not None else node_cpus(resources)
     cpus, gpus = float(res.get("CPU", 0)), float(res.get("GPU", 0))
     n = scaling.min_workers  # elastic runs must fit their minimum; they grow into what is there
+    most = scaling.max_workers  # size for the largest group; the smallest must fit at least
     if scaling.autoscaling:  # the autoscaler adds nodes on demand: request, don't compare
         return Placement(scaling.num_workers, scaling.cpus_per_worker or 1.0, 1.0 if scaling.use_gpu else 0.0)
     if scaling.use_gpu and n > gpus:
@@ -62,13 +91,19 @@ def plan(scaling: ScalingConfig, resources: dict[str, float] | None = None) -> P
         if n * cpw > cpus:
             raise ResourceError(f"scaling.num_workers={n} x scaling.cpus_per_worker={cpw:g} needs {n * cpw:g} CPUs; "
                                 f"the cluster has {cpus:g}. Lower either, or add nodes.")
+        if not data_cpu_left(nodes, most, cpw):
+            log.warning("%d workers x %g CPUs can leave no node with a whole free CPU for Ray Data tasks (nodes: "
+                        "%s CPUs); if the run waits for resources, lower scaling.cpus_per_worker", most, cpw,
+                        ", ".join(f"{c:g}" for c in nodes))
     else:
-        # whole CPUs where they fit beside one CPU for Ray Data, else an even quarter-CPU share
+        # whole CPUs where they fit beside one CPU for Ray Data, else an even quarter-CPU share,
+        # lowered until some node keeps a whole CPU for Ray Data wherever the workers land
         spare = cpus - DATA_CPU_RESERVE
-        most = scaling.max_workers  # size for the largest group; the smallest must fit at least
         cpw = 1.0 if spare >= most else max(math.floor(spare / most * 4) / 4, 0.25)
-        if n * cpw > spare or spare <= 0:
+        while cpw > 0.25 and not data_cpu_left(nodes, most, cpw):
+            cpw -= 0.25
+        if n * cpw > spare or spare <= 0 or not data_cpu_left(nodes, n, cpw):
             raise ResourceError(f"scaling.num_workers={n} does not fit a cluster of {cpus:g} CPUs (each worker "
-                                "needs a quarter CPU at least, and Ray Data one CPU). Lower scaling.num_workers "
-                                "or add nodes.")
+                                "needs a quarter CPU at least, and Ray Data one CPU on one node). Lower "
+                                "scaling.num_workers or add nodes.")
     return Placement(scaling.num_workers, cpw, 1.0 if scaling.use_gpu else 0.0)

@@ -133,10 +133,14 @@ def _trial(config: dict, job: dict, sweep: str, sweep_dir: str, num_workers: int
         raise result.error
 
 
-def plan_trials(cfg: JobConfig, section: TuneSection) -> tuple[int, int, float]:
+def plan_trials(cfg: JobConfig, section: TuneSection, resources: dict[str, float] | None = None,
+                nodes: list[float] | None = None) -> tuple[int, int, float]:
     """-> (concurrent trials, workers per trial, CPUs per worker). Trials hold ~no CPU themselves
-    (the trial function only waits on its trainer); workers share what is left after Ray Data."""
-    res = ray.cluster_resources()
+    (the trial function only waits on its trainer); workers share what is left after Ray Data,
+    and some node keeps a whole CPU for Ray Data wherever the workers of all running trials land
+    (`cluster.data_cpu_left`). `resources`/`nodes` default to the connected cluster's."""
+    res = resources if resources is not None else ray.cluster_resources()
+    nodes = nodes if nodes is not None else cluster.node_cpus(resources)
     cpus, gpus = float(res.get("CPU", 0)), float(res.get("GPU", 0))
     workers = section.num_workers or cfg.scaling.max_workers
     concurrent = section.max_concurrent_trials
@@ -146,6 +150,10 @@ def plan_trials(cfg: JobConfig, section: TuneSection) -> tuple[int, int, float]:
                                 "Lower tune.num_workers or add GPU nodes.")
         concurrent = min(concurrent, int(gpus // workers))
     spare = cpus - cluster.DATA_CPU_RESERVE - TRIAL_CPU * concurrent  # whole CPU left for Ray Data tasks
+
+    def data_left(c: int, cpw: float) -> bool:  # trial functions may all sit on the spare node
+        return cluster.data_cpu_left(nodes, workers * c, cpw, cluster.DATA_CPU_RESERVE + TRIAL_CPU * c)
+
     if cfg.scaling.cpus_per_worker:
         cpw = cfg.scaling.cpus_per_worker
         if workers * cpw > spare:
@@ -153,14 +161,27 @@ def plan_trials(cfg: JobConfig, section: TuneSection) -> tuple[int, int, float]:
                                 f"for Ray Data; the cluster has {cpus:g}. Lower tune.num_workers or "
                                 "scaling.cpus_per_worker.")
         concurrent = min(concurrent, int(spare // (workers * cpw)))
+        while concurrent > 1 and not data_left(concurrent, cpw):
+            concurrent -= 1
+        if not data_left(concurrent, cpw):
+            log.warning("a trial's %d workers x %g CPUs can leave no node with a whole free CPU for Ray Data; if "
+                        "the sweep waits for resources, lower scaling.cpus_per_worker", workers, cpw)
     else:
         cpw = min(1.0, math.floor(spare / (workers * concurrent) * 4) / 4) if spare > 0 else 0
         if cpw < 0.25:
             concurrent = max(1, int(spare // (workers * 0.25)))
             cpw = min(1.0, math.floor(spare / (workers * concurrent) * 4) / 4) if spare > 0 else 0
+        while cpw >= 0.25 and not data_left(concurrent, cpw):  # fewer CPUs per worker, then fewer trials
+            if cpw > 0.25:
+                cpw -= 0.25
+            elif concurrent > 1:
+                concurrent -= 1
+            else:
+                cpw = 0
         if cpw < 0.25:
             raise ResourceError(f"not even one trial of {workers} workers fits a cluster of {cpus:g} CPUs (each worker "
-                                "needs a quarter CPU, Ray Data one CPU). Lower tune.num_workers or add nodes.")
+                                "needs a quarter CPU, Ray Data one CPU on one node). Lower tune.num_workers or add "
+                                "nodes.")
     return max(1, concurrent), workers, cpw
 
 

@@ -179,6 +179,27 @@ def test_plan_sizes_workers_and_fails_fast():
     assert plan(ScalingConfig(num_workers=4, use_gpu=True, autoscaling=True), {"CPU": 2}).gpus_per_worker == 1.0
 
 
+def test_plan_keeps_a_whole_cpu_on_one_node_for_ray_data():
+    """A spare CPU split across nodes runs no Ray Data task: sizing counts per node."""
+    from emergence_ray.cluster import data_cpu_left, plan
+    from emergence_ray.config import ScalingConfig, load_config
+    from emergence_ray.tune import TuneSection, plan_trials
+
+    assert data_cpu_left([2], 2, 0.5) and not data_cpu_left([2], 2, 1.0)
+    # 4 x 0.75 CPU on two 2-CPU nodes: 1.5 + 1.5 leaves half a CPU on each node and no task runs
+    assert not data_cpu_left([2, 2], 4, 0.75) and data_cpu_left([2, 2], 4, 0.5)
+    assert data_cpu_left([2, 2], 2, 1.0)  # both on one node: the other is free; split: 1 free on each
+    assert data_cpu_left([0.5, 4], 3, 1.0) and not data_cpu_left([0.5, 4], 4, 1.0)  # a half-CPU node never helps
+    # one job: the 3 CPUs spare in total would give 4 workers 0.75 each; per node they get 0.5
+    assert plan(ScalingConfig(num_workers=4), {"CPU": 4}).cpus_per_worker == 0.75
+    assert plan(ScalingConfig(num_workers=4), {"CPU": 4}, nodes=[2, 2]).cpus_per_worker == 0.5
+    # a sweep of 2 trials x 2 workers on two 2-CPU nodes: 0.25 each, not the 0.5 the total allows
+    cfg = load_config(None, [])
+    assert plan_trials(cfg, TuneSection(num_workers=2), {"CPU": 4}) == (2, 2, 0.5)
+    assert plan_trials(cfg, TuneSection(num_workers=2), {"CPU": 4}, nodes=[2, 2]) == (2, 2, 0.25)
+    assert plan_trials(cfg, TuneSection(num_workers=1, max_concurrent_trials=1), {"CPU": 4}, [2, 2]) == (1, 1, 1.0)
+
+
 def test_crash_while_writing_leaves_the_previous_checkpoint_usable(tmp_path):
     """A save that dies mid-write leaves only a partial temp file; the last good checkpoint loads."""
     good = {"model": {"w": torch.ones(3)}, "epoch": 1}
