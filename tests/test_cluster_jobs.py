@@ -41,8 +41,10 @@ def _local_cluster(workers: int):
 @pytest.fixture(scope="module")
 def head_cluster():
     """One head-only cluster shared by the single-node job tests of this module (jobs run one after
-    another on it, as they would on a real cluster). On a 2-node cluster of 2 CPUs each, the sweep
-    job was once seen waiting forever: the sweep's CPU plan counts the cluster's CPUs, not a node's."""
+    another on it, as they would on a real cluster). (On a 2-node cluster of 2 CPUs each, the sweep
+    job was once seen waiting forever: its plan counted the cluster's CPUs, not a node's, and gave
+    each 1-worker trial a whole CPU. With the two trials' workers on different nodes, no node had a
+    whole CPU left for a Ray Data task. The plan now counts per node: test_two_nodes_share_storage.)"""
     with _local_cluster(0) as state:
         yield state
 
@@ -158,7 +160,25 @@ def test_submit_asha_sweep_and_resnet_jobs(head_cluster, tmp_path, digits_imagef
     assert (runs / "resnet" / "summary.json").is_file()
 
 
+PLAN_SCRIPT = """
+import ray
+from emergence_ray import cluster
+from emergence_ray.config import load_config
+from emergence_ray.tune import plan_trials, tune_section
+ray.init(address={gcs!r}, logging_level="ERROR")
+cfg = load_config("jobs/sweep_digits.yaml")
+print(cluster.node_cpus(), *plan_trials(cfg, tune_section(cfg)))
+"""
+
+
 def test_two_nodes_share_storage(two_node_cluster, tmp_path):
+    # The sweep job's plan on this cluster: 2 trials of 1 worker. By the cluster's total (4 CPUs)
+    # each worker would get a whole CPU, and one on each node leaves neither a whole CPU for Ray
+    # Data; per node, each gets 0.75.
+    plan = subprocess.run([sys.executable, "-c", PLAN_SCRIPT.format(gcs=two_node_cluster["gcs_address"])],
+                          capture_output=True, text=True, timeout=120, cwd=ROOT, env=_client_env())
+    assert plan.returncode == 0, plan.stderr[-3000:]
+    assert plan.stdout.split()[-5:] == ["[2.0,", "2.0]", "2", "1", "0.75"], plan.stdout
     dashboard = two_node_cluster["dashboard"]
     shared = tmp_path / "shared"
     _submit(dashboard, "python", "-m", "emergence_ray", "train", "--config", "jobs/digits.yaml",
