@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import time
 from dataclasses import dataclass
 
 import ray
@@ -37,6 +38,14 @@ def connect(address: str | None = None) -> None:
         # to 127.0.0.1 and requires the auth token.
         ray.init(num_cpus=os.cpu_count() or 1, **common)
     ray_data.DataContext.get_current().enable_progress_bars = False
+
+
+def wait_for_free_cpu(timeout_s: float = 10.0) -> None:
+    """Wait, briefly, until the cluster shows a free CPU. A finished trainer's placement group is
+    released asynchronously; a Ray Data job started before that warns that it "will hang"."""
+    deadline = time.monotonic() + timeout_s
+    while not ray.available_resources().get("CPU") and time.monotonic() < deadline:
+        time.sleep(0.2)
 
 
 @dataclass

@@ -185,6 +185,7 @@ def train(cfg: JobConfig, address: str | None = None) -> str:
     ckpt = chosen_checkpoint(result, cfg.train.evaluate)
     history = [m for m in result.return_value or []] or storage_history(run_dir)
     device = torch.device("cuda" if cfg.scaling.use_gpu and torch.cuda.is_available() else "cpu")
+    cluster.wait_for_free_cpu()  # the trainer's CPUs come back asynchronously; the test set needs one
     test, bad_test = prepare_test(cfg.data, prepared.spec)
     prepared.counts["test"] = test.count()
     with ckpt.as_directory() as local:
