@@ -80,18 +80,28 @@ def data_cpu_left(nodes: list[float], bundles: int, cpus_per_bundle: float,
     return bundles < to_block
 
 
+def largest_fit(nodes: list[float], bundles: int, cpus_per_bundle: float,
+                reserve: float = DATA_CPU_RESERVE) -> float:
+    """`cpus_per_bundle`, lowered in quarter-CPU steps until `data_cpu_left` holds; 0 if even a
+    quarter CPU per bundle does not leave one."""
+    cpw = cpus_per_bundle
+    while cpw >= 0.25 and not data_cpu_left(nodes, bundles, cpw, reserve):
+        cpw -= 0.25
+    return cpw if cpw >= 0.25 else 0.0
+
+
 def plan(scaling: ScalingConfig, resources: dict[str, float] | None = None,
          nodes: list[float] | None = None) -> Placement:
     """Resources per worker, checked against the whole cluster (not what is free right now:
     a busy cluster is worth waiting for, one too small is not). `nodes`: CPUs per node (default:
     the cluster's alive nodes, or `resources` as one node)."""
+    if scaling.autoscaling:  # the autoscaler adds nodes on demand: request, don't compare
+        return Placement(scaling.num_workers, scaling.cpus_per_worker or 1.0, 1.0 if scaling.use_gpu else 0.0)
     res = resources if resources is not None else ray.cluster_resources()
     nodes = nodes if nodes is not None else node_cpus(resources)
     cpus, gpus = float(res.get("CPU", 0)), float(res.get("GPU", 0))
     n = scaling.min_workers  # elastic runs must fit their minimum; they grow into what is there
     most = scaling.max_workers  # size for the largest group; the smallest must fit at least
-    if scaling.autoscaling:  # the autoscaler adds nodes on demand: request, don't compare
-        return Placement(scaling.num_workers, scaling.cpus_per_worker or 1.0, 1.0 if scaling.use_gpu else 0.0)
     if scaling.use_gpu and n > gpus:
         raise ResourceError(f"scaling.num_workers={n} with scaling.use_gpu=true needs {n} GPUs; the cluster has "
                             f"{gpus:g}. Lower scaling.num_workers or add GPU nodes.")
@@ -108,10 +118,8 @@ def plan(scaling: ScalingConfig, resources: dict[str, float] | None = None,
         # whole CPUs where they fit beside one CPU for Ray Data, else an even quarter-CPU share,
         # lowered until some node keeps a whole CPU for Ray Data wherever the workers land
         spare = cpus - DATA_CPU_RESERVE
-        cpw = 1.0 if spare >= most else max(math.floor(spare / most * 4) / 4, 0.25)
-        while cpw > 0.25 and not data_cpu_left(nodes, most, cpw):
-            cpw -= 0.25
-        if n * cpw > spare or spare <= 0 or not data_cpu_left(nodes, n, cpw):
+        cpw = largest_fit(nodes, most, 1.0 if spare >= most else max(math.floor(spare / most * 4) / 4, 0.25))
+        if n * cpw > spare or spare <= 0 or cpw == 0:
             raise ResourceError(f"scaling.num_workers={n} does not fit a cluster of {cpus:g} CPUs (each worker "
                                 "needs a quarter CPU at least, and Ray Data one CPU on one node). Lower "
                                 "scaling.num_workers or add nodes.")

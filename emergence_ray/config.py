@@ -99,7 +99,8 @@ class TrainConfig(_Section):
 class ScalingConfig(_Section):
     num_workers: int | tuple[int, int] = Field(2, description="workers, or [min, max] for elastic training")
     use_gpu: bool = False
-    cpus_per_worker: float | None = Field(None, gt=0, description="None = fit the workers so that some node keeps a whole CPU for Ray Data")
+    cpus_per_worker: float | None = Field(
+        None, gt=0, description="None = fit the workers so that some node keeps a whole CPU for Ray Data")
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
         "PACK", description="placement group strategy for the workers (SPREAD: across nodes)")
     autoscaling: bool = Field(False, description="the cluster grows on demand: skip the fail-fast check "

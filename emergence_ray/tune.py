@@ -151,8 +151,11 @@ def plan_trials(cfg: JobConfig, section: TuneSection, resources: dict[str, float
         concurrent = min(concurrent, int(gpus // workers))
     spare = cpus - cluster.DATA_CPU_RESERVE - TRIAL_CPU * concurrent  # whole CPU left for Ray Data tasks
 
-    def data_left(c: int, cpw: float) -> bool:  # trial functions may all sit on the spare node
-        return cluster.data_cpu_left(nodes, workers * c, cpw, cluster.DATA_CPU_RESERVE + TRIAL_CPU * c)
+    def reserve(c: int) -> float:  # the trial functions may all sit on the node kept for Ray Data
+        return cluster.DATA_CPU_RESERVE + TRIAL_CPU * c
+
+    def data_left(c: int, cpw: float) -> bool:
+        return cluster.data_cpu_left(nodes, workers * c, cpw, reserve(c))
 
     if cfg.scaling.cpus_per_worker:
         cpw = cfg.scaling.cpus_per_worker
@@ -171,13 +174,11 @@ def plan_trials(cfg: JobConfig, section: TuneSection, resources: dict[str, float
         if cpw < 0.25:
             concurrent = max(1, int(spare // (workers * 0.25)))
             cpw = min(1.0, math.floor(spare / (workers * concurrent) * 4) / 4) if spare > 0 else 0
-        while cpw >= 0.25 and not data_left(concurrent, cpw):  # fewer CPUs per worker, then fewer trials
-            if cpw > 0.25:
-                cpw -= 0.25
-            elif concurrent > 1:
-                concurrent -= 1
-            else:
-                cpw = 0
+        # fewer CPUs per worker, then fewer trials, until some node keeps a CPU for Ray Data
+        start = cpw
+        while (cpw := cluster.largest_fit(nodes, workers * concurrent, start, reserve(concurrent))) == 0 \
+                and concurrent > 1:
+            concurrent -= 1
         if cpw < 0.25:
             raise ResourceError(f"not even one trial of {workers} workers fits a cluster of {cpus:g} CPUs (each worker "
                                 "needs a quarter CPU, Ray Data one CPU on one node). Lower tune.num_workers or add "
