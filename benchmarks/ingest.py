@@ -98,14 +98,15 @@ def service_epochs(base, spec, batch_size: int, repeats: int) -> dict:
     from emergence_ray.augment import BatchAugment
     from emergence_ray.config import AugmentConfig
     from emergence_ray.ingest import WorkerIngest
+    from emergence_ray.shards import BlockShards
 
     aug = BatchAugment.from_config(AugmentConfig(crop_padding=2, flip=True), spec)
     device = torch.device("cpu")
-    stream = WorkerIngest(base, batch_size, device, cache=False, shuffle=True, augment=aug)
+    stream = WorkerIngest(base, batch_size, device, shuffle=True, augment=aug)
     epochs = itertools.count()  # a new epoch number (fresh order and crops) for every pass
     out = {"stream": _repeat(lambda: stream.epoch(next(epochs)), repeats)}
     t = time.perf_counter()
-    cached = WorkerIngest(base, batch_size, device, cache=True, shuffle=True, augment=aug)
+    cached = WorkerIngest(BlockShards.of(base), batch_size, device, shuffle=True, augment=aug)
     cached.load()
     out["cache"] = {**_repeat(lambda: cached.epoch(next(epochs)), repeats), "load_s": time.perf_counter() - t}
     return out

@@ -5,9 +5,10 @@ synthetic data, the `idx` source via `pipeline.prepare` for Fashion-MNIST), are 
 (decode, normalize) and materialized by `pipeline.preprocess`, and the `TorchTrainer` gets the
 resources `cluster.plan` gives a 2-worker job (0.5 CPU each on 2 CPUs, leaving Ray Data a CPU).
 The worker side mirrors `emergence_ray.worker.train_loop_per_worker` step for step:
-`prepare_model` (DDP, gloo), `ingest.WorkerIngest` over `get_dataset_shard("train")` (the shard
-cached in worker memory, or streamed with `iter_torch_batches`, as `ingest.use_cache` decides
-for the job's defaults, or forced with `ingest=`), and `engine.train_epoch`; it only adds
+`prepare_model` (DDP, gloo), `ingest.WorkerIngest` over `ingest.worker_source` (the shard
+copied once from the materialized dataset's blocks into worker memory, or streamed from
+`get_dataset_shard("train")` with `iter_torch_batches`, as `ingest.use_cache` decides for the
+job's defaults, or forced with `ingest=`), and `engine.train_epoch`; it only adds
 per-step timestamps and leaves out validation and checkpoints, which happen between epochs.
 Augmentation is off, as in (a) and (b) (its cost is
 in the ingest benchmark). One epoch holds exactly warm-up + repeats x steps batches per worker.
@@ -30,7 +31,7 @@ import torch  # noqa: E402
 
 from benchmarks import common  # noqa: E402
 from emergence_ray.engine import train_epoch  # noqa: E402
-from emergence_ray.ingest import WorkerIngest  # noqa: E402
+from emergence_ray.ingest import WorkerIngest, worker_source  # noqa: E402
 
 
 def process_start_time() -> float:
@@ -62,8 +63,8 @@ def bench_loop_per_worker(config: dict) -> dict:
         batches = common.memory_batches(w, rank, config["fashion_path"])
         t_shard, cached = time.time(), "memory"
     else:
-        data = WorkerIngest(ray.train.get_dataset_shard("train"), w.batch_size, device, config["cache"],
-                            shuffle=True, seed=0, rank=rank)
+        data = WorkerIngest(worker_source(config, "train"), w.batch_size, device, shuffle=True, seed=0, rank=rank,
+                            world=world)
         data.load()
         t_shard, cached = time.time(), "cache" if data.cached else "stream"
         batches = data.epoch(0)
@@ -126,11 +127,11 @@ def run_ray(w: common.Workload, fashion_path: str, storage_dir: Path, num_worker
             threads: int = 1, ingest: str = "auto") -> dict:
     """`ingest`: auto / cache / stream (the service's `data.ingest`), or memory: no Ray Data at all,
     each worker builds its block of images in memory as the torchrun baseline does."""
-    from ray.train.torch import TorchTrainer
+    from emergence_ray.trainer import Trainer  # the service's TorchTrainer
 
     from emergence_ray import cluster
     from emergence_ray.config import DataConfig, ScalingConfig
-    from emergence_ray.ingest import use_cache
+    from emergence_ray.ingest import trainer_inputs, use_cache
 
     t0 = time.time()
     if ingest == "memory":
@@ -139,16 +140,20 @@ def run_ray(w: common.Workload, fashion_path: str, storage_dir: Path, num_worker
         train_ds, rows = build_dataset(w, num_workers, fashion_path)
     t_data = time.time()
     placement = cluster.plan(ScalingConfig(num_workers=num_workers))
-    trainer = TorchTrainer(
+    cluster.skip_preemption_watcher(ScalingConfig(num_workers=num_workers))  # as trainer.train does
+    datasets, handoff = None, {}
+    if train_ds is not None:  # as the service's build_trainer hands the splits over
+        cache = use_cache(DataConfig(ingest=ingest), train_ds.size_bytes(), num_workers)
+        datasets, handoff = trainer_inputs({"train": train_ds}, cache)
+    trainer = Trainer(
         bench_loop_per_worker,
         train_loop_config={"workload": w.to_dict(), "threads": threads, "ingest": ingest, "fashion_path": fashion_path,
-                           "cache": ingest != "memory" and use_cache(DataConfig(ingest=ingest), train_ds.size_bytes(),
-                                                                     num_workers)},
+                           **handoff},
         scaling_config=ray.train.ScalingConfig(num_workers=num_workers,
                                                resources_per_worker={"CPU": placement.cpus_per_worker}),
         run_config=ray.train.RunConfig(name=f"bench-{w.model}-{w.data}-{int(t0)}", storage_path=str(storage_dir),
                                        logging_config=ray.train.LoggingConfig(log_level="WARNING")),
-        datasets={"train": train_ds} if train_ds is not None else None,
+        datasets=datasets,
     )
     t_fit = time.time()
     result = trainer.fit()

@@ -40,6 +40,28 @@ def connect(address: str | None = None) -> None:
     ray_data.DataContext.get_current().enable_progress_bars = False
 
 
+PREEMPTION_WATCHER = "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"  # read by Train's controller, from the driver's env
+
+
+def skip_preemption_watcher(scaling: ScalingConfig, nodes: list[float] | None = None) -> bool:
+    """Ray Train starts a preemption-watcher actor for every run, to react to nodes being drained.
+    On a fixed single-node cluster its only node going takes the job with it, so there it is one
+    more process (~1.5 CPU-seconds to start, then awake 100 times a second) for nothing: turn it
+    off, unless the user chose either way. Returns whether it was turned off. `nodes`: CPUs per
+    node (default: the cluster's alive nodes)."""
+    ours = os.environ.get(PREEMPTION_WATCHER) == _OFF_BY_US
+    if PREEMPTION_WATCHER in os.environ and not ours:
+        return False
+    if scaling.autoscaling or len(nodes if nodes is not None else node_cpus()) != 1:
+        os.environ.pop(PREEMPTION_WATCHER, None)  # an earlier run in this process turned it off
+        return False
+    os.environ[PREEMPTION_WATCHER] = _OFF_BY_US
+    return True
+
+
+_OFF_BY_US = "False"  # Train reads it as off (lower-cased, not "1"/"true"); a user's "0" is left alone
+
+
 def wait_for_free_cpu(timeout_s: float = 10.0) -> None:
     """Wait, briefly, until the cluster shows a free CPU. A finished trainer's placement group is
     released asynchronously; a Ray Data job started before that warns that it "will hang"."""

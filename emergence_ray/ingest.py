@@ -1,20 +1,23 @@
 """A training worker's view of one dataset split: its Ray Data shard, read as torch batches.
 
-Two ways, chosen by the driver (`use_cache`) and the same for every worker of a run:
+Two ways, chosen by the driver (`use_cache`, `trainer_inputs`) and the same for every worker of
+a run:
 
-- cache: the whole shard is read once, at batch 1024, into two tensors on the worker's device;
-  every epoch then shuffles and slices them. Epochs cost Ray Data nothing: on 2 cores a stream of
-  `iter_torch_batches` took ~28% of a core from training and stalled at every epoch boundary
-  (0.71-0.88x of in-memory training), a cached shard trains at in-memory speed.
-- stream: `iter_torch_batches` every epoch, for shards larger than `data.cache_gb_per_worker`.
+- cache: the source is the split's `shards.BlockShards`; the worker's rows are copied once out of
+  the object store into two tensors on its device, and every epoch shuffles and slices them.
+  Epochs cost Ray Data nothing: on 2 cores a stream of `iter_torch_batches` took ~28% of a core
+  from training and stalled at every epoch boundary (0.71-0.88x of in-memory training), a cached
+  shard trains at in-memory speed.
+- stream: the source is `ray.train.get_dataset_shard(split)`, read with `iter_torch_batches` every
+  epoch, for shards larger than `data.cache_gb_per_worker`.
 
 Either way the train split is reshuffled every epoch (cache: a permutation of the whole shard;
 stream: Ray Data's local shuffle buffer of `STREAM_SHUFFLE_BATCHES` batches, on top of the
 seeded split's order) and augmented here, in torch, with a generator seeded from
 (seed, rank, epoch): a resumed run repeats the crops of the epochs it redoes.
 
-    train = WorkerIngest(ray.train.get_dataset_shard("train"), batch_size=128, device=device,
-                         cache=True, shuffle=True, augment=aug, seed=seed, rank=rank)
+    train = WorkerIngest(worker_source(loop_config, "train"), batch_size=128, device=device,
+                         shuffle=True, augment=aug, seed=seed, rank=rank, world=world)
     for batch in train.epoch(epoch): ...
 """
 
@@ -24,15 +27,17 @@ import logging
 import time
 from collections.abc import Iterator
 
+import ray.data
+import ray.train
 import torch
 
 from emergence_ray.augment import BatchAugment
 from emergence_ray.config import DataConfig
 from emergence_ray.errors import DataError
+from emergence_ray.shards import BlockShards
 
 log = logging.getLogger("emergence_ray")
 BATCH_DTYPES = {"image": torch.float32, "label": torch.int64}
-LOAD_BATCH = 1024  # rows per batch when filling the cache: few, large copies
 STREAM_SHUFFLE_BATCHES = 4  # stream mode: rows shuffled in a buffer of this many batches
 Batch = dict[str, torch.Tensor]
 
@@ -45,16 +50,37 @@ def use_cache(cfg: DataConfig, split_bytes: int, min_workers: int) -> bool:
     return split_bytes / max(1, min_workers) <= cfg.cache_gb_per_worker * 2**30
 
 
+def trainer_inputs(datasets: dict[str, ray.data.Dataset], cache: bool) -> tuple[dict | None, dict]:
+    """Driver: (TorchTrainer `datasets=`, entries for the train loop config). Cached splits travel
+    as `BlockShards` in the loop config, streamed ones through `datasets=` (streaming_split)."""
+    if cache:
+        return None, {"blocks": {name: BlockShards.of(ds) for name, ds in datasets.items()}}
+    return datasets, {}
+
+
+def worker_source(loop_config: dict, split: str):
+    """Worker: the split's `BlockShards` (cached) or its Ray Data shard iterator (streamed)."""
+    blocks = loop_config.get("blocks")
+    return blocks[split] if blocks else ray.train.get_dataset_shard(split)
+
+
 def _seeded(seed: int, rank: int, epoch: int, stream: int) -> torch.Generator:
     # distinct, reproducible streams per (run seed, rank, epoch, purpose)
     return torch.Generator().manual_seed(((seed * 1_000_003 + rank) * 10_007 + epoch) * 7 + stream)
 
 
 class WorkerIngest:
-    def __init__(self, shard, batch_size: int, device: torch.device, cache: bool, shuffle: bool = False,
-                 augment: BatchAugment | None = None, seed: int = 0, rank: int = 0, name: str = "train"):
-        self.shard, self.batch_size, self.device, self.cache = shard, batch_size, device, cache
+    """`source`: `BlockShards` (cache this rank's rows) or a Ray Data iterator/dataset (stream it).
+    `equal`: cached shards of floor(rows / world) each (training: DDP steps in lockstep); False
+    for validation, so that every image is evaluated."""
+
+    def __init__(self, source, batch_size: int, device: torch.device, shuffle: bool = False,
+                 augment: BatchAugment | None = None, seed: int = 0, rank: int = 0, world: int = 1,
+                 name: str = "train", equal: bool = True):
+        self.source, self.batch_size, self.device = source, batch_size, device
+        self.cache = isinstance(source, BlockShards)
         self.shuffle, self.augment, self.seed, self.rank, self.name = shuffle, augment, seed, rank, name
+        self.world, self.equal = world, equal
         self.images: torch.Tensor | None = None
         self.labels: torch.Tensor | None = None
         self.load_s = 0.0
@@ -69,14 +95,12 @@ class WorkerIngest:
         if not self.cache or self.cached:
             return
         t = time.perf_counter()
-        xs, ys = [], []
-        for b in self.shard.iter_torch_batches(batch_size=LOAD_BATCH, dtypes=BATCH_DTYPES, device=self.device):
-            xs.append(b["image"])
-            ys.append(b["label"])
-        if not xs:
-            raise DataError("this worker's data shard is empty: fewer images than workers; lower scaling.num_workers")
-        self.images = torch.cat(xs) if len(xs) > 1 else xs[0]
-        self.labels = torch.cat(ys) if len(ys) > 1 else ys[0]
+        rows = self.source.read(self.world, self.rank, ("image", "label"), self.equal)
+        if not len(rows["label"]) and self.equal:  # an empty validation shard evaluates nothing
+            raise DataError(f"this worker's {self.name} shard is empty: fewer images than workers; "
+                            "lower scaling.num_workers")
+        self.images, self.labels = (torch.from_numpy(rows[c]).to(self.device, BATCH_DTYPES[c])
+                                    for c in ("image", "label"))
         self.load_s = time.perf_counter() - t
         if self.rank == 0:
             log.info("%s shard cached in worker memory: %d images, %.0f MB, read in %.1f s", self.name,
@@ -108,5 +132,5 @@ class WorkerIngest:
         if self.shuffle:
             shuffle = {"local_shuffle_buffer_size": STREAM_SHUFFLE_BATCHES * self.batch_size,
                        "local_shuffle_seed": int(torch.randint(0, 2**31 - 1, (1,), generator=gen))}
-        yield from self.shard.iter_torch_batches(batch_size=self.batch_size, dtypes=BATCH_DTYPES,
+        yield from self.source.iter_torch_batches(batch_size=self.batch_size, dtypes=BATCH_DTYPES,
                                                  device=self.device, prefetch_batches=2, drop_last=False, **shuffle)

@@ -24,12 +24,13 @@ import ray.train
 import torch
 import yaml
 from ray.train.torch import TorchTrainer
+from ray.train.v2._internal.callbacks import DatasetsCallback  # Trainer drops it when there are no datasets
 
 from emergence_ray import __version__, cluster, storage
 from emergence_ray.config import JobConfig, to_dict
 from emergence_ray.data.pipeline import prepare, prepare_test
 from emergence_ray.errors import ResourceError, RunExistsError, UserError
-from emergence_ray.ingest import use_cache
+from emergence_ray.ingest import trainer_inputs, use_cache
 from emergence_ray.report import evaluate_checkpoint
 from emergence_ray.worker import train_loop_per_worker
 
@@ -117,6 +118,19 @@ def check_batch(cfg: JobConfig, counts: dict) -> None:
                         "lower train.batch_size or scaling.num_workers")
 
 
+class Trainer(TorchTrainer):
+    """TorchTrainer that starts no dataset machinery when it gets no `datasets=` (cached shards
+    travel as block refs in the loop config): Train's DatasetsCallback would still start a
+    DatasetManager actor, one more process on the way to the first step that then wakes 100 times
+    a second for the whole run. With datasets, nothing changes."""
+
+    def _create_default_callbacks(self):
+        callbacks = super()._create_default_callbacks()
+        if self.datasets:
+            return callbacks
+        return [c for c in callbacks if not isinstance(c, DatasetsCallback)]
+
+
 def build_trainer(cfg: JobConfig, name: str, datasets: dict, spec, counts: dict, run_dir: str,
                   callbacks: list | None = None) -> TorchTrainer:
     placement = cluster.plan(cfg.scaling)
@@ -126,10 +140,12 @@ def build_trainer(cfg: JobConfig, name: str, datasets: dict, spec, counts: dict,
         resources["GPU"] = placement.gpus_per_worker
     cache = use_cache(cfg.data, datasets["train"].size_bytes() + datasets["val"].size_bytes(),
                       cfg.scaling.min_workers)
-    return TorchTrainer(
+    # image + label only (keep_ids=False); cached splits go as block refs in the loop config
+    trainer_datasets, handoff = trainer_inputs({"train": datasets["train"], "val": datasets["val"]}, cache)
+    return Trainer(
         train_loop_per_worker,
         train_loop_config={"job": to_dict(cfg), "spec": spec.to_dict(), "run_dir": run_dir,
-                           "train_rows": counts["train"], "cache": cache},
+                           "train_rows": counts["train"], **handoff},
         scaling_config=ray.train.ScalingConfig(num_workers=_workers(placement.num_workers), use_gpu=cfg.scaling.use_gpu,
                                                resources_per_worker=resources,
                                                placement_strategy=cfg.scaling.placement_strategy),
@@ -143,7 +159,7 @@ def build_trainer(cfg: JobConfig, name: str, datasets: dict, spec, counts: dict,
             callbacks=callbacks,
             logging_config=ray.train.LoggingConfig(log_level="WARNING"),
         ),
-        datasets={"train": datasets["train"], "val": datasets["val"]},  # image + label only (keep_ids=False)
+        datasets=trainer_datasets,
     )
 
 
@@ -167,6 +183,7 @@ def train(cfg: JobConfig, address: str | None = None) -> str:
     check_run_dir(run_dir, name)
     cluster.connect(address)
     cluster.plan(cfg.scaling)  # fail fast, before reading any data
+    cluster.skip_preemption_watcher(cfg.scaling)
     prepared = prepare(cfg.data, with_test=False, keep_ids=False)  # test split: after training
     log.info("data: %s  classes=%d  channels=%d  size=%d  bad images skipped=%d", prepared.counts,
              prepared.spec.num_classes, prepared.spec.channels, prepared.spec.image_size, prepared.bad_images)
@@ -220,4 +237,4 @@ def storage_history(run_dir: str) -> list[dict]:
     return [json.loads(line) for line in text.splitlines() if line.strip()]
 
 
-__all__ = ["train", "build_trainer", "ResourceError"]
+__all__ = ["train", "build_trainer", "Trainer", "ResourceError"]

@@ -126,6 +126,7 @@ def _trial(config: dict, job: dict, sweep: str, sweep_dir: str, num_workers: int
     cfg.run.storage_path = trials_dir
     run_dir = storage.join(trials_dir, name)
     storage.makedirs(run_dir)
+    cluster.skip_preemption_watcher(cfg.scaling)  # in this trial's process, as trainer.train does
     trainer = build_trainer(cfg, name, datasets, DataSpec.from_dict(spec_dict), counts, run_dir,
                             callbacks=[TuneReportCallback()])
     result = trainer.fit()

@@ -27,7 +27,7 @@ from emergence_ray.augment import BatchAugment
 from emergence_ray.config import JobConfig
 from emergence_ray.data.transforms import DataSpec
 from emergence_ray.engine import evaluate, train_epoch
-from emergence_ray.ingest import WorkerIngest
+from emergence_ray.ingest import WorkerIngest, worker_source
 from emergence_ray.logs import setup_logging
 from emergence_ray.models import build_model
 from emergence_ray.optim import build_optimizer, build_scheduler
@@ -124,11 +124,12 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> list[dict]:
             log.info("resuming from epoch %d (checkpoint %s)", start_epoch, resumed.path)
 
     _record_workers(run_dir, rank, device)
-    bs, cache = cfg.train.batch_size, loop_config["cache"]
-    train_data = WorkerIngest(ray.train.get_dataset_shard("train"), bs, device, cache, shuffle=True,
+    bs, world = cfg.train.batch_size, ctx.get_world_size()
+    train_data = WorkerIngest(worker_source(loop_config, "train"), bs, device, shuffle=True,
                               augment=BatchAugment.from_config(cfg.data.augment, spec), seed=cfg.train.seed,
-                              rank=rank)
-    val_data = WorkerIngest(ray.train.get_dataset_shard("val"), max(bs, 256), device, cache, rank=rank, name="val")
+                              rank=rank, world=world)
+    val_data = WorkerIngest(worker_source(loop_config, "val"), max(bs, 256), device, rank=rank, world=world,
+                            name="val", equal=False)
     progress = _Progress(run_dir, cfg.train.epochs, steps_per_epoch, cfg.train.log_every_s) if rank == 0 else None
     run_start = time.monotonic() - (history[-1]["elapsed_s"] if history else 0.0)
 

@@ -97,7 +97,21 @@ def imagefolder_run(ray_session, digits_imagefolder, tmp_path_factory) -> Path:
     storage = tmp_path_factory.mktemp("imagefolder_runs")
     cfg = load_config(None, ["data.source=imagefolder", f"data.path={digits_imagefolder}", "train.epochs=6",
                              "data.ingest=auto", f"run.storage_path={storage}", "run.name=imagefolder"])
-    return Path(train(cfg))
+    before = set(actor_classes())
+    run_dir = Path(train(cfg))
+    RUN_ACTORS["imagefolder"] = [cls for actor_id, cls in actor_classes().items() if actor_id not in before]
+    return run_dir
+
+
+RUN_ACTORS: dict[str, list[str]] = {}  # run -> classes of the actors Ray started during it
+
+
+def actor_classes() -> dict[str, str]:
+    """Every actor the session's Ray has known (alive or dead): id -> class name. From the GCS, as
+    the session Ray runs no dashboard for the state API."""
+    import ray
+
+    return {a["ActorID"]: a["ActorClassName"] for a in ray._private.state.actors().values()}
 
 
 def write_idx(path: Path, array: np.ndarray, gz: bool) -> None:

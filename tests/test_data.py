@@ -95,3 +95,18 @@ def test_splits_are_seeded_and_stable(digits_imagefolder, tmp_path):
     assert ids(SOURCES["imagefolder"](cfg)) == ids(SOURCES["imagefolder"](cfg))
     other = SOURCES["imagefolder"](cfg.model_copy(update={"split_seed": 1}))
     assert ids(other) != ids(SOURCES["imagefolder"](cfg))
+
+
+def test_train_split_of_a_class_sorted_parquet_comes_shuffled(tmp_path):
+    """Workers read contiguous runs of the train split: a file sorted by class must not give one
+    worker the low classes and the other the high ones."""
+    images, labels = digits_arrays()
+    order = np.argsort(labels, kind="stable")
+    table = pa.table({"image": [png_bytes(images[i]) for i in order[:600]], "label": labels[order[:600]]})
+    pq.write_table(table, tmp_path / "sorted.parquet")
+    p = prepare(DataConfig(source="parquet", path=str(tmp_path / "sorted.parquet")))
+    train = p.train.to_pandas()["label"].to_numpy()
+    halves = np.array_split(train, 2)
+    assert set(halves[0]) == set(halves[1]) == set(labels[order[:600]])  # every class on both workers
+    again = prepare(DataConfig(source="parquet", path=str(tmp_path / "sorted.parquet"))).train
+    assert np.array_equal(again.to_pandas()["label"].to_numpy(), train)  # the order is seeded

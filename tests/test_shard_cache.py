@@ -18,8 +18,9 @@ from ray.train.torch import TorchTrainer
 from emergence_ray.augment import BatchAugment
 from emergence_ray.config import AugmentConfig, DataConfig, load_config
 from emergence_ray.data.transforms import DataSpec
-from emergence_ray.errors import ConfigError
-from emergence_ray.ingest import WorkerIngest, use_cache
+from emergence_ray.errors import ConfigError, DataError
+from emergence_ray.ingest import WorkerIngest, trainer_inputs, use_cache
+from emergence_ray.shards import BlockShards
 
 ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers need not import tests/
 
@@ -85,8 +86,8 @@ def _dataset(n: int) -> ray.data.Dataset:
 @pytest.mark.usefixtures("ray_session")
 def test_cached_and_streamed_epochs_hold_the_same_rows():
     ds = _dataset(300)
-    cached = WorkerIngest(ds, 32, torch.device("cpu"), cache=True, shuffle=True, seed=5)
-    stream = WorkerIngest(ds, 32, torch.device("cpu"), cache=False, shuffle=True, seed=5)
+    cached = WorkerIngest(BlockShards.of(ds), 32, torch.device("cpu"), shuffle=True, seed=5)
+    stream = WorkerIngest(ds, 32, torch.device("cpu"), shuffle=True, seed=5)
     assert not cached.cached  # filled by load() or the first epoch
     cached.load()
     stream.load()
@@ -106,36 +107,69 @@ def test_cached_and_streamed_epochs_hold_the_same_rows():
     assert e0 != e1 and s0 != s1  # a fresh order every epoch, cached or streamed
     assert s0 != list(range(300))
     assert e0 == e0_again  # reproducible from (seed, rank, epoch): resume replays the same order
-    plain = WorkerIngest(ds, 100, torch.device("cpu"), cache=True)  # validation: no shuffle
+    plain = WorkerIngest(BlockShards.of(ds), 100, torch.device("cpu"))  # validation: no shuffle
     assert rows(plain.epoch(0), 100) == list(range(300)) == rows(plain.epoch(3), 100)
 
 
 def _shard_rows(config):
-    from emergence_ray.ingest import WorkerIngest
+    from emergence_ray.ingest import WorkerIngest, worker_source
 
-    rank = ray.train.get_context().get_world_rank()
-    shard = ray.train.get_dataset_shard("train")
-    cached = WorkerIngest(shard, 16, torch.device("cpu"), cache=True, shuffle=True, rank=rank)
-    stream = WorkerIngest(shard, 16, torch.device("cpu"), cache=False)
-    out = {"cached": [b["label"].tolist() for b in cached.epoch(0)],
-           "stream": [b["label"].tolist() for b in stream.epoch(0)]}
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    out = {}
+    for name, cfg in (("cached", config["cached"]), ("stream", config["stream"])):
+        train = WorkerIngest(worker_source(cfg, "train"), 16, torch.device("cpu"), shuffle=True, rank=rank, world=world)
+        val = WorkerIngest(worker_source(cfg, "val"), 16, torch.device("cpu"), rank=rank, world=world, equal=False)
+        out[name] = {"kind": "cached" if train.cache else "stream",
+                     "train": [b["label"].tolist() for b in train.epoch(0)],
+                     "val": [b["label"].tolist() for b in val.epoch(0)]}
     with open(f"{config['out']}/rows_{rank}.json", "w") as f:
         json.dump(out, f)
 
 
 @pytest.mark.usefixtures("ray_session")
 def test_cached_shards_are_disjoint_equal_and_match_the_stream(tmp_path):
+    """Cached: block refs in the loop config, no `datasets=`; streamed: `datasets=` (streaming_split)."""
+    splits = {"train": _dataset(203), "val": _dataset(51)}
+    none, cached = trainer_inputs(splits, cache=True)
+    streamed, plain = trainer_inputs(splits, cache=False)
+    assert none is None and set(cached["blocks"]) == {"train", "val"} and plain == {} and streamed is splits
     trainer = TorchTrainer(
-        _shard_rows, train_loop_config={"out": str(tmp_path)},
+        _shard_rows, train_loop_config={"out": str(tmp_path), "cached": cached, "stream": plain},
         scaling_config=ray.train.ScalingConfig(num_workers=2, resources_per_worker={"CPU": 0.5}),
         run_config=ray.train.RunConfig(storage_path=str(tmp_path / "runs"), name="cache"),
-        datasets={"train": _dataset(200)})
+        datasets=streamed)
     trainer.fit()
     shards = [json.loads((tmp_path / f"rows_{r}.json").read_text()) for r in (0, 1)]
-    flat = [{k: sum(v, []) for k, v in s.items()} for s in shards]
-    for s in flat:
-        assert sorted(s["cached"]) == sorted(s["stream"])  # the cache holds exactly the worker's shard
-    assert len(flat[0]["cached"]) == len(flat[1]["cached"]) == 100  # equal: DDP steps stay in lockstep
+    assert [s[k]["kind"] for s in shards for k in ("cached", "stream")] == ["cached", "stream"] * 2
+    flat = [{k: sum(s[k]["train"], []) for k in ("cached", "stream")} for s in shards]
+    for s in flat:  # 101 rows each: floor(203 / 2); DDP steps stay in lockstep
+        assert len(s["cached"]) == len(s["stream"]) == 101
     assert not set(flat[0]["cached"]) & set(flat[1]["cached"])
-    assert set(flat[0]["cached"]) | set(flat[1]["cached"]) == set(range(200))
-    assert [len(b) for b in shards[0]["cached"]] == [16] * 6 + [4]
+    assert len(set(flat[0]["cached"]) | set(flat[1]["cached"])) == 202
+    val = [sum(s["cached"]["val"], []) for s in shards]
+    assert sorted(val[0] + val[1]) == list(range(51))  # validation: every image, on one rank or the other
+
+
+def test_block_shards_split_rows_by_world_size():
+    """Spans without Ray: equal (training) drops the remainder; unequal (validation) keeps it."""
+    shards = BlockShards(refs=(None,) * 3, rows=(4, 3, 3))
+    assert [shards.span(3, r) for r in range(3)] == [(0, 3), (3, 6), (6, 9)]
+    assert [shards.span(3, r, equal=False) for r in range(3)] == [(0, 3), (3, 6), (6, 10)]
+    assert [shards.span(1, 0), shards.span(4, 3, equal=False)] == [(0, 10), (7, 10)]
+
+
+@pytest.mark.usefixtures("ray_session")
+def test_block_shards_read_only_their_rows_across_blocks():
+    shards = BlockShards.of(_dataset(37))
+    assert len(shards.rows) == 4 and shards.total == 37
+    parts = [shards.read(world=3, rank=r) for r in range(3)]
+    assert [p["label"].tolist() for p in parts] == [list(range(0, 12)), list(range(12, 24)), list(range(24, 36))]
+    assert all(np.array_equal(p["image"][:, 0, 0, 0], p["label"]) for p in parts)  # rows stay paired
+    assert parts[0]["image"].shape == (12, 1, 4, 4) and parts[0]["image"].dtype == np.float32
+    with pytest.raises(DataError, match="train shard is empty"):  # 37 rows over 40 workers
+        WorkerIngest(shards, 8, torch.device("cpu"), rank=2, world=40).load()
+    val = WorkerIngest(shards, 8, torch.device("cpu"), rank=0, world=40, name="val", equal=False)
+    assert list(val.epoch(0)) == []  # validation: a rank without rows evaluates nothing
+    assert [len(b["label"]) for b in WorkerIngest(shards, 8, torch.device("cpu"), rank=39, world=40,
+                                                  equal=False).epoch(0)] == [1]

@@ -9,7 +9,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from conftest import cli_env
+from conftest import RUN_ACTORS, cli_env
 
 
 def _summary(run_dir: Path) -> dict:
@@ -54,6 +54,11 @@ def test_digits_imagefolder_cached_reaches_93_percent(imagefolder_run):
     summary = _summary(imagefolder_run)
     assert summary["test_accuracy"] >= 0.93, summary
     assert summary["epochs"] == 6
+    # cached shards travel as block refs: no Ray Data actors in the trainer, and on this one-node
+    # cluster no preemption watcher (each would be one more process waking 100 times a second)
+    actors = RUN_ACTORS["imagefolder"]
+    assert "TrainController" in actors and actors.count("RayTrainWorker") == 2, actors
+    assert not {"DatasetManager", "SplitCoordinator", "PreemptionWatcher"} & set(actors), actors
 
 
 def test_digits_parquet_streamed_reaches_93_percent(ray_session, digits_parquet, tmp_path):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import os
 import random
 
 import numpy as np
@@ -213,3 +214,22 @@ def test_crash_while_writing_leaves_the_previous_checkpoint_usable(tmp_path):
     (tmp_path / checkpoint.FILENAME).write_bytes(buf.getvalue()[:50])  # a torn file in place is refused
     with pytest.raises(CheckpointError, match="cannot be loaded safely"):
         checkpoint.load(tmp_path)
+
+
+def test_preemption_watcher_off_only_on_a_fixed_single_node(monkeypatch):
+    """Train's preemption watcher is one more process for nothing where the only node going takes
+    the job with it; on several nodes, or autoscaling, or when the user chose, it is left alone."""
+    from emergence_ray.cluster import PREEMPTION_WATCHER, skip_preemption_watcher
+    from emergence_ray.config import ScalingConfig
+
+    monkeypatch.delenv(PREEMPTION_WATCHER, raising=False)
+    fixed, growing = ScalingConfig(num_workers=2), ScalingConfig(num_workers=2, autoscaling=True)
+    assert skip_preemption_watcher(fixed, nodes=[2.0])
+    assert os.environ[PREEMPTION_WATCHER].lower() == "false"  # what Train's controller reads, as off
+    assert not skip_preemption_watcher(fixed, nodes=[2.0, 2.0])  # a later run in the same process
+    assert PREEMPTION_WATCHER not in os.environ  # back to Train's default (on)
+    assert not skip_preemption_watcher(growing, nodes=[2.0])
+    monkeypatch.setenv(PREEMPTION_WATCHER, "1")
+    assert not skip_preemption_watcher(fixed, nodes=[2.0]) and os.environ[PREEMPTION_WATCHER] == "1"
+    monkeypatch.setenv(PREEMPTION_WATCHER, "0")
+    assert not skip_preemption_watcher(fixed, nodes=[2.0, 2.0]) and os.environ[PREEMPTION_WATCHER] == "0"

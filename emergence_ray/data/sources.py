@@ -71,7 +71,10 @@ def _kind(fs: pafs.FileSystem, path: str) -> pafs.FileType:
 
 def split_indices(labels: np.ndarray, val_fraction: float, test_fraction: float,
                   seed: int) -> dict[str, np.ndarray]:
-    """Stratified, seeded train/val/test index split (plain random when a class is too small)."""
+    """Stratified, seeded train/val/test index split (plain random when a class is too small).
+    The train indices come in a seeded random order: workers take contiguous runs of the train
+    split (`shards.BlockShards`, Ray Data's block-wise split), so a source sorted by class must not
+    hand each worker a few classes only."""
     idx = np.arange(len(labels))
 
     def cut(indices: np.ndarray, fraction: float, salt: int) -> tuple[np.ndarray, np.ndarray]:
@@ -85,7 +88,7 @@ def split_indices(labels: np.ndarray, val_fraction: float, test_fraction: float,
 
     rest, test = cut(idx, test_fraction, 0)
     train, val = cut(rest, val_fraction / max(1e-9, 1.0 - test_fraction), 1)
-    return {"train": train, "val": val, "test": test}
+    return {"train": np.random.default_rng(seed + 2).permutation(train), "val": val, "test": test}
 
 
 def from_arrays(images: np.ndarray, labels: np.ndarray, ids: list[str]) -> ray.data.Dataset:
@@ -247,7 +250,6 @@ def imagefolder(cfg: DataConfig) -> RawSplits:
     if _kind(fs, root) == pafs.FileType.NotFound:
         raise DataError(f"data.path {cfg.path!r} does not exist; point it at a folder with one subfolder per class")
     top = {posixpath.basename(i.path) for i in fs.get_file_info(pafs.FileSelector(root))}
-    rng = np.random.default_rng(cfg.split_seed)
     if "train" in top:  # train/ [val/] [test/] layout
         classes, paths, owners, bad = _list_tree(fs, posixpath.join(root, "train"), cfg)
         if len(classes) < 2:
@@ -268,8 +270,7 @@ def imagefolder(cfg: DataConfig) -> RawSplits:
                               cfg.test_fraction if "test" in missing else 0.0, cfg.split_seed)
         for split in missing:
             splits[split] = ([paths[i] for i in parts[split]], labels[parts[split]].tolist())
-        train_ix = rng.permutation(parts["train"])
-        splits["train"] = ([paths[i] for i in train_ix], labels[train_ix].tolist())
+        splits["train"] = ([paths[i] for i in parts["train"]], labels[parts["train"]].tolist())
     else:
         classes, paths, owners, bad = _list_tree(fs, root, cfg)
         if len(classes) < 2:
@@ -278,7 +279,6 @@ def imagefolder(cfg: DataConfig) -> RawSplits:
         index = {c: i for i, c in enumerate(classes)}
         labels = np.array([index[o] for o in owners])
         parts = split_indices(labels, cfg.val_fraction, cfg.test_fraction, cfg.split_seed)
-        parts["train"] = rng.permutation(parts["train"])
         splits = {s: ([paths[i] for i in ix], labels[ix].tolist()) for s, ix in parts.items()}
     ds = {s: _read_files(fs, p, lab) for s, (p, lab) in splits.items()}
     return RawSplits(ds["train"], ds["val"], ds["test"], classes, bad_files=bad)
