@@ -7,7 +7,9 @@ worker is up: process group, model built and wrapped in DDP) and progress.json (
 its first step). The stages before the TorchTrainer starts are split by `python
 benchmarks/first_step.py --probe ADDRESS`, which runs the real `trainer.train` with a timer around
 each driver step (connect, plan, prepare, write_meta, build_trainer) and stops where `fit` would
-start.
+start. Where the machine's CPU went until the first step is a census of every process (`/proc`
+snapshots before the launch and at the first step): on 2 cores start-up is CPU-bound, and every
+Ray actor is a Python process that pays its own imports.
 
     python benchmarks/first_step.py --probe 127.0.0.1:6379 --storage /tmp/probe   # prints JSON
 """
@@ -39,6 +41,61 @@ def _env(address: str) -> dict:
     return dict(os.environ, RAY_ADDRESS=address)
 
 
+def processes() -> dict[int, tuple[float, float, str]]:
+    """pid -> (start, wall-clock s; CPU s used so far; name) of every process (Linux /proc; {}
+    elsewhere). Two snapshots, before the launch and at the first step, cost nothing in between."""
+    hz = os.sysconf("SC_CLK_TCK")
+    try:
+        boot = time.time() - float(Path("/proc/uptime").read_text().split()[0])
+    except OSError:
+        return {}
+    out = {}
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            stat = (proc / "stat").read_text()
+            cmd = (proc / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        fields = stat[stat.rindex(")") + 2:].split()
+        args = [c.decode(errors="replace") for c in cmd if c]
+        out[int(proc.name)] = (boot + int(fields[19]) / hz, (int(fields[11]) + int(fields[12])) / hz,
+                               _name(args, stat[stat.index("(") + 1:stat.rindex(")")]))
+    return out
+
+
+def _name(args: list[str], comm: str) -> str:
+    """`ray::TrainController.run`, `raylet`, `python -m ray.util.client.server`, `emergence-ray`..."""
+    if not args:
+        return comm
+    first = args[0].split()[0]
+    if not Path(first).name.startswith("python"):
+        return first if first.startswith("ray::") else Path(first).name
+    rest = [a for a in args[1:] if a not in ("-u", "-B")]
+    if rest and rest[0] in ("-m", "-c"):
+        return f"python -m {rest[1]}" if rest[0] == "-m" and len(rest) > 1 else "python -c"
+    return Path(rest[0].split()[0]).name if rest else "python"
+
+
+def census(before: dict, at_step: dict, t0: float) -> list[dict]:
+    """CPU each process used from the launch to the first step, grouped by name (ray::IDLE x 3):
+    where a 2-core machine's 2 CPU-seconds per second went before training could start."""
+    groups: dict[str, dict] = {}
+    for pid, (start, cpu, name) in at_step.items():
+        old = before.get(pid)
+        used = cpu - (old[1] if old and abs(old[0] - start) < 0.05 else 0.0)
+        if used < 0.05:
+            continue
+        g = groups.setdefault(name, {"process": name, "count": 0, "cpu_s": 0.0, "first_start_s": None})
+        g["count"] += 1
+        g["cpu_s"] += used
+        since = max(0.0, start - t0) if start > t0 - 0.05 else None  # start times have 10 ms ticks
+        if since is not None and (g["first_start_s"] is None or since < g["first_start_s"]):
+            g["first_start_s"] = since
+    return sorted(groups.values(), key=lambda g: (g["first_start_s"] is not None, g["first_start_s"] or 0.0))
+
+
 def measure(address: str, workdir: Path, timeout_s: float = 600) -> dict:
     storage, name = workdir / "first_step", f"first-step-{int(time.time())}"
     run_dir = storage / name
@@ -46,6 +103,7 @@ def measure(address: str, workdir: Path, timeout_s: float = 600) -> dict:
     cmd = [*_cli(), "train", "--address", address, "--set", "train.epochs=1",
            "--set", f"run.storage_path={storage}", "--set", f"run.name={name}"]
     seen: dict[str, float] = {}
+    before, at_step = processes(), {}
     t0 = time.time()
     with open(storage / "cli.log", "w") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, text=True, env=_env(address))
@@ -53,6 +111,8 @@ def measure(address: str, workdir: Path, timeout_s: float = 600) -> dict:
             for f in MILESTONES:
                 if f not in seen and (run_dir / f).exists():
                     seen[f] = time.time() - t0
+                    if f == "progress.json":
+                        at_step = processes()
             time.sleep(0.02)
         if proc.poll() is None:
             proc.kill()
@@ -76,6 +136,7 @@ def measure(address: str, workdir: Path, timeout_s: float = 600) -> dict:
                 seen["progress.json"] - seen["workers.json"],
         },
         "probe_s": probe,
+        "processes": census(before, at_step, t0),  # launch -> first step, CPU s per process
     }
 
 

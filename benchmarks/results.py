@@ -244,6 +244,16 @@ def first_step(res: dict) -> list[str]:
             "starts; run after the CLI, so Ray's worker pool is warm):", "",
             "| stage | s |", "|---|---|"]
     out += [f"| {k} | {v:.1f} |" for k, v in fs["probe_s"].items()]
+    procs = fs.get("processes") or []
+    if procs:
+        total = sum(g["cpu_s"] for g in procs)
+        out += ["", f"CPU used from the launch to the first step, per process (`/proc`, a snapshot before the "
+                f"launch and one at the first step): {total:.1f} CPU-s of the {2 * fs['to_first_step_s']:.1f} the 2 "
+                "cores had. Every Ray actor is a new Python process that pays its imports.", "",
+                "| process | count | started at (s after launch) | CPU s |", "|---|---|---|---|"]
+        out += [f"| `{g['process']}` | {g['count']} | "
+                f"{'before' if g['first_start_s'] is None else format(g['first_start_s'], '.1f')} | {g['cpu_s']:.1f} |"
+                for g in procs]
     return out + [""]
 
 

@@ -118,7 +118,10 @@ def test_results_render_every_section():
                            "prepare_s": 9.0, "images": 54600, "batch_size": 128},
         "time_to_accuracy": [{**tta, "train_images_per_s": 500.0}, time_to_accuracy.recorded()],
         "first_step": {"command": "emergence-ray train", "to_first_step_s": 15.0, "command_s": 40.0,
-                       "stages_s": {"launch -> x": 5.0}, "probe_s": {"imports": 3.0}},
+                       "stages_s": {"launch -> x": 5.0}, "probe_s": {"imports": 3.0},
+                       "processes": [{"process": "raylet", "count": 1, "cpu_s": 0.5, "first_start_s": None},
+                                     {"process": "ray::RayTrainWorker", "count": 2, "cpu_s": 11.0,
+                                      "first_start_s": 8.25}]},
         "gpu": {"device": "cuda"},
     }
     text = results.render(res)
@@ -126,9 +129,38 @@ def test_results_render_every_section():
                     "GPU"):
         assert heading in text
     assert "not reached" in text and "within the 20 s target" in text
+    assert "| `raylet` | 1 | before | 0.5 |" in text and "| `ray::RayTrainWorker` | 2 | 8.2 | 11.0 |" in text
+    assert "11.5 CPU-s of the 30.0" in text
     assert ("| cnn | synthetic | 100 | **100** (90, 100, 110) | **80** (90, 100, 110) | **125** (90, 100, 110) | "
             "1.00 | 0.80 | 1.25 | 0.80 |") in text
     assert "**100** (90, 100, 110; runs 95 / 105)" in text  # (b) before and after (c)
     assert "Service, cache epoch (read into memory once: 0.5 s)" in text
     # ingest against consumption: (c) for cnn on Fashion-MNIST (100/s), and the job's own rate (500/s)
     assert "| 100 | 2.5x | 10.0x |" in text and "| 500 | 0.5x | 2.0x |" in text
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="the process census reads Linux /proc")
+def test_first_step_census_counts_the_cpu_of_processes_started_since_the_launch():
+    import time
+
+    from benchmarks import first_step
+
+    before, t0 = first_step.processes(), time.time()
+    busy = subprocess.Popen([sys.executable, "-c", "import time\nt = time.process_time()\n"
+                             "while time.process_time() - t < 0.6: pass\ntime.sleep(30)"])
+    try:
+        time.sleep(0.2)
+        deadline = time.time() + 30
+        while time.time() < deadline:
+            at = first_step.processes()
+            if at.get(busy.pid, (0, 0.0))[1] >= 0.6:
+                break
+            time.sleep(0.1)
+        groups = {g["process"]: g for g in first_step.census(before, at, t0)}
+    finally:
+        busy.kill()
+        busy.wait()
+    assert at[busy.pid][2] == "python -c"
+    g = groups["python -c"]
+    assert g["count"] >= 1 and g["cpu_s"] >= 0.55 and 0 <= g["first_start_s"] < 5
+    assert all(g["cpu_s"] >= 0.05 for g in groups.values())
