@@ -19,6 +19,7 @@ in the ingest benchmark). One epoch holds exactly warm-up + repeats x steps batc
 from __future__ import annotations
 
 import os
+import threading
 import time
 
 T_MODULE = time.time()  # in a Ray Train worker: when unpickling the loop function imported this module
@@ -77,10 +78,14 @@ def bench_loop_per_worker(config: dict) -> dict:
 
     ends: list[float] = []
 
+    steady = (w.warmup - 1, w.total_steps - 1)  # steps after which the timed ones start / end
+
     def on_step(step: int) -> None:
         ends.append(time.perf_counter())
         if step == 0:
             marks["first_step"] = time.time()
+        if rank == 0 and step in steady:  # tells the driver's census when the timed steps run
+            Path(config["marks_dir"], "steady_end" if step == steady[1] else "steady_start").touch()
 
     totals = train_epoch(model, timed(batches), optimizer, None, device, on_step=on_step)
     t_done = time.time()
@@ -92,6 +97,26 @@ def bench_loop_per_worker(config: dict) -> dict:
         "t_first_batch": marks["first_batch"],
         "t_first_step": marks["first_step"], "t_done": t_done,
     }
+
+
+def _census_of_timed_steps(marks_dir: Path, out: dict, timeout_s: float = 1800) -> None:
+    """Driver thread: /proc snapshots when rank 0 starts and ends its timed steps -> `out`
+    {"seconds", "processes": [{process, count, cpu_pct}]}: who else used the CPUs meanwhile."""
+    from benchmarks.first_step import census, processes
+
+    deadline = time.time() + timeout_s
+    snaps = []
+    for mark in ("steady_start", "steady_end"):
+        while not (marks_dir / mark).exists():
+            if time.time() > deadline:
+                return
+            time.sleep(0.1)  # 10 checks a second: the census's own cost stays out of the figures
+        snaps.append((time.time(), processes()))
+    (t_a, a), (t_b, b) = snaps
+    dt = max(1e-9, t_b - t_a)
+    out["seconds"] = dt
+    out["processes"] = [{"process": g["process"], "count": g["count"], "cpu_pct": 100 * g["cpu_s"] / dt}
+                        for g in sorted(census(a, b, t_a), key=lambda g: -g["cpu_s"])]
 
 
 def build_dataset(w: common.Workload, world: int, fashion_path: str):
@@ -140,6 +165,8 @@ def run_ray(w: common.Workload, fashion_path: str, storage_dir: Path, num_worker
         train_ds, rows = build_dataset(w, num_workers, fashion_path)
     t_data = time.time()
     placement = cluster.plan(ScalingConfig(num_workers=num_workers))
+    marks_dir = Path(storage_dir) / f"marks-{w.model}-{w.data}-{ingest}-{int(t0 * 1000)}"
+    marks_dir.mkdir(parents=True)
     cluster.skip_preemption_watcher(ScalingConfig(num_workers=num_workers))  # as trainer.train does
     datasets, handoff = None, {}
     if train_ds is not None:  # as the service's build_trainer hands the splits over
@@ -148,7 +175,7 @@ def run_ray(w: common.Workload, fashion_path: str, storage_dir: Path, num_worker
     trainer = Trainer(
         bench_loop_per_worker,
         train_loop_config={"workload": w.to_dict(), "threads": threads, "ingest": ingest, "fashion_path": fashion_path,
-                           **handoff},
+                           "marks_dir": str(marks_dir), **handoff},
         scaling_config=ray.train.ScalingConfig(num_workers=num_workers,
                                                resources_per_worker={"CPU": placement.cpus_per_worker}),
         run_config=ray.train.RunConfig(name=f"bench-{w.model}-{w.data}-{int(t0)}", storage_path=str(storage_dir),
@@ -156,8 +183,12 @@ def run_ray(w: common.Workload, fashion_path: str, storage_dir: Path, num_worker
         datasets=datasets,
     )
     t_fit = time.time()
+    census: dict = {}
+    watcher = threading.Thread(target=_census_of_timed_steps, args=(marks_dir, census), daemon=True)
+    watcher.start()
     result = trainer.fit()
     t_end = time.time()
+    watcher.join(timeout=5)
     if result.error is not None:
         raise result.error
     r = result.return_value
@@ -168,6 +199,7 @@ def run_ray(w: common.Workload, fashion_path: str, storage_dir: Path, num_worker
         "threads": threads,
         "cpus_per_worker": placement.cpus_per_worker, "workload": w.to_dict(), "rows": rows,
         "rates": r["rates"], "images_per_s": common.median(r["rates"]), "train_loss": r["train_loss"],
+        "background": census,  # CPU per process while the timed steps ran
         "startup": {
             "data_prepare_s": t_data - t0,  # Ray Data read, preprocess, materialize
             # fit() -> rank 0's worker process exists (<= 0: Ray reused a pre-started worker process)

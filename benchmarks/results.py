@@ -83,6 +83,7 @@ def throughput(res: dict) -> list[str]:
                       f"{mem['images_per_s'] / b:.2f}" if mem else "-",
                       f"{r['c']['images_per_s'] / mem['images_per_s']:.2f}" if mem else "-"]
             out.append(f"| {w['model']} | {w['data']} | {_f(b)} | {' | '.join(cells)} | {' | '.join(ratios)} |")
+    out += background(rows[0])
     out += ["", "Commands (the workload JSON is the row's fields; `run.py` launches them):", ""]
     first = rows[0]
     for mode in ("a", "b"):
@@ -221,6 +222,26 @@ def time_to_accuracy(res: dict) -> list[str]:
     if res.get("time_to_accuracy_note"):
         out += ["", res["time_to_accuracy_note"]]
     return out + [""]
+
+
+def background(row: dict, top: int = 12) -> list[str]:
+    """Who used the CPUs while (c)'s timed steps ran, for the first row (cnn, synthetic)."""
+    bg = (row.get("c") or {}).get("background") or {}
+    procs = bg.get("processes") or []
+    if not procs:
+        return []
+    w = row["c"]["workload"]
+    train = sum(g["cpu_pct"] for g in procs if g["process"] == "ray::RayTrainWorker")
+    others = sum(g["cpu_pct"] for g in procs) - train
+    out = ["", f"CPU per process while (c)'s timed steps ran ({w['model']}, {w['data']}, {row['c'].get('ingest')}; "
+           f"`/proc` snapshots at the start and end of rank 0's timed steps, {bg['seconds']:.0f} s; % of one core, "
+           f"of the 200% two cores have): the training workers {train:.0f}%, everything else {others:.0f}%. "
+           "On 2 cores every point of the rest is taken from the training threads.", "",
+           "| process | count | % of one core |", "|---|---|---|"]
+    out += [f"| `{g['process']}` | {g['count']} | {g['cpu_pct']:.1f} |" for g in procs[:top]]
+    if len(procs) > top:
+        out.append(f"| {len(procs) - top} others | | {sum(g['cpu_pct'] for g in procs[top:]):.1f} |")
+    return out
 
 
 def first_step(res: dict) -> list[str]:

@@ -106,7 +106,12 @@ def test_results_render_every_section():
         "command": "python benchmarks/run.py", "machine": common.machine_info(), "ray_start_s": 4.0,
         "throughput": [{"workload": common.Workload("cnn", "synthetic").to_dict(), "a": run,
                         "b": {**run, "runs": [95.0, 105.0]},
-                        "c": {**run, "ingest": "cache"}, "c_stream": {**run, "images_per_s": 80.0},
+                        "c": {**run, "ingest": "cache", "workload": common.Workload("cnn", "synthetic").to_dict(),
+                              "background": {"seconds": 30.0, "processes": [
+                                  {"process": "ray::RayTrainWorker", "count": 2, "cpu_pct": 170.0},
+                                  {"process": "raylet", "count": 1, "cpu_pct": 2.5},
+                                  {"process": "gcs_server", "count": 1, "cpu_pct": 1.5}]}},
+                        "c_stream": {**run, "images_per_s": 80.0},
                         "c_memory": {**run, "images_per_s": 125.0},
                         "ratio_c_b": 1.0, "ratio_c_a": 1.0},
                        {"workload": common.Workload("cnn", "fashion_mnist").to_dict(), "a": run, "b": run,
@@ -131,6 +136,7 @@ def test_results_render_every_section():
     assert "not reached" in text and "within the 20 s target" in text
     assert "| `raylet` | 1 | before | 0.5 |" in text and "| `ray::RayTrainWorker` | 2 | 8.2 | 11.0 |" in text
     assert "11.5 CPU-s of the 30.0" in text
+    assert "the training workers 170%, everything else 4%" in text and "| `raylet` | 1 | 2.5 |" in text
     assert ("| cnn | synthetic | 100 | **100** (90, 100, 110) | **80** (90, 100, 110) | **125** (90, 100, 110) | "
             "1.00 | 0.80 | 1.25 | 0.80 |") in text
     assert "**100** (90, 100, 110; runs 95 / 105)" in text  # (b) before and after (c)
