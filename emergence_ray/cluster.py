@@ -41,6 +41,7 @@ def connect(address: str | None = None) -> None:
 
 
 PREEMPTION_WATCHER = "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"  # read by Train's controller, from the driver's env
+_OFF_BY_US = "False"  # Train reads it as off (lower-cased, not "1"/"true"); a user's "0" is left alone
 
 
 def skip_preemption_watcher(scaling: ScalingConfig, nodes: list[float] | None = None) -> bool:
@@ -57,9 +58,6 @@ def skip_preemption_watcher(scaling: ScalingConfig, nodes: list[float] | None = 
         return False
     os.environ[PREEMPTION_WATCHER] = _OFF_BY_US
     return True
-
-
-_OFF_BY_US = "False"  # Train reads it as off (lower-cased, not "1"/"true"); a user's "0" is left alone
 
 
 def wait_for_free_cpu(timeout_s: float = 10.0) -> None:

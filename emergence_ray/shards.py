@@ -59,20 +59,16 @@ class BlockShards:
         (only the blocks that overlap the span are fetched; memory peaks at shard + one block)."""
         start, stop = self.span(world, rank, equal)
         out: dict[str, np.ndarray] = {}
-        at, offset = 0, 0  # first row of the current block; rows written to `out`
+        first = 0  # row number of the current block's first row
         for ref, n in zip(self.refs, self.rows):
-            lo, hi = max(start, at), min(stop, at + n)
-            at += n
-            if lo >= hi:
-                continue
-            block = BlockAccessor.for_block(ray.get(ref)).slice(lo - (at - n), hi - (at - n))
-            batch = BlockAccessor.for_block(block).to_batch_format("numpy")
-            for c in columns:
-                if c not in out:
-                    out[c] = np.empty((stop - start, *batch[c].shape[1:]), batch[c].dtype)
-                out[c][offset:offset + (hi - lo)] = batch[c]
-            offset += hi - lo
-            del block, batch
-        if not out:
-            return {c: np.empty((0,)) for c in columns}
-        return out
+            lo, hi = max(start, first), min(stop, first + n)
+            if lo < hi:
+                block = BlockAccessor.for_block(ray.get(ref)).slice(lo - first, hi - first)
+                batch = BlockAccessor.for_block(block).to_batch_format("numpy")
+                for c in columns:
+                    if c not in out:
+                        out[c] = np.empty((stop - start, *batch[c].shape[1:]), batch[c].dtype)
+                    out[c][lo - start:hi - start] = batch[c]
+                del block, batch
+            first += n
+        return out or {c: np.empty((0,)) for c in columns}  # an empty span (more ranks than rows)
