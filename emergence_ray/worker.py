@@ -76,7 +76,8 @@ def _record_workers(run_dir: str, rank: int, device: torch.device) -> None:
     import socket
 
     me = {"rank": rank, "node_id": ray.get_runtime_context().get_node_id(), "host": socket.gethostname(),
-          "pid": os.getpid(), "device": str(device)}
+          "pid": os.getpid(), "device": str(device),
+          "backend": dist.get_backend() if dist.is_initialized() else None}
     everyone = [None] * (dist.get_world_size() if dist.is_initialized() else 1)
     if dist.is_initialized():
         dist.all_gather_object(everyone, me)
@@ -100,10 +101,10 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> list[dict]:
     model = build_model(cfg.model.name, spec.channels, spec.num_classes, spec.image_size,
                         cfg.model.width, cfg.model.depth, cfg.model.dropout)
     _seed_everything(cfg.train.seed + 1 + rank)  # then a stream of its own per rank (dropout)
+    if device.type == "cuda":  # before DDP wraps it, so its gradient buckets match the weights' strides
+        model = model.to(memory_format=torch.channels_last)
     model = ray.train.torch.prepare_model(model)
     bare = model.module if hasattr(model, "module") else model
-    if device.type == "cuda":
-        bare.to(memory_format=torch.channels_last)
     optimizer = build_optimizer(bare, cfg.optim)
     scheduler = build_scheduler(optimizer, cfg.optim, steps_per_epoch, cfg.train.epochs)
 

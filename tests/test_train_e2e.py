@@ -59,6 +59,8 @@ def test_digits_imagefolder_cached_reaches_93_percent(imagefolder_run):
     actors = RUN_ACTORS["imagefolder"]
     assert "TrainController" in actors and actors.count("RayTrainWorker") == 2, actors
     assert not {"DatasetManager", "SplitCoordinator", "PreemptionWatcher"} & set(actors), actors
+    workers = json.loads((imagefolder_run / "workers.json").read_text())
+    assert [(w["rank"], w["device"], w["backend"]) for w in workers] == [(0, "cpu", "gloo"), (1, "cpu", "gloo")]
 
 
 def test_digits_parquet_streamed_reaches_93_percent(ray_session, digits_parquet, tmp_path):
