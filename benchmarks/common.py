@@ -2,7 +2,7 @@
 
 A `Workload` fixes the model, the data, the batch size per worker and the step counts. The data
 is generated or read once per process from the same recipe (synthetic RGB 3x32x32, or the
-Fashion-MNIST IDX files read with `emergence_ray.data.sources.read_idx`); the model comes from
+Fashion-MNIST IDX files read with `emergence_ray.data.idx.read_idx`); the model comes from
 `emergence_ray.models.build_model` with the job defaults (`ModelConfig()`), the optimizer from
 `emergence_ray.optim.build_optimizer(OptimConfig())` (AdamW), and every mode runs
 `emergence_ray.engine.train_epoch`, recording the end time of each step.
@@ -85,7 +85,7 @@ def read_idx_file(folder: str, stem: str) -> np.ndarray:
     """One IDX file of a local folder (`stem` or `stem.gz`), read by the service's `read_idx`."""
     import pyarrow.fs as pafs
 
-    from emergence_ray.data.sources import read_idx
+    from emergence_ray.data.idx import read_idx
 
     for name in (stem, stem + ".gz"):
         path = Path(folder) / name
