@@ -1,8 +1,21 @@
-"""Renders the collected benchmark results (one dict, also saved as JSON) into RESULTS.md."""
+"""Renders the collected benchmark results (one dict, also saved as JSON) into RESULTS.md, and recorded
+benchmarks/gpu.py runs into RESULTS-gpu.md:
+
+    python benchmarks/results.py gpu --run eager=eager.json --run torch.compile=compile.json
+        --command "python benchmarks/gpu.py --out eager.json" ... --machine "one H200, ..." --notes notes.md
+    python benchmarks/results.py gpu --from benchmarks/RESULTS-gpu.json     # regenerate the markdown
+
+The first form writes RESULTS-gpu.json (every input: the runs' JSON, commands, machine, notes) and then
+the markdown from it; the second re-renders the markdown from that JSON.
+"""
 
 from __future__ import annotations
 
+import argparse
+import datetime
 import json
+import subprocess
+from pathlib import Path
 
 
 def _f(x, digits: int = 0, unit: str = "", none: str = "-") -> str:
@@ -278,16 +291,79 @@ def first_step(res: dict) -> list[str]:
     return out + [""]
 
 
+GPU_INTRO = ("`benchmarks/gpu.py` trains the service's models with its optimizer and `engine.train_epoch` "
+             "(bf16 autocast, channels_last, data resident on the GPU, NCCL under torchrun). *Throughput*: "
+             "images/s across all processes, warm-up steps excluded, **median** of the timed repeats, then each "
+             "repeat. *Time to accuracy*: cnn on Fashion-MNIST (one-cycle AdamW, crop + flip on the GPU), the "
+             "test set scored after every epoch; the clock starts at the first training step, so model "
+             "build and compilation are inside it, and so are the evaluations; *train-only* sums the training "
+             "epochs alone.")
+
+
+def _yes(flag) -> str:
+    return "yes" if flag else "no"
+
+
+def gpu_throughput(runs: list[dict]) -> list[str]:
+    """One row per (model, data, run), runs side by side under each workload; runs: [{label, result}]."""
+    first = {(t["model"], t["data"]): t["images_per_s"] for t in runs[0]["result"].get("throughput") or []}
+    ratio = len(runs) > 1
+    cols = ["model", "data", "run", "batch per process", "world", "backend", "compile", "steps: warm-up + R x S",
+            "images/s: median (each repeat)"] + ([f"vs {runs[0]['label']}"] if ratio else []) + ["setup s", "warm-up s"]
+    out = ["### Throughput", "", f"| {' | '.join(cols)} |", "|" + "---|" * len(cols)]
+    rows = [(t, run) for run in runs for t in run["result"].get("throughput") or []]
+    order = list(dict.fromkeys((t["model"], t["data"]) for t, _ in rows))
+    for t, run in sorted(rows, key=lambda tr: order.index((tr[0]["model"], tr[0]["data"]))):
+        r = run["result"]
+        base = first.get((t["model"], t["data"]))
+        vs = f" {t['images_per_s'] / base:.2f} |" if base else " - |"
+        out.append(f"| {t['model']} | {t['data']} | {run['label']} | {t['batch_size']} | {t['world']} | "
+                   f"{r.get('backend') or 'none'} | {_yes(r.get('compile'))} | "
+                   f"{r['warmup']} + {r['repeats']} x {r['steps']} | {_rates(t)} |{vs if ratio else ''}"
+                   f" {_f(t['setup_s'], 1)} | {_f(t['warmup_s'], 1)} |")
+    skipped = [f"{run['label']}: {s}" for run in runs for s in run["result"].get("skipped") or []]
+    return out + ([""] + [f"Skipped: {s}." for s in skipped] if skipped else []) + [""]
+
+
+def gpu_time_to_accuracy(runs: list[dict]) -> list[str]:
+    out = ["### Time to accuracy", "",
+           "| run | model | train / test images | global batch | peak lr | epochs planned | target | epoch reached | "
+           "time to target s (from first step) | train-only time to target s | best test accuracy |",
+           "|---|---|---|---|---|---|---|---|---|---|---|"]
+    curves, absent = [], []
+    for run in runs:
+        t = run["result"].get("time_to_accuracy")
+        if not t:
+            absent.append(run["label"])
+            continue
+        out.append(f"| {run['label']} | {t['model']} | {t['train_images']:,} / {t['test_images']:,} | "
+                   f"{t['global_batch']} | {t['lr']:g} | {t['epochs_planned']} | {t['target']:.0%} | "
+                   f"{_f(t['epoch_reached'], none='not reached')} | {_f(t['time_to_target_s'], 1)} | "
+                   f"{_f(t['train_time_to_target_s'], 1)} | {t['best_test_accuracy']:.4f} |")
+        accs = " ".join(f"{e['test_accuracy']:.4f}" for e in t["epochs"])
+        curves.append(f"- {run['label']} (epochs 1-{len(t['epochs'])}): {accs}")
+    if len(absent) == len(runs):
+        return []
+    out += ["", "Test accuracy after each epoch:", ""] + curves
+    if absent:
+        out += ["", f"No time-to-accuracy run in: {', '.join(absent)}."]
+    return out + [""]
+
+
+def gpu_tables(runs: list[dict]) -> list[str]:
+    """The tables for one or more gpu.py results, each given as {"label": ..., "result": gpu.py's dict}."""
+    return gpu_throughput(runs) + gpu_time_to_accuracy(runs)
+
+
 def gpu(res: dict) -> list[str]:
     g = res.get("gpu")
-    out = ["## GPU (one H200-class GPU)", "",
-           "`python benchmarks/gpu.py --device cuda [--compile]` (bf16 autocast, channels_last, NCCL under "
-           "torchrun, data resident on the GPU): images/s on synthetic CIFAR-sized data and Fashion-MNIST, and "
-           "the time to 92% Fashion-MNIST test accuracy. The test suite runs it with `--device cpu` so it "
-           "keeps working.", ""]
+    out = ["## GPU (one H200-class GPU)", "", GPU_INTRO, "",
+           "`python benchmarks/gpu.py --device cuda`, run by this command when a CUDA device is present. The "
+           "test suite runs it with `--device cpu` so it keeps working. A recorded run on an H200: "
+           "RESULTS-gpu.md.", ""]
     if not g:
         return out + ["Not run by this command: no CUDA device here.", ""]
-    return out + ["```json", json.dumps(g, indent=1), "```", ""]
+    return out + gpu_tables([{"label": "this run", "result": g}])
 
 
 def failures(res: dict) -> list[str]:
@@ -302,3 +378,75 @@ def render(res: dict) -> str:
     lines = (header(res) + throughput(res) + ingest(res) + time_to_accuracy(res) + first_step(res) + gpu(res)
              + failures(res))
     return "\n".join(lines).rstrip() + "\n"
+
+
+def gpu_page(rec: dict) -> str:
+    """RESULTS-gpu.md from a record written by `main`: its inputs, the tables, the notes."""
+    device = rec["runs"][0]["result"].get("device_name", "GPU")
+    out = [f"# GPU benchmark: {device}", "",
+           f"Run {rec['date']} at git {rec['git_revision']}. Generated from RESULTS-gpu.json by "
+           "`python benchmarks/results.py gpu --from benchmarks/RESULTS-gpu.json`, which regenerates this file.", "",
+           f"Machine: {rec['machine']}", ""]
+    if rec.get("machine_file"):
+        out += ["Recorded on the machine:", "", "```text",
+                rec["machine_file"].rstrip(), "```", ""]
+    out += ["Commands" + (f" ({rec['setup']})" if rec.get("setup") else "") + ":", ""]
+    out += [f"- `{c}`" for c in rec["commands"]]
+    out += ["", GPU_INTRO, ""]
+    if rec.get("notes"):
+        out += ["## Reading", "", rec["notes"].strip(), ""]
+    out += ["## Results", ""] + gpu_tables(rec["runs"])
+    return "\n".join(out).rstrip() + "\n"
+
+
+def _git_revision() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              check=True, cwd=Path(__file__).parent).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def gpu_record(args: argparse.Namespace) -> dict:
+    runs = []
+    for item in args.run:
+        label, sep, path = item.partition("=")
+        if not sep:
+            raise SystemExit(f"--run {item}: expected LABEL=PATH")
+        runs.append({"label": label, "result": json.loads(Path(path).read_text())})
+    return {"date": args.date or datetime.date.today().isoformat(),
+            "git_revision": args.git_revision or _git_revision(), "machine": args.machine,
+            "machine_file": Path(args.machine_file).read_text() if args.machine_file else None,
+            "setup": args.setup, "commands": args.command,
+            "notes": Path(args.notes).read_text() if args.notes else None, "runs": runs}
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description="Write RESULTS-gpu.md (+ .json) from benchmarks/gpu.py's JSON.")
+    p.add_argument("what", choices=["gpu"])
+    p.add_argument("--from", dest="source", type=Path, help="re-render from a RESULTS-gpu.json; no other input")
+    p.add_argument("--run", action="append", default=[], metavar="LABEL=PATH", help="a gpu.py JSON (repeat)")
+    p.add_argument("--command", action="append", default=[], help="the command behind a run (repeat, in order)")
+    p.add_argument("--setup", help="where the commands ran (working folder, environment)")
+    p.add_argument("--machine", default="unknown", help="one line: GPU, CPUs, software versions")
+    p.add_argument("--machine-file", help="a text file recorded on the machine, quoted as is")
+    p.add_argument("--notes", help="a markdown file: the reading of the results")
+    p.add_argument("--date", help="day of the run (default: today)")
+    p.add_argument("--git-revision", help="code the runs used (default: git rev-parse --short HEAD)")
+    p.add_argument("--out", type=Path, help="markdown to write (default: benchmarks/RESULTS-gpu.md, or beside --from)")
+    args = p.parse_args(argv)
+    if bool(args.source) == bool(args.run):
+        p.error("give either --run LABEL=PATH (one or more) or --from RESULTS-gpu.json")
+    if args.source:
+        rec = json.loads(args.source.read_text())
+        out = args.out or args.source.with_suffix(".md")
+    else:
+        rec = gpu_record(args)
+        out = args.out or Path(__file__).parent / "RESULTS-gpu.md"
+        out.with_suffix(".json").write_text(json.dumps(rec, indent=1) + "\n")
+    out.write_text(gpu_page(rec))
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()

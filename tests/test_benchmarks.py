@@ -74,6 +74,41 @@ def test_gpu_script_runs_on_cpu(tmp_path, tiny_idx):
     assert tta["train_images"] == 256 and 0 <= tta["best_test_accuracy"] <= 1
     assert all(e["elapsed_s"] > 0 for e in tta["epochs"])
     assert "time_to_target_s" in tta  # None: random labels never reach 92%
+    _render_gpu_results(tmp_path, out, printed)
+
+
+def _render_gpu_results(tmp_path: Path, run_json: Path, res: dict) -> None:
+    """The entry point writes RESULTS-gpu.md (+ .json) from gpu.py's JSON, two runs side by side, and
+    re-renders the same markdown from that JSON."""
+    md = tmp_path / "RESULTS-gpu.md"
+    notes = tmp_path / "notes.md"
+    notes.write_text("A CPU smoke run.\n")
+    script = str(ROOT / "benchmarks" / "results.py")
+    proc = subprocess.run(
+        [sys.executable, script, "gpu", "--run", f"cpu={run_json}", "--run", f"cpu again={run_json}",
+         "--command", "python benchmarks/gpu.py --device cpu", "--machine", "this test's machine",
+         "--notes", str(notes), "--date", "2026-11-30", "--git-revision", "abc1234", "--out", str(md)],
+        capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    text = md.read_text()
+    assert "Run 2026-11-30 at git abc1234" in text and "Machine: this test's machine" in text
+    assert "- `python benchmarks/gpu.py --device cpu`" in text and "A CPU smoke run." in text
+    for t in res["throughput"]:
+        for label in ("cpu", "cpu again"):
+            assert (f"| {t['model']} | {t['data']} | {label} | 4 | 1 | none | no | 1 + 3 x 2 | "
+                    f"**{t['images_per_s']:,.0f}** ({', '.join(f'{r:,.0f}' for r in t['rates'])}) | 1.00 |") in text
+    tta = res["time_to_accuracy"]
+    assert (f"| cpu | cnn width 8 | 256 / {tta['test_images']} | 4 | {tta['lr']:g} | 2 | 92% | not reached | - | - | "
+            f"{tta['best_test_accuracy']:.4f} |") in text
+    accs = " ".join(f"{e['test_accuracy']:.4f}" for e in tta["epochs"])
+    assert f"- cpu again (epochs 1-2): {accs}" in text
+    record = json.loads(md.with_suffix(".json").read_text())
+    assert record["runs"][0] == {"label": "cpu", "result": res}
+    md.unlink()
+    proc = subprocess.run([sys.executable, script, "gpu", "--from", str(md.with_suffix(".json"))],
+                          capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert md.read_text() == text
 
 
 def test_run_smoke_torch_and_torchrun(tmp_path):
@@ -127,7 +162,11 @@ def test_results_render_every_section():
                        "processes": [{"process": "raylet", "count": 1, "cpu_s": 0.5, "first_start_s": None},
                                      {"process": "ray::RayTrainWorker", "count": 2, "cpu_s": 11.0,
                                       "first_start_s": 8.25}]},
-        "gpu": {"device": "cuda"},
+        "gpu": {"device": "cuda", "backend": None, "compile": False, "steps": 100, "warmup": 20, "repeats": 3,
+                "skipped": [], "time_to_accuracy": None,
+                "throughput": [{"model": "resnet18", "data": "synthetic", "batch_size": 512, "world": 1,
+                                "images_per_s": 5000.0, "rates": [4000.0, 5000.0, 6000.0], "setup_s": 0.5,
+                                "warmup_s": 2.0}]},
     }
     text = results.render(res)
     for heading in ("Training throughput", "start-up cost", "Ingest", "Time to accuracy", "first training step",
@@ -143,6 +182,8 @@ def test_results_render_every_section():
     assert "Service, cache epoch (read into memory once: 0.5 s)" in text
     # ingest against consumption: (c) for cnn on Fashion-MNIST (100/s), and the job's own rate (500/s)
     assert "| 100 | 2.5x | 10.0x |" in text and "| 500 | 0.5x | 2.0x |" in text
+    assert ("| resnet18 | synthetic | this run | 512 | 1 | none | no | 20 + 3 x 100 | **5,000** (4,000, 5,000, 6,000) "
+            "| 0.5 | 2.0 |") in text
 
 
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="the process census reads Linux /proc")
