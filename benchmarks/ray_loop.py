@@ -33,6 +33,7 @@ import torch  # noqa: E402
 from benchmarks import common  # noqa: E402
 from emergence_ray.engine import train_epoch  # noqa: E402
 from emergence_ray.ingest import WorkerIngest, worker_source  # noqa: E402
+from emergence_ray.priority import apply_worker_niceness  # noqa: E402
 
 
 def process_start_time() -> float:
@@ -52,6 +53,7 @@ def bench_loop_per_worker(config: dict) -> dict:
     torch.set_num_threads(config["threads"])
     w = common.Workload.from_dict(config["workload"])
     rank = ray.train.get_context().get_world_rank()
+    apply_worker_niceness(config["niceness"], rank)  # as the service's loop does
     world = ray.train.get_context().get_world_size()
     device = ray.train.torch.get_device()
     torch.manual_seed(0)  # the same initial weights as (a) and (b)
@@ -91,6 +93,7 @@ def bench_loop_per_worker(config: dict) -> dict:
     t_done = time.time()
     return {
         "rank": rank, "world": world, "steps_run": len(ends), "train_loss": totals.loss,
+        "nice": os.getpriority(os.PRIO_PROCESS, 0),
         "rates": common.steady_rates(ends, w.batch_size, world, w.warmup, w.steps, w.repeats),
         "t_process": process_start_time(), "t_module": T_MODULE, "t_enter": t_enter, "t_model": t_model,
         "t_shard": t_shard, "ingest": cached,
@@ -148,9 +151,10 @@ def build_dataset(w: common.Workload, world: int, fashion_path: str):
 
 
 def run_ray(w: common.Workload, fashion_path: str, storage_dir: Path, num_workers: int = 2,
-            threads: int = 1, ingest: str = "auto") -> dict:
+            threads: int = 1, ingest: str = "auto", niceness: int | None = 0) -> dict:
     """`ingest`: auto / cache / stream (the service's `data.ingest`), or memory: no Ray Data at all,
-    each worker builds its block of images in memory as the torchrun baseline does."""
+    each worker builds its block of images in memory as the torchrun baseline does. `niceness`:
+    the service's `scaling.worker_niceness` (None: the workers stay at Ray's nice 15)."""
     from emergence_ray.trainer import Trainer  # the service's TorchTrainer
 
     from emergence_ray import cluster
@@ -174,7 +178,7 @@ def run_ray(w: common.Workload, fashion_path: str, storage_dir: Path, num_worker
     trainer = Trainer(
         bench_loop_per_worker,
         train_loop_config={"workload": w.to_dict(), "threads": threads, "ingest": ingest, "fashion_path": fashion_path,
-                           "marks_dir": str(marks_dir), **handoff},
+                           "marks_dir": str(marks_dir), "niceness": niceness, **handoff},
         scaling_config=ray.train.ScalingConfig(num_workers=num_workers,
                                                resources_per_worker={"CPU": placement.cpus_per_worker}),
         run_config=ray.train.RunConfig(name=f"bench-{w.model}-{w.data}-{int(t0)}", storage_path=str(storage_dir),
@@ -199,7 +203,7 @@ def run_ray(w: common.Workload, fashion_path: str, storage_dir: Path, num_worker
         raise RuntimeError(f"rank 0 ran {r['steps_run']} steps, expected {w.total_steps} ({rows} rows)")
     return {
         "mode": "emergence-ray", "ingest": r["ingest"], "world": num_workers,
-        "threads": threads,
+        "threads": threads, "nice": r["nice"],
         "cpus_per_worker": placement.cpus_per_worker, "workload": w.to_dict(), "rows": rows,
         "rates": r["rates"], "images_per_s": common.median(r["rates"]), "train_loss": r["train_loss"],
         "background": census,  # CPU per process while the timed steps ran

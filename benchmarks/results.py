@@ -96,6 +96,7 @@ def throughput(res: dict) -> list[str]:
                       f"{mem['images_per_s'] / b:.2f}" if mem else "-",
                       f"{r['c']['images_per_s'] / mem['images_per_s']:.2f}" if mem else "-"]
             out.append(f"| {w['model']} | {w['data']} | {_f(b)} | {' | '.join(cells)} | {' | '.join(ratios)} |")
+    out += niceness(rows)
     out += background(rows[0])
     out += ["", "Commands (the workload JSON is the row's fields; `run.py` launches them):", ""]
     first = rows[0]
@@ -109,6 +110,28 @@ def throughput(res: dict) -> list[str]:
 
 
 OUTSIDE = ("data_prepare_s", "teardown_s")  # (c): before fit() and after the last step
+
+
+def niceness(rows: list[dict]) -> list[str]:
+    """(c) as the service runs it (workers at nice 0, `scaling.worker_niceness`) next to (c) with the
+    workers left at the nice 15 Ray starts them at."""
+    compared = [r for r in rows if r.get("c_ray_nice")]
+    if not compared:
+        return []
+    out = ["", "CPU priority, measured in the same run. Ray starts every worker process at nice 15, below its "
+           "own daemons (GCS, raylet, dashboard, log monitor: nice 0); the torchrun processes of (b) run at "
+           "nice 0. The service's training workers move themselves to nice 0 (`scaling.worker_niceness`, "
+           "default 0; `emergence_ray/priority.py`); *Ray's nice 15* is (c) with that turned off "
+           "(`scaling.worker_niceness: null`). At nice 15 a worker yields its core to any nice-0 process "
+           "that wants it.", "",
+           "| model | data | (b) torchrun, nice 0 | (c) workers at nice 0 | (c) at Ray's nice 15 | c/b | "
+           "c at nice 15 / b |", "|---|---|---|---|---|---|---|"]
+    for r in compared:
+        w, b, low = r["workload"], r["b"]["images_per_s"], r["c_ray_nice"]
+        out.append(f"| {w['model']} | {w['data']} | {_f(b)} | {_rates(r['c'])} (nice {r['c'].get('nice', '?')}) | "
+                   f"{_rates(low)} (nice {low.get('nice', '?')}) | {r['c']['images_per_s'] / b:.2f} | "
+                   f"{low['images_per_s'] / b:.2f} |")
+    return out
 
 
 def _label(key: str) -> str:

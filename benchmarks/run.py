@@ -45,14 +45,14 @@ PROFILES = {
                       Workload("resnet18", "synthetic", 64, 2, 5, 3),
                       Workload("resnet18", "fashion_mnist", 64, 2, 5, 3)],
         "ray": True, "ingest_images": 8192, "ingest_repeats": 3, "fashion_ingest": True, "stream_compare": True,
-        "time_to_accuracy": "run",
+        "time_to_accuracy": "run", "nice_compare": True,
         "gpu": True,
         "out": HERE / "RESULTS.md",
     },
     "quick": {
         "workloads": [Workload("cnn", "synthetic", 64, 10, 25, 3)],
         "ray": True, "ingest_images": 2048, "ingest_repeats": 3, "fashion_ingest": False,
-        "stream_compare": False, "time_to_accuracy": "recorded", "gpu": False,
+        "stream_compare": False, "time_to_accuracy": "recorded", "nice_compare": True, "gpu": False,
         "out": HERE / "RESULTS-quick.md",
     },
     "smoke": {
@@ -145,6 +145,10 @@ def with_ray(res: dict, profile: dict, fashion: str, workdir: Path) -> None:
             row["ratio_c_b"] = row["c"]["images_per_s"] / row["b"]["images_per_s"]
             row["ratio_c_a"] = row["c"]["images_per_s"] / row["a"]["images_per_s"]
             log(f"(c) {w.key}: {row['c']['images_per_s']:.0f} img/s, c/b = {row['ratio_c_b']:.3f}")
+            if profile["nice_compare"] and w.model == "cnn":
+                log(f"(c) {w.key}: emergence-ray with the workers left at Ray's nice 15, for comparison")
+                optional(res, "c_ray_nice", ray_loop.run_ray, w, fashion, workdir / "ray_train", WORKERS, 1, "auto",
+                         None, into=row, label=f"c_ray_nice {w.key}")
             if profile["stream_compare"] and w.model == "cnn" and row["c"]["ingest"] == "cache":
                 log(f"(c) {w.key}: emergence-ray with data.ingest=stream, for comparison")
                 optional(res, "c_stream", ray_loop.run_ray, w, fashion, workdir / "ray_train", WORKERS, 1, "stream",

@@ -105,6 +105,9 @@ class ScalingConfig(_Section):
         "PACK", description="placement group strategy for the workers (SPREAD: across nodes)")
     autoscaling: bool = Field(False, description="the cluster grows on demand: skip the fail-fast check "
                                                  "against its current size")
+    worker_niceness: int | None = Field(
+        0, ge=-20, le=19, description="nice value of the training worker processes (Ray starts workers at 15, "
+                                      "below its own daemons); null keeps Ray's")
 
     @field_validator("num_workers")
     @classmethod

@@ -31,6 +31,7 @@ from emergence_ray.ingest import WorkerIngest, worker_source
 from emergence_ray.logs import setup_logging
 from emergence_ray.models import build_model
 from emergence_ray.optim import build_optimizer, build_scheduler
+from emergence_ray.priority import apply_worker_niceness
 
 log = logging.getLogger("emergence_ray")
 
@@ -71,13 +72,15 @@ class _Progress:
 
 
 def _record_workers(run_dir: str, rank: int, device: torch.device) -> None:
-    """Rank 0 writes where every rank runs (node, pid, device) to workers.json, for operators."""
+    """Rank 0 writes where every rank runs (node, pid, device, process group backend, nice value)
+    to workers.json, for operators."""
     import os
     import socket
 
     me = {"rank": rank, "node_id": ray.get_runtime_context().get_node_id(), "host": socket.gethostname(),
           "pid": os.getpid(), "device": str(device),
-          "backend": dist.get_backend() if dist.is_initialized() else None}
+          "backend": dist.get_backend() if dist.is_initialized() else None,
+          "nice": os.getpriority(os.PRIO_PROCESS, 0)}
     everyone = [None] * (dist.get_world_size() if dist.is_initialized() else 1)
     if dist.is_initialized():
         dist.all_gather_object(everyone, me)
@@ -94,6 +97,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> list[dict]:
     run_dir: str = loop_config["run_dir"]
     ctx = ray.train.get_context()
     rank = ctx.get_world_rank()
+    apply_worker_niceness(cfg.scaling.worker_niceness, rank)  # Ray started this process at nice 15
     # equal shards: every worker gets floor(rows / workers) rows (elastic runs re-split on resize)
     steps_per_epoch = math.ceil(loop_config["train_rows"] // ctx.get_world_size() / cfg.train.batch_size)
     device = ray.train.torch.get_device()

@@ -171,3 +171,9 @@ def wait_for(predicate, proc: subprocess.Popen, timeout: float, what: str, log: 
         assert proc.poll() is None, f"process ended before {what}{tail()}"
         time.sleep(0.2)
     raise AssertionError(f"timed out waiting for {what}{tail()}")
+
+
+def can_lower_niceness() -> bool:
+    """Whether processes here may lower their nice value (root, CAP_SYS_NICE or RLIMIT_NICE)."""
+    probe = "import os; os.nice(1); os.setpriority(os.PRIO_PROCESS, 0, 0)"
+    return subprocess.run([sys.executable, "-c", probe], capture_output=True).returncode == 0

@@ -148,6 +148,7 @@ def test_results_render_every_section():
                                   {"process": "gcs_server", "count": 1, "cpu_pct": 1.5}]}},
                         "c_stream": {**run, "images_per_s": 80.0},
                         "c_memory": {**run, "images_per_s": 125.0},
+                        "c_ray_nice": {**run, "images_per_s": 85.0, "nice": 15},
                         "ratio_c_b": 1.0, "ratio_c_a": 1.0},
                        {"workload": common.Workload("cnn", "fashion_mnist").to_dict(), "a": run, "b": run,
                         "c": {**run, "ingest": "cache"}, "ratio_c_b": 1.0, "ratio_c_a": 1.0}],
@@ -179,6 +180,8 @@ def test_results_render_every_section():
     assert ("| cnn | synthetic | 100 | **100** (90, 100, 110) | **80** (90, 100, 110) | **125** (90, 100, 110) | "
             "1.00 | 0.80 | 1.25 | 0.80 |") in text
     assert "**100** (90, 100, 110; runs 95 / 105)" in text  # (b) before and after (c)
+    assert ("| cnn | synthetic | 100 | **100** (90, 100, 110) (nice ?) | **85** (90, 100, 110) (nice 15) | "
+            "1.00 | 0.85 |") in text
     assert "Service, cache epoch (read into memory once: 0.5 s)" in text
     # ingest against consumption: (c) for cnn on Fashion-MNIST (100/s), and the job's own rate (500/s)
     assert "| 100 | 2.5x | 10.0x |" in text and "| 500 | 0.5x | 2.0x |" in text

@@ -9,7 +9,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from conftest import RUN_ACTORS, cli_env
+from conftest import RUN_ACTORS, can_lower_niceness, cli_env
 
 
 def _summary(run_dir: Path) -> dict:
@@ -61,6 +61,8 @@ def test_digits_imagefolder_cached_reaches_93_percent(imagefolder_run):
     assert not {"DatasetManager", "SplitCoordinator", "PreemptionWatcher"} & set(actors), actors
     workers = json.loads((imagefolder_run / "workers.json").read_text())
     assert [(w["rank"], w["device"], w["backend"]) for w in workers] == [(0, "cpu", "gloo"), (1, "cpu", "gloo")]
+    # Ray starts workers at nice 15; scaling.worker_niceness (default 0) moves them up where permitted
+    assert [w["nice"] for w in workers] == [0, 0] if can_lower_niceness() else [15, 15], workers
 
 
 def test_digits_parquet_streamed_reaches_93_percent(ray_session, digits_parquet, tmp_path):

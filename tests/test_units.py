@@ -233,3 +233,34 @@ def test_preemption_watcher_off_only_on_a_fixed_single_node(monkeypatch):
     assert not skip_preemption_watcher(fixed, nodes=[2.0]) and os.environ[PREEMPTION_WATCHER] == "1"
     monkeypatch.setenv(PREEMPTION_WATCHER, "0")
     assert not skip_preemption_watcher(fixed, nodes=[2.0, 2.0]) and os.environ[PREEMPTION_WATCHER] == "0"
+
+
+_NICENESS_PROBE = """
+import json, os, sys, threading
+os.nice(int(sys.argv[1]))  # start where Ray starts its workers
+stop = threading.Event()
+early = threading.Thread(target=stop.wait)  # started before, as gloo's threads are
+early.start()
+from emergence_ray.priority import set_niceness
+got = set_niceness(int(sys.argv[2]))
+nices = sorted(os.getpriority(os.PRIO_PROCESS, int(t)) for t in os.listdir("/proc/self/task"))
+stop.set()
+early.join()
+print(json.dumps({"got": got, "threads": nices}))
+"""
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="threads are listed from Linux /proc")
+@pytest.mark.parametrize("start,target", [(15, 0), (0, 7)])
+def test_set_niceness_moves_every_thread(start, target):
+    import json
+    import subprocess
+    import sys
+
+    from conftest import can_lower_niceness
+
+    out = subprocess.run([sys.executable, "-c", _NICENESS_PROBE, str(start), str(target)], capture_output=True,
+                         text=True, check=True).stdout
+    result = json.loads(out)
+    reached = target if target >= start or can_lower_niceness() else start  # raising nice is always allowed
+    assert result == {"got": reached, "threads": [reached, reached]}, result
