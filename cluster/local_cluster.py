@@ -57,7 +57,9 @@ def start(directory: Path, workers: int, cpus: int, object_store_mb: int) -> dic
     temp.mkdir(parents=True, exist_ok=True)
     # MARKER: every process of this cluster inherits it (agents rename themselves, so their command
     # lines no longer name the temp folder; without it, stop would leave them running)
-    env = {**os.environ, "RAY_AUTH_MODE": "token", MARKER: str(directory)}
+    # RAY_worker_niceness: Ray would start workers at nice 15, and a training worker run by a
+    # non-root user cannot move itself back to 0 (emergence_ray/priority.py)
+    env = {"RAY_worker_niceness": "0", **os.environ, "RAY_AUTH_MODE": "token", MARKER: str(directory)}
     env.pop("RAY_ADDRESS", None)
     gcs_port, dash_port, client_port = free_port(), free_port(), free_port()
     store = ["--object-store-memory", str(object_store_mb * 1024 * 1024)]

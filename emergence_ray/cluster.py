@@ -35,7 +35,9 @@ def connect(address: str | None = None) -> None:
         ray.init(address=address, **common)
     else:
         # The dashboard process also serves the state API that Ray Train's cleanup uses; it binds
-        # to 127.0.0.1 and requires the auth token.
+        # to 127.0.0.1 and requires the auth token. Workers start at nice 0, not Ray's 15: a
+        # non-root user's training workers could not move back up themselves (priority.py).
+        os.environ.setdefault("RAY_worker_niceness", "0")  # read by the raylet this starts
         ray.init(num_cpus=os.cpu_count() or 1, **common)
     ray_data.DataContext.get_current().enable_progress_bars = False
 

@@ -473,3 +473,23 @@ def test_dockerignore_keeps_the_build_context_small():
     ignored = (ROOT / ".dockerignore").read_text().split()
     for entry in (".git", "runs/"):
         assert entry in ignored, f".dockerignore: {entry}"
+
+
+@pytest.mark.parametrize("item", RAY_DOCS, ids=_doc_id)
+def test_kuberay_ray_nodes_start_workers_at_normal_priority(item):
+    """The image runs as a non-root user, so training workers cannot renice themselves from Ray's
+    nice 15 (emergence_ray/priority.py): every Ray node starts its workers at 0 instead."""
+    name, doc = item
+    spec = _cluster_spec(doc)
+    groups = [("head", spec["headGroupSpec"]["template"])]
+    groups += [(g["groupName"], g["template"]) for g in spec["workerGroupSpecs"]]
+    for where, template in groups:
+        ray_container = _containers(template)[0]
+        env = {e["name"]: e.get("value") for e in ray_container.get("env", [])}
+        assert env.get("RAY_worker_niceness") == "0", f"{name} {where}: RAY_worker_niceness is not 0"
+
+
+@pytest.mark.parametrize("path", LAUNCHER_FILES, ids=lambda p: p.name)
+def test_launcher_nodes_start_workers_at_normal_priority(path):
+    options = _launcher(path)["docker"]["run_options"]
+    assert "--env RAY_worker_niceness=0" in options, f"{path.name}: docker run_options lack RAY_worker_niceness=0"

@@ -47,6 +47,8 @@ def test_readme_main_job_on_embedded_ray(tmp_path):
     assert len(report["confusion_matrix"]) == 10 and "macro avg" in report["classification_report"]
     assert "epoch 10/10" in proc.stdout + proc.stderr
     assert "will hang" not in proc.stderr  # the test set is read once the trainer's CPUs are back
+    # the embedded Ray starts its workers at nice 0 (RAY_worker_niceness), whoever runs it
+    assert [w["nice"] for w in json.loads((run_dir / "workers.json").read_text())] == [0, 0]
 
 
 def test_digits_imagefolder_cached_reaches_93_percent(imagefolder_run):
