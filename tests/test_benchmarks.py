@@ -214,3 +214,19 @@ def test_first_step_census_counts_the_cpu_of_processes_started_since_the_launch(
     g = groups["python -c"]
     assert g["count"] >= 1 and g["cpu_s"] >= 0.55 and 0 <= g["first_start_s"] < 5
     assert all(g["cpu_s"] >= 0.05 for g in groups.values())
+
+
+def test_niceness_ab_renders_every_variant():
+    from benchmarks import niceness
+
+    variants = {name: {"rates": [700.0, 720.0], "nice": [n, n], "median": 710.0, "ratio_to_torchrun": 0.8,
+                       "background_pct": [12.0, 14.0]}
+                for name, n in (("ray15", 15), ("train0", 0), ("all0", 0))}
+    res = {"command": "python benchmarks/niceness.py", "machine": common.machine_info(),
+           "workload": common.Workload("cnn", "synthetic", 64, 10, 25, 3).to_dict(), "rounds": 2,
+           "torchrun": [880.0, 900.0, 890.0], "torchrun_median": 890.0, "variants": variants}
+    text = niceness.render(res)
+    assert "(b) torchrun: **890** img/s (880, 900, 890)" in text
+    assert ("| `train0` | nice 0 (`scaling.worker_niceness: 0`) (seen: [0]) | nice 15 | **710** (700, 720) | "
+            "0.80 | 12, 14 |") in text
+    assert "`ray15`" in text and "`all0`" in text and "python benchmarks/niceness.py" in text
