@@ -13,18 +13,23 @@ dashboard, log monitor) run at nice 0, as `torchrun`'s processes do. Three varia
 
 Each variant gets a fresh local Ray (`ray.init(num_cpus=2)`, as `run.py` starts it) per round;
 the order rotates from round to round, and (b) `torchrun` runs before every round and after the
-last, so a machine that drifts moves every column alike. Writes --out (markdown, with the machine,
-date and command) and the JSON beside it; re-running the command regenerates them.
+last, so a machine that drifts moves every column alike. The rounds run twice: on the quiet
+machine, and with one CPU-bound process at nice 0 beside the training (`--busy`, 1 by default: a
+busy-loop `python -c`, started before and stopped after every (b) and (c) run), which is what a
+node shared with other work looks like. Writes --out (markdown, with the machine, date and
+command) and the JSON beside it; re-running the command regenerates them.
 
-    python benchmarks/niceness.py [--rounds 3] [--out benchmarks/NICENESS.md]
+    python benchmarks/niceness.py [--rounds 2] [--busy 1] [--out benchmarks/NICENESS.md]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shlex
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -63,22 +68,38 @@ def run_variant(name: str, w: common.Workload, workdir: Path) -> dict:
             os.environ["RAY_worker_niceness"] = saved
 
 
-def measure(rounds: int, w: common.Workload, workdir: Path) -> dict:
+@contextlib.contextmanager
+def busy(processes: int):
+    """`processes` CPU-bound processes at nice 0 (other work on the node) while the block runs."""
+    hogs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(processes)]
+    try:
+        yield
+    finally:
+        for h in hogs:
+            h.kill()
+            h.wait()
+
+
+def measure(rounds: int, w: common.Workload, workdir: Path, hogs: int = 0) -> dict:
     from benchmarks.torch_baseline import run_baseline
 
     names = list(VARIANTS)
     runs: dict[str, list[dict]] = {n: [] for n in names}
     torchrun: list[dict] = []
+    tag = f"busy {hogs}" if hogs else "quiet"
     for r in range(rounds):
-        torchrun.append(run_baseline(w, WORKERS, 1, workdir / f"b{r}.json", common.FASHION_MNIST))
-        log(f"round {r + 1}: (b) torchrun {torchrun[-1]['images_per_s']:.0f} img/s")
+        with busy(hogs):
+            torchrun.append(run_baseline(w, WORKERS, 1, workdir / f"b{r}.json", common.FASHION_MNIST))
+        log(f"{tag}, round {r + 1}: (b) torchrun {torchrun[-1]['images_per_s']:.0f} img/s")
         for name in names[r % len(names):] + names[:r % len(names)]:
-            runs[name].append(run_variant(name, w, workdir))
-            log(f"round {r + 1}: {name} {runs[name][-1]['images_per_s']:.0f} img/s "
+            with busy(hogs):
+                runs[name].append(run_variant(name, w, workdir))
+            log(f"{tag}, round {r + 1}: {name} {runs[name][-1]['images_per_s']:.0f} img/s "
                 f"(training workers at nice {runs[name][-1]['nice']})")
-    torchrun.append(run_baseline(w, WORKERS, 1, workdir / "b-last.json", common.FASHION_MNIST))
+    with busy(hogs):
+        torchrun.append(run_baseline(w, WORKERS, 1, workdir / "b-last.json", common.FASHION_MNIST))
     b = common.median([t["images_per_s"] for t in torchrun])
-    return {"workload": w.to_dict(), "rounds": rounds, "torchrun": [t["images_per_s"] for t in torchrun],
+    return {"workload": w.to_dict(), "rounds": rounds, "busy": hogs, "torchrun": [t["images_per_s"] for t in torchrun],
             "torchrun_median": b,
             "variants": {n: {"rates": [x["images_per_s"] for x in runs[n]], "nice": [x["nice"] for x in runs[n]],
                              "median": common.median([x["images_per_s"] for x in runs[n]]),
@@ -88,8 +109,28 @@ def measure(rounds: int, w: common.Workload, workdir: Path) -> dict:
                          for n in names}}
 
 
+WHERE = {"ray15": ("nice 15 (Ray's)", "nice 15"), "train0": ("nice 0 (`scaling.worker_niceness: 0`)", "nice 15"),
+         "all0": ("nice 0", "nice 0 (`RAY_worker_niceness=0`)")}
+
+
+def table(part: dict) -> list[str]:
+    title = (f"With {part['busy']} CPU-bound process(es) at nice 0 beside the training" if part["busy"]
+             else "On the quiet machine")
+    lines = [f"## {title}", "",
+             f"(b) torchrun: **{part['torchrun_median']:,.0f}** img/s "
+             f"({', '.join(f'{x:,.0f}' for x in part['torchrun'])}).", "",
+             "| variant | training workers | helper actors (Train, Ray Data) | img/s: median (each round) | /(b) | "
+             "rest of the machine, % of a core |", "|---|---|---|---|---|---|"]
+    for name, v in part["variants"].items():
+        rates = ", ".join(f"{x:,.0f}" for x in v["rates"])
+        bg = ", ".join(f"{x:.0f}" for x in v["background_pct"])
+        lines.append(f"| `{name}` | {WHERE[name][0]} (seen: {sorted(set(v['nice']))}) | {WHERE[name][1]} | "
+                     f"**{v['median']:,.0f}** ({rates}) | {v['ratio_to_torchrun']:.2f} | {bg} |")
+    return lines + [""]
+
+
 def render(res: dict) -> str:
-    m, w = res["machine"], res["workload"]
+    m, w = res["machine"], res["quiet"]["workload"]
     lines = [
         "# Training worker CPU priority: Ray's nice 15 or nice 0", "",
         f"Generated {m['date']} by `{res['command']}` (git {m['git_revision']}). Re-running that command from the "
@@ -101,37 +142,35 @@ def render(res: dict) -> str:
         "images/s is the median of the timed segments. One fresh local Ray per variant and round, the order "
         "rotating; (b) torchrun (nice 0) before every round and after the last. *rest of the machine*: CPU of "
         "every process but the two training workers while rank 0's timed steps ran, in % of one core.", "",
-        f"(b) torchrun: **{res['torchrun_median']:,.0f}** img/s "
-        f"({', '.join(f'{x:,.0f}' for x in res['torchrun'])}).", "",
-        "| variant | training workers | helper actors (Train, Ray Data) | img/s: median (each round) | /(b) | "
-        "rest of the machine, % of a core |", "|---|---|---|---|---|---|",
     ]
-    where = {"ray15": ("nice 15 (Ray's)", "nice 15"), "train0": ("nice 0 (`scaling.worker_niceness: 0`)", "nice 15"),
-             "all0": ("nice 0", "nice 0 (`RAY_worker_niceness=0`)")}
-    for name, v in res["variants"].items():
-        rates = ", ".join(f"{x:,.0f}" for x in v["rates"])
-        bg = ", ".join(f"{x:.0f}" for x in v["background_pct"])
-        lines.append(f"| `{name}` | {where[name][0]} (seen: {sorted(set(v['nice']))}) | {where[name][1]} | "
-                     f"**{v['median']:,.0f}** ({rates}) | {v['ratio_to_torchrun']:.2f} | {bg} |")
-    return "\n".join(lines) + "\n"
+    for part in (res["quiet"], res.get("busy")):
+        if part:
+            lines += table(part)
+    return "\n".join(lines).rstrip() + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--rounds", type=int, default=2, help="rounds per condition (each variant once per round)")
+    p.add_argument("--busy", type=int, default=1, help="CPU-bound nice-0 processes in the second condition (0: skip)")
     p.add_argument("--out", type=Path, default=HERE / "NICENESS.md")
     args = p.parse_args(argv)
     w = common.Workload("cnn", "synthetic", 64, 10, 25, 3)
-    command = "python benchmarks/niceness.py" + (f" --rounds {args.rounds}" if args.rounds != 3 else "")
+    command = "python benchmarks/niceness.py" + (f" --rounds {args.rounds}" if args.rounds != 2 else "")
+    command += f" --busy {args.busy}" if args.busy != 1 else ""
     if args.out != HERE / "NICENESS.md":
         command += f" --out {shlex.quote(str(args.out))}"
+    res = {"command": command, "machine": common.machine_info()}
     with tempfile.TemporaryDirectory(prefix="emergence-nice-") as tmp:
-        res = {"command": command, "machine": common.machine_info(), **measure(args.rounds, w, Path(tmp))}
+        res["quiet"] = measure(args.rounds, w, Path(tmp))
+        if args.busy:
+            res["busy"] = measure(args.rounds, w, Path(tmp), args.busy)
     args.out.write_text(render(res))
     args.out.with_suffix(".json").write_text(json.dumps(res, indent=1, default=str))
     log(f"wrote {args.out}")
-    for name, v in res["variants"].items():
-        print(f"{name}_vs_torchrun={v['ratio_to_torchrun']:.3f}", flush=True)
+    for part in ("quiet", "busy"):
+        for name, v in (res.get(part) or {}).get("variants", {}).items():
+            print(f"{part}_{name}_vs_torchrun={v['ratio_to_torchrun']:.3f}", flush=True)
     return 0
 
 

@@ -222,11 +222,13 @@ def test_niceness_ab_renders_every_variant():
     variants = {name: {"rates": [700.0, 720.0], "nice": [n, n], "median": 710.0, "ratio_to_torchrun": 0.8,
                        "background_pct": [12.0, 14.0]}
                 for name, n in (("ray15", 15), ("train0", 0), ("all0", 0))}
-    res = {"command": "python benchmarks/niceness.py", "machine": common.machine_info(),
-           "workload": common.Workload("cnn", "synthetic", 64, 10, 25, 3).to_dict(), "rounds": 2,
-           "torchrun": [880.0, 900.0, 890.0], "torchrun_median": 890.0, "variants": variants}
+    part = {"workload": common.Workload("cnn", "synthetic", 64, 10, 25, 3).to_dict(), "rounds": 2, "busy": 0,
+            "torchrun": [880.0, 900.0, 890.0], "torchrun_median": 890.0, "variants": variants}
+    res = {"command": "python benchmarks/niceness.py", "machine": common.machine_info(), "quiet": part,
+           "busy": {**part, "busy": 1, "torchrun_median": 600.0}}
     text = niceness.render(res)
-    assert "(b) torchrun: **890** img/s (880, 900, 890)" in text
+    assert "(b) torchrun: **890** img/s (880, 900, 890)" in text and "(b) torchrun: **600** img/s" in text
+    assert "## On the quiet machine" in text and "## With 1 CPU-bound process(es) at nice 0" in text
     assert ("| `train0` | nice 0 (`scaling.worker_niceness: 0`) (seen: [0]) | nice 15 | **710** (700, 720) | "
             "0.80 | 12, 14 |") in text
     assert "`ray15`" in text and "`all0`" in text and "python benchmarks/niceness.py" in text
