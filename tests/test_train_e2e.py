@@ -64,7 +64,10 @@ def test_digits_imagefolder_cached_reaches_93_percent(imagefolder_run):
     workers = json.loads((imagefolder_run / "workers.json").read_text())
     assert [(w["rank"], w["device"], w["backend"]) for w in workers] == [(0, "cpu", "gloo"), (1, "cpu", "gloo")]
     # Ray starts workers at nice 15; scaling.worker_niceness (default 0) moves them up where permitted
-    assert [w["nice"] for w in workers] == [0, 0] if can_lower_niceness() else [15, 15], workers
+    # (without the privilege they stay where the session Ray started them: 15, or 0 where an
+    # in-process embedded Ray earlier in the session set RAY_worker_niceness=0)
+    nices = [w["nice"] for w in workers]
+    assert nices == [0, 0] if can_lower_niceness() else nices[0] == nices[1] and nices[0] in (0, 15), workers
 
 
 def test_digits_parquet_streamed_reaches_93_percent(ray_session, digits_parquet, tmp_path):
