@@ -36,9 +36,15 @@ def connect(address: str | None = None) -> None:
     else:
         # The dashboard process also serves the state API that Ray Train's cleanup uses; it binds
         # to 127.0.0.1 and requires the auth token. Workers start at nice 0, not Ray's 15: a
-        # non-root user's training workers could not move back up themselves (priority.py).
-        os.environ.setdefault("RAY_worker_niceness", "0")  # read by the raylet this starts
-        ray.init(num_cpus=os.cpu_count() or 1, **common)
+        # non-root user's training workers could not move back up themselves (priority.py). The
+        # raylet reads RAY_worker_niceness when it starts; this process's environment is restored.
+        user = os.environ.get("RAY_worker_niceness")
+        os.environ["RAY_worker_niceness"] = user or "0"
+        try:
+            ray.init(num_cpus=os.cpu_count() or 1, **common)
+        finally:
+            if user is None:
+                del os.environ["RAY_worker_niceness"]
     ray_data.DataContext.get_current().enable_progress_bars = False
 
 
