@@ -97,7 +97,7 @@ def throughput(res: dict) -> list[str]:
                       f"{r['c']['images_per_s'] / mem['images_per_s']:.2f}" if mem else "-"]
             out.append(f"| {w['model']} | {w['data']} | {_f(b)} | {' | '.join(cells)} | {' | '.join(ratios)} |")
     out += niceness(rows)
-    out += background(rows[0])
+    out += background(rows[0], res["machine"]["nproc"])
     out += ["", "Commands (the workload JSON is the row's fields; `run.py` launches them):", ""]
     first = rows[0]
     for mode in ("a", "b"):
@@ -260,7 +260,7 @@ def time_to_accuracy(res: dict) -> list[str]:
     return out + [""]
 
 
-def background(row: dict, top: int = 12) -> list[str]:
+def background(row: dict, cores: int, top: int = 12) -> list[str]:
     """Who used the CPUs while (c)'s timed steps ran, for the first row (cnn, synthetic)."""
     bg = (row.get("c") or {}).get("background") or {}
     procs = bg.get("processes") or []
@@ -271,8 +271,9 @@ def background(row: dict, top: int = 12) -> list[str]:
     others = sum(g["cpu_pct"] for g in procs) - train
     out = ["", f"CPU per process while (c)'s timed steps ran ({w['model']}, {w['data']}, {row['c'].get('ingest')}; "
            f"`/proc` snapshots at the start and end of rank 0's timed steps, {bg['seconds']:.0f} s; % of one core, "
-           f"of the 200% two cores have): the training workers {train:.0f}%, everything else {others:.0f}%. "
-           "On 2 cores every point of the rest is taken from the training threads.", "",
+           f"of the {100 * cores}% {cores} cores have): the training workers {train:.0f}%, everything else "
+           f"{others:.0f}%." + (" On 2 cores every point of the rest is taken from the training threads."
+                                if cores <= 2 else ""), "",
            "| process | count | % of one core |", "|---|---|---|"]
     out += [f"| `{g['process']}` | {g['count']} | {g['cpu_pct']:.1f} |" for g in procs[:top]]
     if len(procs) > top:
@@ -284,6 +285,7 @@ def first_step(res: dict) -> list[str]:
     fs = res.get("first_step")
     if not fs:
         return []
+    cores = res["machine"]["nproc"]
     verdict = "within" if fs["to_first_step_s"] <= 20 else "over"
     out = [
         "## `emergence-ray train` to the first training step, on a running local cluster", "",
@@ -305,8 +307,8 @@ def first_step(res: dict) -> list[str]:
     if procs:
         total = sum(g["cpu_s"] for g in procs)
         out += ["", f"CPU used from the launch to the first step, per process (`/proc`, a snapshot before the "
-                f"launch and one at the first step): {total:.1f} CPU-s of the {2 * fs['to_first_step_s']:.1f} the 2 "
-                "cores had. Every Ray actor is a new Python process that pays its imports.", "",
+                f"launch and one at the first step): {total:.1f} CPU-s of the {cores * fs['to_first_step_s']:.1f} "
+                f"the {cores} cores had. Every Ray actor is a new Python process that pays its imports.", "",
                 "| process | count | started at (s after launch) | CPU s |", "|---|---|---|---|"]
         out += [f"| `{g['process']}` | {g['count']} | "
                 f"{'before' if g['first_start_s'] is None else format(g['first_start_s'], '.1f')} | {g['cpu_s']:.1f} |"

@@ -138,7 +138,7 @@ def test_results_render_every_section():
            "best_within_budget": 0.915, "final_test_accuracy": 0.918, "wall_s": 400.0, "command": "emergence-ray train",
            "epochs": [{"epoch": 1, "seconds": 30.0, "elapsed_s": 25.0, "val_accuracy": 0.8, "accuracy": 0.79}]}
     res = {
-        "command": "python benchmarks/run.py", "machine": common.machine_info(), "ray_start_s": 4.0,
+        "command": "python benchmarks/run.py", "machine": {**common.machine_info(), "nproc": 2}, "ray_start_s": 4.0,
         "throughput": [{"workload": common.Workload("cnn", "synthetic").to_dict(), "a": run,
                         "b": {**run, "runs": [95.0, 105.0]},
                         "c": {**run, "ingest": "cache", "workload": common.Workload("cnn", "synthetic").to_dict(),
@@ -177,6 +177,9 @@ def test_results_render_every_section():
     assert "| `raylet` | 1 | before | 0.5 |" in text and "| `ray::RayTrainWorker` | 2 | 8.2 | 11.0 |" in text
     assert "11.5 CPU-s of the 30.0" in text
     assert "the training workers 170%, everything else 4%" in text and "| `raylet` | 1 | 2.5 |" in text
+    assert "of the 200% 2 cores have" in text
+    many = results.render({**res, "machine": {**res["machine"], "nproc": 16}})
+    assert "of the 1600% 16 cores have" in many and "11.5 CPU-s of the 240.0 the 16 cores had" in many
     assert ("| cnn | synthetic | 100 | **100** (90, 100, 110) | **80** (90, 100, 110) | **125** (90, 100, 110) | "
             "1.00 | 0.80 | 1.25 | 0.80 |") in text
     assert "**100** (90, 100, 110; runs 95 / 105)" in text  # (b) before and after (c)
