@@ -20,6 +20,7 @@ import platform
 import statistics
 import subprocess
 import sys
+import time
 from dataclasses import asdict, dataclass
 from datetime import datetime, UTC
 from pathlib import Path
@@ -174,6 +175,35 @@ def steady_rates(step_ends: list[float], batch_size: int, world: int, warmup: in
 
 def median(values: list[float]) -> float:
     return float(statistics.median(values)) if values else float("nan")
+
+
+def thread_sched() -> dict | None:
+    """The calling thread's scheduler counters (Linux /proc/thread-self; None elsewhere): ns on a
+    CPU, ns runnable but waiting for one, and its voluntary (it slept) and involuntary (another
+    thread took its CPU) context switches. Exact, unlike per-process tick accounting."""
+    try:
+        run_ns, wait_ns, _ = (int(x) for x in Path("/proc/thread-self/schedstat").read_text().split())
+        status = Path("/proc/thread-self/status").read_text()
+    except (OSError, ValueError):
+        return None
+    counts = {k: int(v) for k, v in (line.split(":\t") for line in status.splitlines() if "ctxt_switches" in line)}
+    return {"t": time.perf_counter(), "run_ns": run_ns, "wait_ns": wait_ns,
+            "voluntary": counts.get("voluntary_ctxt_switches", 0),
+            "involuntary": counts.get("nonvoluntary_ctxt_switches", 0)}
+
+
+def sched_share(start: dict | None, end: dict | None) -> dict | None:
+    """Between two `thread_sched` readings: % of the wall time the thread ran, waited runnable for
+    a CPU, and slept; context switches per second."""
+    if not start or not end or end["t"] <= start["t"]:
+        return None
+    wall = end["t"] - start["t"]
+    run = 100 * (end["run_ns"] - start["run_ns"]) / 1e9 / wall
+    wait = 100 * (end["wait_ns"] - start["wait_ns"]) / 1e9 / wall
+    return {"seconds": wall, "on_cpu_pct": run, "runnable_waiting_pct": wait,
+            "sleeping_pct": max(0.0, 100 - run - wait),
+            "voluntary_per_s": (end["voluntary"] - start["voluntary"]) / wall,
+            "involuntary_per_s": (end["involuntary"] - start["involuntary"]) / wall}
 
 
 # ---------------------------------------------------------------- machine

@@ -82,12 +82,16 @@ def bench_loop_per_worker(config: dict) -> dict:
 
     steady = (w.warmup - 1, w.total_steps - 1)  # steps after which the timed ones start / end
 
+    sched: list[dict | None] = []  # the training thread's scheduler counters over the timed steps
+
     def on_step(step: int) -> None:
         ends.append(time.perf_counter())
         if step == 0:
             marks["first_step"] = time.time()
-        if rank == 0 and step in steady:  # tells the driver's census when the timed steps run
-            Path(config["marks_dir"], "steady_end" if step == steady[1] else "steady_start").touch()
+        if step in steady:
+            sched.append(common.thread_sched())
+            if rank == 0:  # tells the driver's census when the timed steps run
+                Path(config["marks_dir"], "steady_end" if step == steady[1] else "steady_start").touch()
 
     totals = train_epoch(model, timed(batches), optimizer, None, device, on_step=on_step)
     t_done = time.time()
@@ -95,6 +99,7 @@ def bench_loop_per_worker(config: dict) -> dict:
         "rank": rank, "world": world, "steps_run": len(ends), "train_loss": totals.loss,
         "nice": os.getpriority(os.PRIO_PROCESS, 0),
         "rates": common.steady_rates(ends, w.batch_size, world, w.warmup, w.steps, w.repeats),
+        "sched": common.sched_share(*sched) if len(sched) == 2 else None,
         "t_process": process_start_time(), "t_module": T_MODULE, "t_enter": t_enter, "t_model": t_model,
         "t_shard": t_shard, "ingest": cached,
         "t_first_batch": marks["first_batch"],
@@ -151,11 +156,17 @@ def build_dataset(w: common.Workload, world: int, fashion_path: str):
 
 
 def run_ray(w: common.Workload, fashion_path: str, storage_dir: Path, num_workers: int = 2,
-            threads: int = 1, ingest: str = "auto", niceness: int | None = 0) -> dict:
+            threads: int = 1, ingest: str = "auto", niceness: int | None = 0, trainer_cls=None,
+            before_fit=None, marks_dir: Path | None = None) -> dict:
     """`ingest`: auto / cache / stream (the service's `data.ingest`), or memory: no Ray Data at all,
     each worker builds its block of images in memory as the torchrun baseline does. `niceness`:
-    the service's `scaling.worker_niceness` (None: the workers stay at Ray's nice 15)."""
+    the service's `scaling.worker_niceness` (None: the workers stay at Ray's nice 15).
+    `trainer_cls` replaces the service's `trainer.Trainer` and `before_fit()` runs just before
+    `fit` (floor.py's stripped-down variant). Rank 0 touches steady_start /
+    steady_end in `marks_dir` (default: a new folder under storage_dir) around its timed steps."""
     from emergence_ray.trainer import Trainer  # the service's TorchTrainer
+
+    Trainer = trainer_cls or Trainer  # noqa: N806
 
     from emergence_ray import cluster
     from emergence_ray.config import DataConfig, ScalingConfig
@@ -168,8 +179,9 @@ def run_ray(w: common.Workload, fashion_path: str, storage_dir: Path, num_worker
         train_ds, rows = build_dataset(w, num_workers, fashion_path)
     t_data = time.time()
     placement = cluster.plan(ScalingConfig(num_workers=num_workers))
-    marks_dir = Path(storage_dir) / f"marks-{w.model}-{w.data}-{ingest}-{int(t0 * 1000)}"
-    marks_dir.mkdir(parents=True)
+    if marks_dir is None:
+        marks_dir = Path(storage_dir) / f"marks-{w.model}-{w.data}-{ingest}-{int(t0 * 1000)}"
+        marks_dir.mkdir(parents=True)
     cluster.skip_preemption_watcher(ScalingConfig(num_workers=num_workers))  # as trainer.train does
     datasets, handoff = None, {}
     if train_ds is not None:  # as the service's build_trainer hands the splits over
@@ -190,6 +202,8 @@ def run_ray(w: common.Workload, fashion_path: str, storage_dir: Path, num_worker
     done = threading.Event()
     watcher = threading.Thread(target=_census_of_timed_steps, args=(marks_dir, census, done), daemon=True)
     watcher.start()
+    if before_fit is not None:
+        before_fit()
     try:
         result = trainer.fit()
     finally:
@@ -206,6 +220,7 @@ def run_ray(w: common.Workload, fashion_path: str, storage_dir: Path, num_worker
         "threads": threads, "nice": r["nice"],
         "cpus_per_worker": placement.cpus_per_worker, "workload": w.to_dict(), "rows": rows,
         "rates": r["rates"], "images_per_s": common.median(r["rates"]), "train_loss": r["train_loss"],
+        "sched": r["sched"],  # rank 0's training thread over its timed steps
         "background": census,  # CPU per process while the timed steps ran
         "startup": {
             "data_prepare_s": t_data - t0,  # Ray Data read, preprocess, materialize

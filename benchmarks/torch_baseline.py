@@ -36,6 +36,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--threads", type=int, default=1, help="torch threads per process")
     p.add_argument("--fashion-mnist", default=common.FASHION_MNIST, help="folder with the IDX files")
     p.add_argument("--out", required=True, help="JSON file written by rank 0")
+    p.add_argument("--marks-dir", help="rank 0 touches steady_start / steady_end here as its timed steps start / end")
     args = p.parse_args(argv)
 
     import torch
@@ -65,10 +66,17 @@ def main(argv: list[str] | None = None) -> None:
     ends: list[float] = []
     first_step_wall = []
 
+    sched: list[dict | None] = []  # the training thread's scheduler counters over the timed steps
+    steady = (w.warmup - 1, w.total_steps - 1)  # steps after which the timed ones start / end
+
     def on_step(step: int) -> None:
         ends.append(time.perf_counter())
         if step == 0:
             first_step_wall.append(time.time())
+        if step in steady:
+            sched.append(common.thread_sched())
+            if rank == 0 and args.marks_dir:  # tells a driver-side census when the timed steps run
+                Path(args.marks_dir, "steady_end" if step == steady[1] else "steady_start").touch()
 
     totals = train_epoch(model, batches, optimizer, None, torch.device("cpu"), on_step=on_step)
     t_done = time.time()
@@ -86,6 +94,7 @@ def main(argv: list[str] | None = None) -> None:
         "workload": w.to_dict(),
         "rates": rates,
         "images_per_s": common.median(rates),
+        "sched": common.sched_share(*sched) if len(sched) == 2 else None,
         "train_loss": totals.loss,
         "startup": {
             "interpreter_s": T_PROCESS - launch,
@@ -102,7 +111,7 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def run_baseline(w: common.Workload, world: int, threads: int, out: Path, fashion_path: str,
-                 timeout: float = 900) -> dict:
+                 timeout: float = 900, marks_dir: Path | None = None) -> dict:
     """Launch (a) (world=1, a plain process) or (b) (world>1, torchrun) and return rank 0's JSON."""
     script = str(Path(__file__).resolve())
     args = ["--workload", json.dumps(w.to_dict()), "--threads", str(threads), "--fashion-mnist", fashion_path]
@@ -112,7 +121,7 @@ def run_baseline(w: common.Workload, world: int, threads: int, out: Path, fashio
     else:
         cmd = [sys.executable, script, *args]
     shown = ["python", *cmd[1:]]  # as typed from the repository root
-    cmd += ["--out", str(out)]
+    cmd += ["--out", str(out)] + (["--marks-dir", str(marks_dir)] if marks_dir else [])
     env = dict(os.environ, BENCH_LAUNCH_T=repr(time.time()), OMP_NUM_THREADS=str(threads))
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
     if proc.returncode != 0:

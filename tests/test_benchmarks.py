@@ -235,3 +235,49 @@ def test_niceness_ab_renders_every_variant():
     assert ("| `train0` | nice 0 (`scaling.worker_niceness: 0`) (seen: [0]) | nice 15 | **710** (700, 720) | "
             "0.80 | 12, 14 |") in text
     assert "`ray15`" in text and "`all0`" in text and "python benchmarks/niceness.py" in text
+
+
+def test_thread_sched_sees_a_busy_and_a_sleeping_thread():
+    import time
+
+    start = common.thread_sched()
+    assert start is not None and start["run_ns"] > 0
+    deadline = time.perf_counter() + 0.3
+    while time.perf_counter() < deadline:  # on a CPU (or waiting for one) for 0.3 s
+        pass
+    time.sleep(0.3)  # then asleep for 0.3 s
+    share = common.sched_share(start, common.thread_sched())
+    assert 0.55 < share["seconds"] < 5
+    assert 10 < share["on_cpu_pct"] + share["runnable_waiting_pct"] <= 100.5
+    assert share["sleeping_pct"] >= 20 and share["voluntary_per_s"] > 0
+    assert common.sched_share(None, start) is None and common.sched_share(start, start) is None
+
+
+def test_floor_summary_ratios_use_the_neighbouring_torchrun_runs_and_render():
+    from benchmarks import floor
+
+    def run(rate, others_cpu, wakes, training):
+        sched = {"on_cpu_pct": 90.0, "runnable_waiting_pct": 6.0, "sleeping_pct": 4.0, "involuntary_per_s": 300.0}
+        procs = [{"process": training, "count": 2, "cpu_pct": 180.0, "wakeups_per_s": 50.0},
+                 {"process": "raylet", "count": 1, "cpu_pct": others_cpu, "wakeups_per_s": wakes}]
+        return {"images_per_s": rate, "rates": [rate], "sched": sched, "census": {"seconds": 10, "processes": procs}}
+
+    runs = {"torchrun": [run(800.0, 1.0, 10.0, "torch_baseline.py"), run(1000.0, 1.0, 10.0, "torch_baseline.py"),
+                         run(900.0, 1.0, 10.0, "torch_baseline.py")],
+            "bare": [run(855.0, 5.0, 500.0, "ray::_BareWorker"), run(760.0, 7.0, 700.0, "ray::_BareWorker")],
+            "service": [run(720.0, 9.0, 900.0, "ray::RayTrainWorker"),
+                        run(665.0, 11.0, 1100.0, "ray::RayTrainWorker")],
+            "stripped": [run(810.0, 6.0, 600.0, "ray::RayTrainWorker"),
+                         run(760.0, 8.0, 800.0, "ray::RayTrainWorker")]}
+    w = common.Workload("cnn", "synthetic", 64, 10, 40, 3)
+    part = floor.summarize(w, runs)
+    service = part["variants"]["service"]
+    # round 1: 720 / mean(800, 1000) = 0.80; round 2: 665 / mean(1000, 900) = 0.70
+    assert service["ratios"] == pytest.approx([0.8, 0.7]) and service["ratio"] == pytest.approx(0.75)
+    assert service["others_cpu_pct"] == pytest.approx(10.0) and service["others_wakeups_per_s"] == pytest.approx(1000)
+    assert service["top"] == [{"process": "raylet", "count": 1, "cpu_pct": 10.0, "wakeups_per_s": 1000.0}]
+    assert part["variants"]["torchrun"]["ratio"] == 1.0 and part["rounds"] == 2
+    text = floor.render({"command": "python benchmarks/floor.py", "machine": common.machine_info(), "result": part})
+    row = "| (c) the service (`service`) | **692** (720, 665) | **0.75** (0.80, 0.70) | 90 / 6 / 4 | 300 | 10, 1,000 |"
+    assert row in text
+    assert "- `service`: `raylet` 1,000/s (10.0%)" in text and "python benchmarks/floor.py" in text
