@@ -278,6 +278,22 @@ def background(row: dict, cores: int, top: int = 12) -> list[str]:
     out += [f"| `{g['process']}` | {g['count']} | {g['cpu_pct']:.1f} |" for g in procs[:top]]
     if len(procs) > top:
         out.append(f"| {len(procs) - top} others | | {sum(g['cpu_pct'] for g in procs[top:]):.1f} |")
+    return out + thread_sched(row)
+
+
+def thread_sched(row: dict) -> list[str]:
+    """Rank 0's training thread over its timed steps, in (b) and (c), as the scheduler saw it."""
+    runs = [(label, (row.get(mode) or {}).get("sched")) for label, mode in (("(b) torchrun", "b"),
+                                                                             ("(c) emergence-ray", "c"))]
+    if not all(s for _, s in runs):
+        return []
+    out = ["", "Rank 0's training thread over its timed steps (`/proc/thread-self/schedstat`; (b): its first "
+           "run). Every wake-up of another process on a busy core takes the CPU from a training thread; "
+           "`benchmarks/floor.py` (FLOOR.md) counts them per process:", "",
+           "| run | on a CPU % | runnable, waiting for a CPU % | sleeping (all-reduce, GIL) % | "
+           "involuntary switches /s |", "|---|---|---|---|---|"]
+    out += [f"| {label} | {s['on_cpu_pct']:.0f} | {s['runnable_waiting_pct']:.0f} | {s['sleeping_pct']:.0f} | "
+            f"{s['involuntary_per_s']:.0f} |" for label, s in runs]
     return out
 
 

@@ -140,8 +140,12 @@ def test_results_render_every_section():
     res = {
         "command": "python benchmarks/run.py", "machine": {**common.machine_info(), "nproc": 2}, "ray_start_s": 4.0,
         "throughput": [{"workload": common.Workload("cnn", "synthetic").to_dict(), "a": run,
-                        "b": {**run, "runs": [95.0, 105.0]},
+                        "b": {**run, "runs": [95.0, 105.0], "sched": {
+                            "on_cpu_pct": 94.0, "runnable_waiting_pct": 2.0, "sleeping_pct": 4.0,
+                            "involuntary_per_s": 110.0}},
                         "c": {**run, "ingest": "cache", "workload": common.Workload("cnn", "synthetic").to_dict(),
+                              "sched": {"on_cpu_pct": 85.0, "runnable_waiting_pct": 11.0, "sleeping_pct": 4.0,
+                                        "involuntary_per_s": 600.0},
                               "background": {"seconds": 30.0, "processes": [
                                   {"process": "ray::RayTrainWorker", "count": 2, "cpu_pct": 170.0},
                                   {"process": "raylet", "count": 1, "cpu_pct": 2.5},
@@ -178,6 +182,7 @@ def test_results_render_every_section():
     assert "11.5 CPU-s of the 30.0" in text
     assert "the training workers 170%, everything else 4%" in text and "| `raylet` | 1 | 2.5 |" in text
     assert "of the 200% 2 cores have" in text
+    assert "| (b) torchrun | 94 | 2 | 4 | 110 |" in text and "| (c) emergence-ray | 85 | 11 | 4 | 600 |" in text
     many = results.render({**res, "machine": {**res["machine"], "nproc": 16}})
     assert "of the 1600% 16 cores have" in many and "11.5 CPU-s of the 240.0 the 16 cores had" in many
     assert ("| cnn | synthetic | 100 | **100** (90, 100, 110) | **80** (90, 100, 110) | **125** (90, 100, 110) | "
