@@ -211,14 +211,8 @@ def _stop_data_stats_actor() -> None:
 
 
 def _start_stripped_ray() -> None:
-    import ray
-    import ray.data
-
-    path = os.pathsep.join(p for p in (str(common.ROOT), os.environ.get("PYTHONPATH", "")) if p)
-    ray.init(num_cpus=WORKERS, logging_level="WARNING", include_dashboard=False,
-             _system_config={"num_workers_soft_limit": 0},
-             runtime_env={"env_vars": {"PYTHONPATH": path, "RAY_DATA_LOG_LEVEL": "WARNING"}})
-    ray.data.DataContext.get_current().enable_progress_bars = False
+    """No dashboard; idle worker processes are not kept (`num_workers_soft_limit=0`)."""
+    start_ray(include_dashboard=False, _system_config={"num_workers_soft_limit": 0})
 
 
 def run_variant(name: str, w: common.Workload, workdir: Path) -> dict:

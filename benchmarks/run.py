@@ -94,7 +94,8 @@ def baselines(workloads: list[Workload], fashion: str, workdir: Path) -> list[di
     return rows
 
 
-def start_ray() -> float:
+def start_ray(**init_options) -> float:
+    """A local Ray with WORKERS CPUs (`init_options`: more `ray.init` arguments); -> seconds."""
     import ray
 
     os.environ.setdefault("RAY_DATA_LOG_LEVEL", "WARNING")
@@ -102,7 +103,7 @@ def start_ray() -> float:
     # PYTHONPATH: Ray workers import benchmarks.ray_loop to run its per-worker loop
     path = os.pathsep.join(p for p in (str(common.ROOT), os.environ.get("PYTHONPATH", "")) if p)
     ray.init(num_cpus=WORKERS, logging_level="WARNING",
-             runtime_env={"env_vars": {"PYTHONPATH": path, "RAY_DATA_LOG_LEVEL": "WARNING"}})
+             runtime_env={"env_vars": {"PYTHONPATH": path, "RAY_DATA_LOG_LEVEL": "WARNING"}}, **init_options)
     seconds = time.perf_counter() - t
     import ray.data
 
