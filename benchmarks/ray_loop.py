@@ -166,8 +166,6 @@ def run_ray(w: common.Workload, fashion_path: str, storage_dir: Path, num_worker
     steady_end in `marks_dir` (default: a new folder under storage_dir) around its timed steps."""
     from emergence_ray.trainer import Trainer  # the service's TorchTrainer
 
-    Trainer = trainer_cls or Trainer  # noqa: N806
-
     from emergence_ray import cluster
     from emergence_ray.config import DataConfig, ScalingConfig
     from emergence_ray.ingest import trainer_inputs, use_cache
@@ -187,7 +185,7 @@ def run_ray(w: common.Workload, fashion_path: str, storage_dir: Path, num_worker
     if train_ds is not None:  # as the service's build_trainer hands the splits over
         cache = use_cache(DataConfig(ingest=ingest), train_ds.size_bytes(), num_workers)
         datasets, handoff = trainer_inputs({"train": train_ds}, cache)
-    trainer = Trainer(
+    trainer = (trainer_cls or Trainer)(
         bench_loop_per_worker,
         train_loop_config={"workload": w.to_dict(), "threads": threads, "ingest": ingest, "fashion_path": fashion_path,
                            "marks_dir": str(marks_dir), "niceness": niceness, **handoff},
