@@ -286,3 +286,22 @@ def test_floor_summary_ratios_use_the_neighbouring_torchrun_runs_and_render():
     row = "| (c) the service (`service`) | **692** (720, 665) | **0.75** (0.80, 0.70) | 90 / 6 / 4 | 300 | 10, 1,000 |"
     assert row in text
     assert "- `service`: `raylet` 1,000/s (10.0%)" in text and "python benchmarks/floor.py" in text
+
+
+def test_ray_paths_of_the_benchmarks_run_on_a_real_ray(ray_session, tmp_path):
+    """(c) (`ray_loop.run_ray`, the service's Trainer and floor.py's stripped one) and floor.py's
+    plain Ray actors, with a few steps on the session Ray: the benchmarks' Ray paths keep working."""
+    from benchmarks import floor, ray_loop
+
+    w = common.Workload("cnn", "synthetic", 8, 2, 2, 2)
+    service = ray_loop.run_ray(w, str(tmp_path / "no-fmnist"), tmp_path / "ray_train")
+    stripped = ray_loop.run_ray(w, str(tmp_path / "no-fmnist"), tmp_path / "ray_train",
+                                trainer_cls=floor._stripped_trainer(), before_fit=floor._stop_data_stats_actor)
+    for r in (service, stripped):
+        assert r["ingest"] == "cache" and len(r["rates"]) == 2 and all(x > 0 for x in r["rates"])
+        assert r["sched"]["on_cpu_pct"] > 0 and r["startup"]["fit_to_first_step_s"] > 0
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    bare = floor.run_bare(w, tmp_path, marks)
+    assert bare["world"] == 2 and len(bare["rates"]) == 2 and bare["sched"]["on_cpu_pct"] > 0
+    assert {p.name for p in marks.iterdir()} == {"steady_start", "steady_end"}
