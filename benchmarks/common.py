@@ -173,6 +173,19 @@ def steady_rates(step_ends: list[float], batch_size: int, world: int, warmup: in
     return rates
 
 
+def command_line(script: str, parser, args, options: tuple[str, ...]) -> str:
+    """How the run was started, for the results file: `python benchmarks/<script>` plus each of
+    `options` whose value differs from the parser's default."""
+    import shlex
+
+    cmd = f"python benchmarks/{script}"
+    for name in options:
+        value = getattr(args, name)
+        if value != parser.get_default(name):
+            cmd += f" --{name.replace('_', '-')} {shlex.quote(str(value))}"
+    return cmd
+
+
 def median(values: list[float]) -> float:
     return float(statistics.median(values)) if values else float("nan")
 

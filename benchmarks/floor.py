@@ -34,7 +34,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shlex
 import socket
 import sys
 import tempfile
@@ -339,10 +338,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=40, help="steps per timed segment (3 segments, 10 warm-up steps)")
     args = p.parse_args(argv)
     w = common.Workload("cnn", "synthetic", 64, 10, args.steps, 3)
-    command = "python benchmarks/floor.py" + (f" --rounds {args.rounds}" if args.rounds != 3 else "")
-    command += f" --steps {args.steps}" if args.steps != 40 else ""
-    if args.out != HERE / "FLOOR.md":
-        command += f" --out {shlex.quote(str(args.out))}"
+    command = common.command_line("floor.py", p, args, ("rounds", "steps", "out"))
     res = {"command": command, "machine": common.machine_info()}
     with tempfile.TemporaryDirectory(prefix="emergence-floor-") as tmp:
         res["result"] = measure(args.rounds, w, Path(tmp))

@@ -28,7 +28,6 @@ import argparse
 import contextlib
 import json
 import os
-import shlex
 import subprocess
 import sys
 import tempfile
@@ -156,10 +155,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=HERE / "NICENESS.md")
     args = p.parse_args(argv)
     w = common.Workload("cnn", "synthetic", 64, 10, 25, 3)
-    command = "python benchmarks/niceness.py" + (f" --rounds {args.rounds}" if args.rounds != 2 else "")
-    command += f" --busy {args.busy}" if args.busy != 1 else ""
-    if args.out != HERE / "NICENESS.md":
-        command += f" --out {shlex.quote(str(args.out))}"
+    command = common.command_line("niceness.py", p, args, ("rounds", "busy", "out"))
     res = {"command": command, "machine": common.machine_info()}
     with tempfile.TemporaryDirectory(prefix="emergence-nice-") as tmp:
         res["quiet"] = measure(args.rounds, w, Path(tmp))

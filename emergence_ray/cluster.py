@@ -45,6 +45,8 @@ def connect(address: str | None = None) -> None:
         finally:
             if user is None:
                 del os.environ["RAY_worker_niceness"]
+            else:
+                os.environ["RAY_worker_niceness"] = user
     ray_data.DataContext.get_current().enable_progress_bars = False
 
 

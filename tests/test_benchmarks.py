@@ -305,3 +305,15 @@ def test_ray_paths_of_the_benchmarks_run_on_a_real_ray(ray_session, tmp_path):
     bare = floor.run_bare(w, tmp_path, marks)
     assert bare["world"] == 2 and len(bare["rates"]) == 2 and bare["sched"]["on_cpu_pct"] > 0
     assert {p.name for p in marks.iterdir()} == {"steady_start", "steady_end"}
+
+
+def test_command_line_names_only_the_options_that_differ_from_their_defaults():
+    import argparse
+
+    p = argparse.ArgumentParser()
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--out", type=Path, default=Path("benchmarks/FLOOR.md"))
+    assert common.command_line("floor.py", p, p.parse_args([]), ("rounds", "out")) == "python benchmarks/floor.py"
+    args = p.parse_args(["--rounds", "1", "--out", "/tmp/a b.md"])
+    assert common.command_line("floor.py", p, args, ("rounds", "out")) == \
+        "python benchmarks/floor.py --rounds 1 --out '/tmp/a b.md'"

@@ -88,3 +88,8 @@ def test_embedded_ray_starts_workers_at_nice_0_and_leaves_the_environment_alone(
                           env=cli_env(HOME=str(tmp_path)), cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert _last_line(proc.stdout) == "0 None"
+    # a value the user set is the one the workers get, and it stays set
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                          env=cli_env(HOME=str(tmp_path), RAY_worker_niceness="5"), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert _last_line(proc.stdout) == "5 5"
