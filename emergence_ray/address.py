@@ -26,10 +26,13 @@ def given_address(address: str | None) -> tuple[str | None, str]:
 
 
 _HOST_PORT = re.compile(r"\[(?P<ip6>[0-9A-Fa-f:.]+)\]:(?P<port6>\d+)|(?P<host>[A-Za-z0-9._-]+):(?P<port>\d+)")
-_CHECK_HINT = ("check that the cluster is running (`ray status --address HOST:PORT` on the head), that "
-               "this is its GCS address (the head's `ray start --port`, 6379 by default; not the "
-               "dashboard's 8265) and that no firewall blocks the port; or drop --address and unset "
-               "RAY_ADDRESS to train on an embedded local Ray")
+
+
+def _check_hint(host: str, port: int) -> str:
+    return (f"check that the cluster is running (`ray status --address {host}:{port}` on the head), that "
+            "this is its GCS address (the head's `ray start --port`, 6379 by default; not the "
+            "dashboard's 8265) and that no firewall blocks the port; or drop --address and unset "
+            "RAY_ADDRESS to train on an embedded local Ray")
 
 
 def check_address(address: str, source: str = "RAY_ADDRESS", timeout_s: float = PROBE_TIMEOUT_S) -> str:
@@ -61,26 +64,28 @@ def check_address(address: str, source: str = "RAY_ADDRESS", timeout_s: float = 
         raise AddressError(f"{where}: port {port} is out of range (1-65535)")
     try:
         with socket.create_connection((host, port), timeout=timeout_s) as sock:
-            speaks_http1 = _http1_server(sock, timeout_s)
+            foreign = _not_grpc(sock, timeout_s)
     except socket.gaierror as err:
         raise AddressError(f"{where}: host {host!r} not found ({err.strerror}); check the name, or "
                            "use the head's IP address") from None
     except OSError as err:
         reason = err.strerror or type(err).__name__.replace("Error", " error").lower()
         raise AddressError(f"{where}: no Ray cluster answers at {host}:{port} ({reason}); "
-                           + _CHECK_HINT.replace("HOST:PORT", f"{host}:{port}", 1)) from None
-    if speaks_http1:
-        raise AddressError(f"{where}: {host}:{port} is an HTTP server (a dashboard / Jobs API?), not a "
-                           "Ray GCS or Ray Client port; " + _CHECK_HINT.replace("HOST:PORT", f"{host}:{port}", 1))
+                           + _check_hint(host, port)) from None
+    if foreign:
+        raise AddressError(f"{where}: {host}:{port} answers, but not as Ray does (an HTTP server: a "
+                           "dashboard / Jobs API?); it is no Ray GCS or Ray Client port; " + _check_hint(host, port))
     return address
 
 
-def _http1_server(sock: socket.socket, timeout_s: float) -> bool:
-    """Whether the server behind `sock` answers an HTTP/2 connection preface in HTTP/1 (a web
-    server). Ray's GCS and Ray Client servers are gRPC (HTTP/2): they reply with a SETTINGS frame."""
+def _not_grpc(sock: socket.socket, timeout_s: float) -> bool:
+    """Whether the server behind `sock` answers an HTTP/2 connection preface with something other
+    than HTTP/2 (a web server's status line or page). Ray's GCS and Ray Client servers are gRPC:
+    their first frame is SETTINGS (type byte 4 after a 3-byte length)."""
     sock.settimeout(timeout_s)
     try:
         sock.sendall(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
-        return sock.recv(16).startswith(b"HTTP/")
+        first = sock.recv(16)
     except OSError:
         return False  # no answer yet: leave the verdict to ray.init
+    return bool(first) and first[3:4] != b"\x04"
