@@ -65,8 +65,9 @@ def start_embedded(env_vars: dict[str, str], init_kwargs: dict) -> None:
       placement-group cleaner asks whether the controller is alive.
     - `address="local"`: always a new Ray, never one a `ray start` left in /tmp/ray (Ray would
       connect to that, and then refuse num_cpus). `RAY_ADDRESS` in every worker's environment pins
-      Ray's own in-cluster look-ups (Train's state-API calls) to this Ray: without it they search the
-      machine, and find several, or another cluster (whose state API says our controller is gone).
+      Ray's own in-cluster look-ups (Train's state-API calls) to this Ray: without them they search
+      the machine and find several Rays (tracebacks: "Found multiple active Ray instances"), or the
+      one a `ray start` recorded, which knows nothing of this run.
     """
     gcs_port = free_port()
     runtime_env = {"env_vars": {**env_vars, "RAY_ADDRESS": f"{LOOPBACK}:{gcs_port}"}}

@@ -58,8 +58,10 @@ BAD_ADDRESSES = {  # id -> (address, words the error line must hold)
 }
 
 
-@pytest.mark.parametrize("via", ["--address", "RAY_ADDRESS"])
-@pytest.mark.parametrize("case", list(BAD_ADDRESSES), ids=list(BAD_ADDRESSES))
+CASES = [(c, "--address") for c in BAD_ADDRESSES] + [(c, "RAY_ADDRESS") for c in ("nothing-listening", "http-url")]
+
+
+@pytest.mark.parametrize(("case", "via"), CASES, ids=[f"{c}-{v}" for c, v in CASES])
 def test_bad_address_fails_fast_with_one_error_line(case, via, http_port, tmp_path):
     make, words = BAD_ADDRESSES[case]
     address = make(http_port)
