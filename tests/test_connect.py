@@ -55,6 +55,8 @@ BAD_ADDRESSES = {  # id -> (address, words the error line must hold)
     "a-word": (lambda p: "headnode", ["not a Ray address", "HOST:PORT"]),
     "port-out-of-range": (lambda p: "127.0.0.1:99999", ["out of range"]),
     "http-server-port": (lambda p: f"127.0.0.1:{p}", ["not as Ray does", "GCS address"]),
+    "unknown-host": (lambda p: "nosuchhost.invalid:6379", ["not found", "check the name"]),  # RFC 6761
+    "unknown-scheme": (lambda p: "ftp://127.0.0.1:6379", ["unknown scheme", "HOST:PORT"]),
 }
 
 
