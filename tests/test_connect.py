@@ -167,15 +167,15 @@ def dev_cluster():
     developer following README would have running. The temp dir is the one a process with
     RAY_TMPDIR=<dir> treats as Ray's default (/tmp/ray otherwise), so Ray's own discovery finds it."""
     directory = Path(tempfile.mkdtemp(prefix="er-connect-", dir="/tmp"))  # short: Ray's socket paths
-    proc = subprocess.run([*LOCAL_CLUSTER, "start", "--dir", str(directory), "--cpus", "1"],
-                          capture_output=True, text=True, timeout=240, env=cli_env())
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    state = json.loads((directory / "cluster.json").read_text())
-    found = (directory / "ray" / "ray_current_cluster").read_text().strip()  # what Ray's discovery reads
-    assert found.rsplit(":", 1)[1] == state["gcs_address"].rsplit(":", 1)[1], found
     try:
+        proc = subprocess.run([*LOCAL_CLUSTER, "start", "--dir", str(directory), "--cpus", "1"],
+                              capture_output=True, text=True, timeout=240, env=cli_env())
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        state = json.loads((directory / "cluster.json").read_text())
+        found = (directory / "ray" / "ray_current_cluster").read_text().strip()  # what Ray's discovery reads
+        assert found.rsplit(":", 1)[1] == state["gcs_address"].rsplit(":", 1)[1], found
         yield directory, state
-    finally:
+    finally:  # stops exactly this cluster's processes, even if its start failed half-way
         subprocess.run([*LOCAL_CLUSTER, "stop", "--dir", str(directory)], timeout=120, env=cli_env())
         shutil.rmtree(directory, ignore_errors=True)
 
