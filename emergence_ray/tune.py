@@ -28,7 +28,7 @@ from ray import tune
 from ray.tune.integration.ray_train import TuneReportCallback
 
 from emergence_ray import cluster, storage
-from emergence_ray.config import JobConfig, to_dict, validate
+from emergence_ray.config import MAX_SEED, MAX_WORKERS, JobConfig, to_dict, validate
 from emergence_ray.data.pipeline import prepare
 from emergence_ray.errors import ConfigError, ResourceError, RunExistsError, UserError
 from emergence_ray.report import evaluate_checkpoint
@@ -36,12 +36,13 @@ from emergence_ray.trainer import build_trainer, storage_history, write_meta
 
 log = logging.getLogger("emergence_ray")
 TRIAL_CPU = 0.01  # what a trial function itself reserves (0 is rejected by Tune)
+SPACE_MAX = 10.0  # the upper bound of optim.lr and optim.weight_decay (config.py)
 
 
 class Space(BaseModel):
     """One hyperparameter's search space: a log-uniform range, or an explicit grid / choice list."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
     loguniform: tuple[float, float] | None = None
     grid: list[float] | None = None
     choice: list[float] | None = None
@@ -51,11 +52,11 @@ class Space(BaseModel):
         given = [k for k in ("loguniform", "grid", "choice") if getattr(self, k) is not None]
         if len(given) != 1:
             raise ValueError("give exactly one of loguniform: [low, high], grid: [...], choice: [...]")
-        if self.loguniform and not 0 < self.loguniform[0] < self.loguniform[1]:
-            raise ValueError("loguniform needs 0 < low < high")
+        if self.loguniform and not 0 < self.loguniform[0] < self.loguniform[1] <= SPACE_MAX:
+            raise ValueError(f"loguniform needs 0 < low < high <= {SPACE_MAX:g}")
         values = self.grid or self.choice or []
-        if any(v < 0 for v in values):
-            raise ValueError("values must be >= 0")
+        if any(not 0 <= v <= SPACE_MAX for v in values):
+            raise ValueError(f"values must be in [0, {SPACE_MAX:g}]")
         return self
 
     def sampler(self, seed_offset: int = 0) -> Any:
@@ -69,23 +70,24 @@ class Space(BaseModel):
 class SchedulerSection(BaseModel):
     model_config = ConfigDict(extra="forbid")
     name: Literal["asha", "none"] = "asha"
-    grace_period: int = Field(1, gt=0, description="epochs before a trial can be stopped")
-    reduction_factor: int = Field(2, ge=2)
+    grace_period: int = Field(1, gt=0, le=100_000, description="epochs before a trial can be stopped")
+    reduction_factor: int = Field(2, ge=2, le=100)
 
 
 class TuneSection(BaseModel):
     model_config = ConfigDict(extra="forbid")
     lr: Space = Field(default_factory=lambda: Space(loguniform=(1e-4, 1e-2)))
     weight_decay: Space = Field(default_factory=lambda: Space(loguniform=(1e-5, 1e-1)))
-    num_samples: int = Field(8, gt=0, description="random samples (each grid point counts once per sample)")
-    max_concurrent_trials: int = Field(2, gt=0)
-    num_workers: int | None = Field(None, gt=0, description="workers per trial; default scaling.num_workers")
+    num_samples: int = Field(8, gt=0, le=100_000, description="random samples (each grid point counts once per sample)")
+    max_concurrent_trials: int = Field(2, gt=0, le=10_000)
+    num_workers: int | None = Field(None, gt=0, le=MAX_WORKERS,
+                                    description="workers per trial; default scaling.num_workers")
     metric: Literal["val_accuracy", "val_loss"] = "val_accuracy"
     mode: Literal["max", "min"] = "max"
     scheduler: SchedulerSection = Field(default_factory=SchedulerSection)
     search: Literal["random", "grid"] = "random"
     include_default: bool = Field(False, description="also run the job's own optim.lr / optim.weight_decay first")
-    seed: int = 0
+    seed: int = Field(0, ge=0, le=MAX_SEED)
 
     @model_validator(mode="after")
     def _consistent(self) -> TuneSection:
