@@ -23,3 +23,11 @@ class RunExistsError(UserError):
 
 class CheckpointError(UserError):
     pass
+
+
+class RunLockedError(UserError):
+    """Another driver holds the run (or sweep) directory's lock."""
+
+
+class NonFiniteLossError(UserError):
+    """The training loss became NaN or infinite."""
