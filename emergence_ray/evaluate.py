@@ -17,7 +17,7 @@ from emergence_ray import checkpoint, cluster, storage
 from emergence_ray.config import JobConfig, load_raw, set_dotted, parse_override, validate
 from emergence_ray.data.pipeline import prepare_test
 from emergence_ray.data.transforms import DataSpec
-from emergence_ray.errors import CheckpointError, RunExistsError
+from emergence_ray.errors import CheckpointError, RunExistsError, UserError
 from emergence_ray.report import evaluate_checkpoint
 
 
@@ -43,6 +43,8 @@ def evaluate_command(ckpt_dir: str, output: str | None, address: str | None,
     checkpoint.check_compatible(state, state["config"]["model"]["name"], spec.num_classes, spec.channels)
     out = storage.resolve(output) if output else str(
         Path(ckpt_dir).parent / f"eval-{cfg.data.source}-{datetime.now():%Y%m%d-%H%M%S}")
+    if not storage.is_uri(out) and Path(out).exists() and not Path(out).is_dir():
+        raise UserError(f"--output {out} is a file; give a folder for the report files")
     if storage.exists(storage.join(out, "report.json")):
         raise RunExistsError(f"{out} already holds a report.json; choose another --output")
     cluster.connect(address)

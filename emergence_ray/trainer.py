@@ -204,12 +204,11 @@ def check_finite(history: list[dict] | None, name: str, named: bool) -> None:
     bad = nonfinite_loss(history)
     if bad is None:
         return
-    rerun = "re-run under a new run.name" if named else "re-run"
     raise NonFiniteLossError(
         f"the training loss became {bad['value']} at epoch {bad['epoch']}, step {bad['step']} of {bad['steps']} "
-        f"(optim.lr={bad['lr']:g}); the run stopped there. Lower optim.lr (e.g. --set optim.lr={bad['lr'] / 10:g}) "
-        f"and {rerun} (run {name!r} keeps its checkpoints up to epoch {bad['epoch'] - 1}, which would resume at "
-        "the old learning rate)")
+        f"(optim.lr={bad['lr']:g}); run {name!r} stopped there. Lower optim.lr (e.g. --set optim.lr="
+        f"{bad['lr'] / 10:g}) and start a new run{' (a new run.name)' if named else ''}: resuming this one would "
+        "restore the old learning rate")
 
 
 def interrupted(err: KeyboardInterrupt, name: str, run_dir: str, named: bool,

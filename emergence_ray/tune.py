@@ -16,6 +16,7 @@ import csv
 import io
 import logging
 import math
+import os
 import re
 import time
 from datetime import datetime
@@ -27,12 +28,13 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from ray import tune
 from ray.tune.integration.ray_train import TuneReportCallback
 
-from emergence_ray import cluster, storage
+from emergence_ray import cluster, interrupt, storage
 from emergence_ray.config import MAX_SEED, MAX_WORKERS, JobConfig, to_dict, validate
 from emergence_ray.data.pipeline import prepare
 from emergence_ray.errors import ConfigError, ResourceError, RunExistsError, UserError
 from emergence_ray.report import evaluate_checkpoint
-from emergence_ray.trainer import build_trainer, storage_history, write_meta
+from emergence_ray.runlock import RunLock
+from emergence_ray.trainer import build_trainer, check_finite, storage_history, write_meta
 
 log = logging.getLogger("emergence_ray")
 TRIAL_CPU = 0.01  # what a trial function itself reserves (0 is rejected by Tune)
@@ -134,6 +136,7 @@ def _trial(config: dict, job: dict, sweep: str, sweep_dir: str, num_workers: int
     result = trainer.fit()
     if result.error is not None:
         raise result.error
+    check_finite(result.return_value, name, True)  # a diverged trial is an ERROR row, not "stopped early"
 
 
 def plan_trials(cfg: JobConfig, section: TuneSection, resources: dict[str, float] | None = None,
@@ -195,12 +198,38 @@ def tune_run(cfg: JobConfig, address: str | None = None) -> str:
     sweep = cfg.run.name or f"sweep-{cfg.data.source}-{cfg.model.name}-{datetime.now():%Y%m%d-%H%M%S}"
     storage_path = storage.resolve(cfg.run.storage_path)
     sweep_dir = storage.join(storage_path, sweep)
+    check_sweep_dir(sweep_dir, sweep)
+    lock = RunLock(sweep_dir, "sweep", sweep)
+    try:
+        with interrupt.handling():
+            return _sweep(cfg, address, section, sweep, storage_path, sweep_dir, wall_start, lock)
+    except KeyboardInterrupt as err:
+        out = err if isinstance(err, interrupt.Interrupted) else interrupt.Interrupted()
+        rerun = "re-run the same command" + ("" if cfg.run.name else f" with --set run.name={sweep}")
+        out.message = (f"interrupted; {rerun} to resume the sweep (finished trials are kept, unfinished ones "
+                       "resume from their last checkpoint)" if storage.exists(sweep_dir)
+                       else "interrupted before the sweep started; nothing was written")
+        raise out from None
+    finally:
+        lock.release()
+
+
+def check_sweep_dir(sweep_dir: str, sweep: str) -> None:
     if storage.exists(storage.join(sweep_dir, "best.json")):
         raise RunExistsError(f"sweep {sweep!r} already finished ({sweep_dir}/best.json exists) and is never "
                              "overwritten; choose a new run.name")
+
+
+def _sweep(cfg: JobConfig, address: str | None, section: TuneSection, sweep: str, storage_path: str,
+           sweep_dir: str, wall_start: float, lock: RunLock) -> str:
     cluster.connect(address)
+    interrupt.install()  # ray.init replaced the SIGTERM handler
+    # Tune's own SIGINT handler would end the sweep early and return as if it had finished
+    os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"
     concurrent, workers, cpw = plan_trials(cfg, section)
     prepared = prepare(cfg.data, keep_ids=False)
+    lock.acquire()  # a second driver on this sweep stops here (RunLockedError)
+    check_sweep_dir(sweep_dir, sweep)  # again: it may have finished while this driver read its data
     storage.makedirs(sweep_dir)
     write_meta(sweep_dir, cfg, sweep)
     datasets = {"train": prepared.train, "val": prepared.val}

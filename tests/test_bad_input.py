@@ -83,6 +83,10 @@ CASES = {
     "GPUs on a CPU cluster": (["scaling.use_gpu=true"], ["needs 2 GPUs; the cluster has 0"]),
     "unwritable storage path": (["run.storage_path={a_file}/runs"], ["cannot write", "run.storage_path"]),
     "finished run name": (["run.name=existing"], ["already finished", "new run.name"]),
+    "absurd lr": (["optim.lr=1e6"], ["optim.lr", "allowed: 0 < optim.lr <= 10"]),
+    "NaN lr": (["optim.lr=.nan"], ["optim.lr: Input should be a finite number", "allowed: 0 < optim.lr <= 10"]),
+    "absurd batch size": (["train.batch_size=1000000000"], ["train.batch_size", "<= 65536"]),
+    "infinite cpus per worker": (["scaling.cpus_per_worker=.inf"], ["scaling.cpus_per_worker", "finite number"]),
 }
 
 
@@ -155,3 +159,48 @@ def test_non_image_files_skipped_and_counted(ray_session, bad_data, tmp_path):
 
     p = prepare(DataConfig(source="imagefolder", path=str(bad_data["strays"]), on_bad_image="skip"))
     assert p.bad_images == 1 and sum(p.counts.values()) == 200
+
+
+# command-line options: (arguments after the command, expected fragments); {ckpt} is a real checkpoint,
+# {out} an empty folder, {file} an existing file
+OPTIONS = {
+    "predict --top-k 0": (["predict", "--checkpoint", "{ckpt}", "--output", "{out}/p.parquet", "--top-k", "0"],
+                          ["--top-k", "give a whole number >= 1"]),
+    "predict --top-k above the classes": (["predict", "--checkpoint", "{ckpt}", "--output", "{out}/p.parquet",
+                                           "--top-k", "11"], ["--top-k 11", "10 classes; give 1..10"]),
+    "predict --actors 0": (["predict", "--checkpoint", "{ckpt}", "--output", "{out}/p.parquet", "--actors", "0"],
+                           ["--actors", ">= 1"]),
+    "predict --actors beyond the cluster": (["predict", "--checkpoint", "{ckpt}", "--output", "{out}/p.parquet",
+                                             "--actors", "5"], ["--actors 5 needs 2.5 CPUs", "Give --actors 1..2"]),
+    "predict --split unknown": (["predict", "--checkpoint", "{ckpt}", "--output", "{out}/p.parquet", "--split",
+                                 "validation"], ["--split", "invalid choice"]),
+    "predict --output existing": (["predict", "--checkpoint", "{ckpt}", "--output", "{file}"],
+                                  ["already exists and is never overwritten"]),
+    "predict --output in a missing folder": (["predict", "--checkpoint", "{ckpt}", "--output",
+                                              "{out}/no/such/p.parquet"], ["does not exist"]),
+    "predict --output of another format": (["predict", "--checkpoint", "{ckpt}", "--output", "{out}/p.txt"],
+                                           [".parquet or .csv"]),
+    "predict --checkpoint missing": (["predict", "--checkpoint", "{out}/nothing", "--output", "{out}/p.parquet"],
+                                     ["no such directory"]),
+    "evaluate --output a file": (["evaluate", "--checkpoint", "{ckpt}", "--output", "{file}"], ["is a file"]),
+    "unknown option": (["train", "--epochs", "3"], ["unrecognized arguments: --epochs 3"]),
+}
+
+
+@pytest.mark.parametrize("case", list(OPTIONS))
+def test_bad_option_is_refused_clearly(case, imagefolder_run, ray_session, tmp_path):
+    args, fragments = OPTIONS[case]
+    out = tmp_path / "out"
+    out.mkdir()
+    existing = out / "existing.parquet"
+    existing.write_bytes(b"PAR1 not to be touched")
+    ckpt = json.loads((imagefolder_run / "summary.json").read_text())["checkpoint"]
+    before = _snapshot(tmp_path), _snapshot(imagefolder_run)
+    proc = subprocess.run([*CLI, *[a.format(ckpt=ckpt, out=out, file=existing) for a in args]],
+                          capture_output=True, text=True, timeout=300, env=cli_env(RAY_ADDRESS=ray_session))
+    assert proc.returncode == 2, (proc.stdout + proc.stderr)[-3000:]
+    assert "Traceback" not in proc.stderr
+    (line,) = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    for fragment in fragments:
+        assert fragment in line, line
+    assert (_snapshot(tmp_path), _snapshot(imagefolder_run)) == before
