@@ -168,7 +168,9 @@ def main(argv: list[str] | None = None) -> int:
 def _interrupted(args: argparse.Namespace, err: KeyboardInterrupt) -> int:
     """One line saying what was kept and how to go on; 130 for SIGINT, 143 for SIGTERM."""
     message = getattr(err, "message", None)
-    if message is None:
+    if message is None and args.command == "predict" and os.path.exists(args.output):
+        message = f"interrupted after {args.output} was complete; its report may be missing"
+    elif message is None:
         message = {"evaluate": "interrupted; no report was written",
                    "predict": "interrupted; no predictions file was written"}.get(args.command, "interrupted")
     print(message, file=sys.stderr, flush=True)

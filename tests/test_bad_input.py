@@ -204,3 +204,51 @@ def test_bad_option_is_refused_clearly(case, imagefolder_run, ray_session, tmp_p
     for fragment in fragments:
         assert fragment in line, line
     assert (_snapshot(tmp_path), _snapshot(imagefolder_run)) == before
+
+
+def _numeric_keys() -> list[tuple[str, bool]]:
+    """(dotted key, holds floats) for every int/float config key, found by walking the sections."""
+    import typing
+
+    from pydantic import BaseModel
+
+    from emergence_ray.config import JobConfig
+
+    def walk(model, prefix):
+        for name, field in model.model_fields.items():
+            ann = field.annotation
+            if isinstance(ann, type) and issubclass(ann, BaseModel):
+                yield from walk(ann, f"{prefix}{name}.")
+                continue
+            flat, stack = set(), [ann]
+            while stack:
+                t = stack.pop()
+                args = typing.get_args(t)
+                if args and typing.get_origin(t) is not typing.Literal:
+                    stack += args
+                else:
+                    flat.add(t)
+            if flat & {int, float} and typing.get_origin(ann) is not tuple:
+                yield f"{prefix}{name}", float in flat
+
+    return list(walk(JobConfig, ""))
+
+
+def test_every_numeric_config_key_refuses_absurd_and_non_finite_values():
+    """A key added later without bounds fails here: 1e12 and (for floats) NaN / inf must be refused,
+    with the key named."""
+    from emergence_ray.config import load_config
+    from emergence_ray.errors import ConfigError
+
+    keys = _numeric_keys()
+    assert len(keys) >= 20 and ("optim.lr", True) in keys and ("train.batch_size", False) in keys
+    accepted = []
+    for key, is_float in keys:
+        for value in ["1000000000000", "-1000000000000"] + ([".nan", ".inf"] if is_float else []):
+            try:
+                load_config(None, [f"{key}={value}"])
+            except ConfigError as err:
+                assert key in str(err), (key, value, str(err))
+            else:
+                accepted.append(f"{key}={value}")
+    assert not accepted

@@ -15,15 +15,11 @@ from pathlib import Path
 
 import pytest
 
-from conftest import CLI, cli_env, run_epochs, wait_for
+from conftest import CLI, cli_env, error_lines, own_traceback, run_epochs, wait_for
 from emergence_ray.errors import RunLockedError
 from emergence_ray.runlock import FILENAME, RunLock
 
 TINY = ["--set", "model.name=mlp", "--set", "data.limit=600"]  # digits, 2 workers on the session Ray
-
-
-def error_lines(text: str) -> list[str]:
-    return [line for line in text.splitlines() if line.startswith("error:")]
 
 
 def test_second_holder_refused_with_owner_and_free_again_after_release(tmp_path):
@@ -70,7 +66,7 @@ def test_two_drivers_on_one_name_one_runs_then_killed_holder_resumes(ray_session
     loser, winner = drivers[ended[0]], drivers[1 - ended[0]]
     text = logs[ended[0]].read_text()
     assert loser.returncode == 2, text[-3000:]
-    assert "Traceback" not in text
+    assert not own_traceback(text)
     (line,) = error_lines(text)
     assert f"run 'shared' is in use by pid {winner.pid} on host {socket.gethostname()}" in line, line
 
@@ -97,7 +93,7 @@ def test_sweep_in_use_is_refused(ray_session, tmp_path):
                               capture_output=True, text=True, env=cli_env(RAY_ADDRESS=ray_session), timeout=300)
         assert sorted(p.name for p in sweep.iterdir()) == before == [FILENAME]
     assert proc.returncode == 2, proc.stderr[-3000:]
-    assert "Traceback" not in proc.stderr
+    assert not own_traceback(proc.stderr)
     (line,) = error_lines(proc.stderr)
     assert f"sweep 'sw' is in use by pid {os.getpid()}" in line, line
     assert not Path(tmp_path, "sw", "tuner.pkl").exists()
