@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from emergence_ray import checkpoint, cluster, storage
+from emergence_ray import checkpoint, cluster, interrupt, storage
 from emergence_ray.config import JobConfig, load_raw, set_dotted, parse_override, validate
 from emergence_ray.data.pipeline import prepare_test
 from emergence_ray.data.transforms import DataSpec
@@ -48,6 +48,7 @@ def evaluate_command(ckpt_dir: str, output: str | None, address: str | None,
     if storage.exists(storage.join(out, "report.json")):
         raise RunExistsError(f"{out} already holds a report.json; choose another --output")
     cluster.connect(address)
+    interrupt.install()  # after ray.init, whose core worker put a crash-dump handler on SIGTERM
     test, _bad = prepare_test(cfg.data, spec)
     device = torch.device("cuda" if cfg.scaling.use_gpu and torch.cuda.is_available() else "cpu")
     report = evaluate_checkpoint(ckpt_dir, test, out, device)

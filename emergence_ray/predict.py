@@ -25,7 +25,7 @@ import pyarrow.parquet as pq
 import ray.data
 import torch
 
-from emergence_ray import checkpoint, cluster, storage
+from emergence_ray import checkpoint, cluster, interrupt, storage
 from emergence_ray.config import JobConfig
 from emergence_ray.data.pipeline import keep_ok
 from emergence_ray.data.sources import SOURCES, filesystem
@@ -191,6 +191,7 @@ def predict_command(ckpt_dir: str, output: str, address: str | None, explicit_co
     if not 1 <= top_k <= spec.num_classes:
         raise UserError(f"--top-k {top_k}: the checkpoint has {spec.num_classes} classes; give 1..{spec.num_classes}")
     cluster.connect(address)
+    interrupt.install()  # after ray.init, whose core worker put a crash-dump handler on SIGTERM
     if not cfg.scaling.autoscaling:
         check_actors(actors, cfg.scaling.use_gpu, ray.cluster_resources())
     ds = inputs(cfg, split, spec)
