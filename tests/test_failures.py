@@ -163,3 +163,20 @@ def test_nonfinite_loss_stops_the_run_with_an_error(ray_session, tmp_path):
     assert "--set optim.lr=1 " in line and "new run.name" in line
     assert not (tmp_path / "nan" / "summary.json").exists()
     assert not list((tmp_path / "nan").glob("checkpoint_*"))  # the diverged epoch was never reported
+
+
+def test_train_epoch_records_the_first_nonfinite_step():
+    """Plain torch: the step is kept on the device during the epoch and read once at its end."""
+    import torch
+
+    from emergence_ray.engine import train_epoch
+    from emergence_ray.models import build_model
+
+    torch.manual_seed(0)
+    model = build_model("mlp", 1, 3, 8, 8, 1, 0.0)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    batches = [{"image": torch.randn(4, 1, 8, 8), "label": torch.tensor([0, 1, 2, 0])} for _ in range(5)]
+    assert train_epoch(model, batches, opt, None, torch.device("cpu")).nonfinite_step == -1
+    batches[3]["image"][0, 0, 0, 0] = float("nan")
+    totals = train_epoch(model, batches, opt, None, torch.device("cpu"))
+    assert totals.nonfinite_step == 3 and not torch.isfinite(torch.tensor(totals.loss_sum))
