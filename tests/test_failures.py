@@ -160,7 +160,7 @@ def test_nonfinite_loss_stops_the_run_with_an_error(ray_session, tmp_path):
     assert not own_traceback(proc.stderr)
     (line,) = error_lines(proc.stderr)
     assert "the training loss became nan at epoch 1, step " in line and "Lower optim.lr" in line, line
-    assert "--set optim.lr=1 " in line and "new run.name" in line
+    assert "(e.g. --set optim.lr=1)" in line and "new run.name" in line
     assert not (tmp_path / "nan" / "summary.json").exists()
     assert not list((tmp_path / "nan").glob("checkpoint_*"))  # the diverged epoch was never reported
 
