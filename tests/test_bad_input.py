@@ -187,23 +187,38 @@ OPTIONS = {
 }
 
 
-@pytest.mark.parametrize("case", list(OPTIONS))
-def test_bad_option_is_refused_clearly(case, imagefolder_run, ray_session, tmp_path):
-    args, fragments = OPTIONS[case]
-    out = tmp_path / "out"
-    out.mkdir()
-    existing = out / "existing.parquet"
-    existing.write_bytes(b"PAR1 not to be touched")
+@pytest.fixture(scope="module")
+def refused_options(imagefolder_run, ray_session, tmp_path_factory) -> dict[str, tuple]:
+    """Every command of OPTIONS through the real CLI, a few at a time, each with its own folder
+    (an empty `out/` plus one existing file) and the finished run's checkpoint; snapshots of both
+    before and after. -> {case: (CompletedProcess, before, after)}"""
     ckpt = json.loads((imagefolder_run / "summary.json").read_text())["checkpoint"]
-    before = _snapshot(tmp_path), _snapshot(imagefolder_run)
-    proc = subprocess.run([*CLI, *[a.format(ckpt=ckpt, out=out, file=existing) for a in args]],
-                          capture_output=True, text=True, timeout=300, env=cli_env(RAY_ADDRESS=ray_session))
+    env = cli_env(RAY_ADDRESS=ray_session)
+
+    def run(case: str) -> tuple:
+        root = tmp_path_factory.mktemp("options")
+        out = root / "out"
+        out.mkdir()
+        existing = out / "existing.parquet"
+        existing.write_bytes(b"PAR1 not to be touched")
+        args = [a.format(ckpt=ckpt, out=out, file=existing) for a in OPTIONS[case][0]]
+        before = _snapshot(root), _snapshot(imagefolder_run)
+        proc = subprocess.run([*CLI, *args], capture_output=True, text=True, timeout=300, env=env)
+        return proc, before, (_snapshot(root), _snapshot(imagefolder_run))
+
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        return dict(zip(OPTIONS, pool.map(run, OPTIONS)))
+
+
+@pytest.mark.parametrize("case", list(OPTIONS))
+def test_bad_option_is_refused_clearly(case, refused_options):
+    proc, before, after = refused_options[case]
     assert proc.returncode == 2, (proc.stdout + proc.stderr)[-3000:]
     assert "Traceback" not in proc.stderr
     (line,) = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
-    for fragment in fragments:
+    for fragment in OPTIONS[case][1]:
         assert fragment in line, line
-    assert (_snapshot(tmp_path), _snapshot(imagefolder_run)) == before
+    assert after == before  # nothing written, nothing lost
 
 
 def _numeric_keys() -> list[tuple[str, bool]]:

@@ -48,6 +48,7 @@ def test_lock_of_a_killed_holder_is_free(tmp_path):
     RunLock(str(tmp_path)).acquire().release()
 
 
+@pytest.mark.slow  # two trainings; the lock's CLI refusal runs by default in test_sweep_in_use_is_refused
 def test_two_drivers_on_one_name_one_runs_then_killed_holder_resumes(ray_session, tmp_path):
     """Two `train` commands on one run.name started together: exactly one trains, the other is
     refused naming it. The holder is then killed with SIGKILL after its first committed epoch; the
