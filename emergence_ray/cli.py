@@ -4,8 +4,10 @@
     emergence-ray train --config jobs/fashion_mnist.yaml --set optim.lr=3e-3
     emergence-ray evaluate --checkpoint RUN_DIR/checkpoint_... [--config FILE] [--set ...]
 
-User errors print one clear message and exit 2 (traceback only with --debug). The last line
-printed by train, evaluate and tune is the path of the directory holding the results.
+User errors print one clear message and exit 2 (traceback only with --debug); bad options are
+user errors too, checked before Ray starts. Ctrl-C (SIGINT) and SIGTERM end a command cleanly
+with exit code 130 / 143 and say how to resume. The last line printed by train, evaluate and tune
+is the path of the directory holding the results.
 """
 
 from __future__ import annotations
@@ -14,9 +16,29 @@ import argparse
 import logging
 import os
 import re
+import signal
 import sys
 
+from emergence_ray import interrupt
 from emergence_ray.errors import UserError
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse that reports a bad option like every other user error: one `error:` line, exit 2."""
+
+    def error(self, message: str):
+        sys.stderr.write(f"error: {self.prog}: {message} (see {self.prog} --help)\n")
+        sys.exit(2)
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not allowed; give a whole number >= 1")
+    return value
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -28,8 +50,8 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="emergence-ray", description=__doc__.split("\n")[0])
-    sub = p.add_subparsers(dest="command")
+    p = Parser(prog="emergence-ray", description=__doc__.split("\n")[0])
+    sub = p.add_subparsers(dest="command", parser_class=Parser)
     train = sub.add_parser("train", help="train a classifier across Ray workers")
     _common(train)
     ev = sub.add_parser("evaluate", help="evaluate a checkpoint on a test split")
@@ -42,8 +64,10 @@ def parser() -> argparse.ArgumentParser:
     pr.add_argument("--output", required=True, help="predictions file: .parquet or .csv (never overwritten)")
     pr.add_argument("--split", choices=["all", "train", "val", "test"], default="all",
                     help="which images of a labelled source (default: all)")
-    pr.add_argument("--top-k", type=int, default=5)
-    pr.add_argument("--actors", type=int, default=2, help="model replicas (one per GPU with use_gpu)")
+    pr.add_argument("--top-k", type=positive_int, default=5,
+                    help="classes listed per image, 1..the checkpoint's class count (default: 5, or fewer classes)")
+    pr.add_argument("--actors", type=positive_int, default=2,
+                    help="model replicas, >= 1 and within the cluster (one per GPU with use_gpu)")
     tune = sub.add_parser("tune", help="sweep learning rate and weight decay with Ray Tune")
     _common(tune)
     val = sub.add_parser("validate", help="validate job files without running them")
@@ -128,11 +152,17 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     setup_logging()
     os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+    interrupt.install()
     try:
         out = run(args)
-    except KeyboardInterrupt:
-        print("interrupted; re-run the same command with the same run.name to resume", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as err:  # Ctrl-C, or SIGINT / SIGTERM as interrupt.Interrupted
+        return _interrupted(args, err)
+    except SystemExit as err:
+        # ray.init installs a SIGTERM handler that exits with the signal number; the commands put
+        # theirs back where it matters, this catches the rest
+        if err.code == signal.SIGTERM and args.command != "validate":
+            return _interrupted(args, interrupt.Interrupted(signal.SIGTERM))
+        raise
     except BaseException as err:  # noqa: BLE001 - the one place that turns errors into exit codes
         user = _user_error(err)
         if user is None or args.debug:
@@ -143,6 +173,18 @@ def main(argv: list[str] | None = None) -> int:
     if out is not None:
         print(out, flush=True)
     return 0
+
+
+def _interrupted(args: argparse.Namespace, err: KeyboardInterrupt) -> int:
+    """One line saying what was kept and how to go on; 130 for SIGINT, 143 for SIGTERM."""
+    message = getattr(err, "message", None)
+    if message is None and args.command == "predict" and os.path.exists(args.output):
+        message = f"interrupted after {args.output} was complete; its report may be missing"
+    elif message is None:
+        message = {"evaluate": "interrupted; no report was written",
+                   "predict": "interrupted; no predictions file was written"}.get(args.command, "interrupted")
+    print(message, file=sys.stderr, flush=True)
+    return err.exit_code if isinstance(err, interrupt.Interrupted) else 128 + signal.SIGINT
 
 
 def _disconnect() -> None:

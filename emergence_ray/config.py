@@ -19,15 +19,18 @@ from emergence_ray.errors import ConfigError
 # The names `emergence_ray.models.MODELS` registers, checked here without importing torch, so that a
 # bad config fails in a fraction of a second (tests/test_units.py keeps the two in step).
 MODEL_NAMES = ("cnn", "mlp", "resnet18")
+MAX_SEED = 2**32 - 1  # numpy seeds must fit 32 bits; the worker adds rank and epoch offsets to it
+MAX_WORKERS = 4096  # far beyond any cluster this runs on; catches typos such as 1e9
 
 
 class _Section(BaseModel):
-    # extra="forbid": an unknown key is an error, never silently ignored.
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # extra="forbid": an unknown key is an error, never silently ignored. allow_inf_nan=False: NaN and
+    # inf (YAML .nan / .inf) are refused for every float key; the bounds below exclude absurd values.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class AugmentConfig(_Section):
-    crop_padding: int = Field(1, ge=0, description="random crop after zero padding, in pixels; 0 = off")
+    crop_padding: int = Field(1, ge=0, le=64, description="random crop after zero padding, in pixels; 0 = off")
     flip: bool = Field(False, description="random horizontal flip (off: digits are not mirror-symmetric)")
 
 
@@ -41,14 +44,14 @@ class DataConfig(_Section):
     class_names: list[str] | None = Field(None, description="names for integer labels (idx, parquet)")
     val_fraction: float = Field(0.1, ge=0.0, lt=1.0, description="carved from train when no val split exists")
     test_fraction: float = Field(0.2, ge=0.0, lt=1.0, description="for single-tree sources only")
-    split_seed: int = 0
+    split_seed: int = Field(0, ge=0, le=MAX_SEED)
     on_bad_image: Literal["fail", "skip"] = "fail"
-    limit: int | None = Field(None, gt=0, description="use at most this many training images (smoke runs)")
+    limit: int | None = Field(None, gt=0, le=10**10, description="use at most this many training images (smoke runs)")
     augment: AugmentConfig = Field(default_factory=AugmentConfig)
     ingest: Literal["auto", "cache", "stream"] = Field(
         "auto", description="cache: each worker holds its shard in memory after one read (epochs cost Ray Data "
                             "nothing); stream: read it through Ray Data every epoch; auto: cache when it fits")
-    cache_gb_per_worker: float = Field(4.0, gt=0, description="auto caches when a worker's train + val shard "
+    cache_gb_per_worker: float = Field(4.0, gt=0, le=4096, description="auto caches when a worker's train + val shard "
                                                                "is at most this many GiB")
 
     @model_validator(mode="after")
@@ -62,8 +65,8 @@ class DataConfig(_Section):
 
 class ModelConfig(_Section):
     name: str = "cnn"
-    width: int = Field(32, gt=0, description="channels of the first conv layer / hidden units of the mlp")
-    depth: int = Field(2, gt=0, description="hidden layers of the mlp")
+    width: int = Field(32, gt=0, le=4096, description="channels of the first conv layer / hidden units of the mlp")
+    depth: int = Field(2, gt=0, le=64, description="hidden layers of the mlp")
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
 
     @field_validator("name")
@@ -76,31 +79,38 @@ class ModelConfig(_Section):
 
 class OptimConfig(_Section):
     name: Literal["sgd", "adamw"] = "adamw"
-    lr: float = Field(3e-3, gt=0, description="peak learning rate, per batch of train.batch_size x workers")
-    weight_decay: float = Field(5e-4, ge=0, description="decoupled; only tensors with dim >= 2")
+    lr: float = Field(3e-3, gt=0, le=10, description="peak learning rate, per batch of train.batch_size x workers")
+    weight_decay: float = Field(5e-4, ge=0, le=10, description="decoupled; only tensors with dim >= 2")
     momentum: float = Field(0.9, ge=0, lt=1)
     nesterov: bool = True
-    betas: tuple[float, float] = (0.9, 0.999)
+    betas: tuple[float, float] = Field((0.9, 0.999), description="adamw moment decay rates, each in [0, 1)")
     schedule: Literal["cosine", "onecycle", "constant"] = "cosine"
-    warmup_epochs: float = Field(1.0, ge=0)
+    warmup_epochs: float = Field(1.0, ge=0, le=10_000)
+
+    @field_validator("betas")
+    @classmethod
+    def _betas(cls, v: tuple[float, float]) -> tuple[float, float]:
+        if not all(0 <= b < 1 for b in v):
+            raise ValueError(f"{list(v)}: each beta must be in [0, 1), e.g. [0.9, 0.999]")
+        return v
 
 
 class TrainConfig(_Section):
-    epochs: int = Field(10, gt=0)
-    batch_size: int = Field(64, gt=0, description="per worker")
+    epochs: int = Field(10, gt=0, le=100_000)
+    batch_size: int = Field(64, gt=0, le=65_536, description="per worker")
     label_smoothing: float = Field(0.0, ge=0, lt=1)
-    seed: int = 0
+    seed: int = Field(0, ge=0, le=MAX_SEED)
     evaluate: Literal["best", "last"] = Field("best", description="checkpoint evaluated on the test split")
-    keep_checkpoints: int = Field(2, gt=0)
+    keep_checkpoints: int = Field(2, gt=0, le=10_000)
     bf16: bool = Field(True, description="bf16 autocast on GPU (ignored on CPU)")
-    log_every_s: float = Field(10.0, gt=0)
+    log_every_s: float = Field(10.0, gt=0, le=86_400)
 
 
 class ScalingConfig(_Section):
     num_workers: int | tuple[int, int] = Field(2, description="workers, or [min, max] for elastic training")
     use_gpu: bool = False
     cpus_per_worker: float | None = Field(
-        None, gt=0, description="None = fit the workers so that some node keeps a whole CPU for Ray Data")
+        None, gt=0, le=1024, description="None = fit the workers so that some node keeps a whole CPU for Ray Data")
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
         "PACK", description="placement group strategy for the workers (SPREAD: across nodes)")
     autoscaling: bool = Field(False, description="the cluster grows on demand: skip the fail-fast check "
@@ -113,8 +123,8 @@ class ScalingConfig(_Section):
     @classmethod
     def _positive(cls, v: int | tuple[int, int]) -> int | tuple[int, int]:
         lo, hi = (v, v) if isinstance(v, int) else v
-        if lo < 1 or hi < lo:
-            raise ValueError("must be >= 1, or [min, max] with 1 <= min <= max")
+        if lo < 1 or hi < lo or hi > MAX_WORKERS:
+            raise ValueError(f"must be in 1..{MAX_WORKERS}, or [min, max] with 1 <= min <= max <= {MAX_WORKERS}")
         return v
 
     @property
@@ -129,7 +139,7 @@ class ScalingConfig(_Section):
 class RunConfig(_Section):
     name: str | None = Field(None, description="re-running with the same name resumes; None = new timestamped name")
     storage_path: str = Field("~/emergence-ray-runs", description="local path, NFS, or s3:// / gs:// URI")
-    max_failures: int = Field(0, ge=-1, description="worker-group restarts; -1 = unlimited")
+    max_failures: int = Field(0, ge=-1, le=10_000, description="worker-group restarts; -1 = unlimited")
 
     @field_validator("name")
     @classmethod
@@ -176,6 +186,37 @@ def parse_override(item: str) -> tuple[str, Any]:
     return key, value
 
 
+_RANGE_ERRORS = {"finite_number", "greater_than", "greater_than_equal", "less_than", "less_than_equal"}
+
+
+def _num(v: float) -> str:
+    return str(v) if isinstance(v, int) else f"{v:g}"
+
+
+def _allowed_range(loc: tuple) -> str | None:
+    """The bounds of the key at `loc` as text (`0 < x <= 10`), read from the Field constraints."""
+    model, field = JobConfig, None
+    for part in loc:
+        if not isinstance(part, str) or model is None or part not in model.model_fields:
+            break
+        field = model.model_fields[part]
+        ann = field.annotation
+        model = ann if isinstance(ann, type) and issubclass(ann, BaseModel) else None
+    if field is None:
+        return None
+    low = high = None
+    for m in field.metadata:
+        for attr, sign in (("gt", "<"), ("ge", "<=")):
+            if getattr(m, attr, None) is not None:
+                low = f"{_num(getattr(m, attr))} {sign} "
+        for attr, sign in (("lt", "<"), ("le", "<=")):
+            if getattr(m, attr, None) is not None:
+                high = f" {sign} {_num(getattr(m, attr))}"
+    if low is None and high is None:
+        return "a finite number"
+    return f"{low or ''}{'.'.join(str(p) for p in loc)}{high or ''}"
+
+
 def validate(raw: dict) -> JobConfig:
     try:
         return JobConfig.model_validate(raw)
@@ -186,6 +227,8 @@ def validate(raw: dict) -> JobConfig:
             msg = e["msg"]
             if e["type"] == "extra_forbidden":
                 msg = "unknown key (check the spelling; see emergence_ray/config.py for the keys)"
+            elif (allowed := _allowed_range(e["loc"])) and e["type"] in _RANGE_ERRORS:
+                msg = f"{msg}; allowed: {allowed} (got {e.get('input')!r})"
             lines.append(f"{key}: {msg}")
         raise ConfigError("invalid config:\n  " + "\n  ".join(lines)) from None
 

@@ -26,6 +26,7 @@ class Totals:
     correct: int = 0
     count: int = 0
     seconds: float = 0.0
+    nonfinite_step: int = -1  # train_epoch: first step whose loss was NaN / inf; -1 = none
     predictions: list[torch.Tensor] = field(default_factory=list)
     labels: list[torch.Tensor] = field(default_factory=list)
     probabilities: list[torch.Tensor] = field(default_factory=list)
@@ -53,6 +54,7 @@ def train_epoch(model: nn.Module, batches: Iterable[Batch], optimizer: torch.opt
     totals = Totals()
     loss_sum = torch.zeros((), device=device)
     correct = torch.zeros((), device=device, dtype=torch.long)
+    nonfinite = torch.full((), -1, device=device, dtype=torch.long)  # on device: no sync per step
     start = time.perf_counter()
     for step, batch in enumerate(batches):
         x = batch["image"].to(device, non_blocking=True)
@@ -68,11 +70,13 @@ def train_epoch(model: nn.Module, batches: Iterable[Batch], optimizer: torch.opt
         # accumulate on device: no host sync per batch
         loss_sum += loss.detach() * len(y)
         correct += (logits.detach().argmax(1) == y).sum()
+        nonfinite.masked_fill_((nonfinite < 0) & ~torch.isfinite(loss.detach()), step)
         totals.count += len(y)
         if on_step is not None:
             on_step(step)
     totals.loss_sum = float(loss_sum)
     totals.correct = int(correct)
+    totals.nonfinite_step = int(nonfinite)
     totals.seconds = time.perf_counter() - start
     return totals
 

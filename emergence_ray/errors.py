@@ -27,3 +27,11 @@ class CheckpointError(UserError):
 
 class AddressError(UserError):
     """A cluster address (--address, RAY_ADDRESS) that is malformed or has no Ray cluster behind it."""
+
+
+class RunLockedError(UserError):
+    """Another driver holds the run (or sweep) directory's lock."""
+
+
+class NonFiniteLossError(UserError):
+    """The training loss became NaN or infinite."""

@@ -13,11 +13,11 @@ from pathlib import Path
 
 import torch
 
-from emergence_ray import checkpoint, cluster, storage
+from emergence_ray import checkpoint, cluster, interrupt, storage
 from emergence_ray.config import JobConfig, load_raw, set_dotted, parse_override, validate
 from emergence_ray.data.pipeline import prepare_test
 from emergence_ray.data.transforms import DataSpec
-from emergence_ray.errors import CheckpointError, RunExistsError
+from emergence_ray.errors import CheckpointError, RunExistsError, UserError
 from emergence_ray.report import evaluate_checkpoint
 
 
@@ -43,9 +43,12 @@ def evaluate_command(ckpt_dir: str, output: str | None, address: str | None,
     checkpoint.check_compatible(state, state["config"]["model"]["name"], spec.num_classes, spec.channels)
     out = storage.resolve(output) if output else str(
         Path(ckpt_dir).parent / f"eval-{cfg.data.source}-{datetime.now():%Y%m%d-%H%M%S}")
+    if not storage.is_uri(out) and Path(out).exists() and not Path(out).is_dir():
+        raise UserError(f"--output {out} is a file; give a folder for the report files")
     if storage.exists(storage.join(out, "report.json")):
         raise RunExistsError(f"{out} already holds a report.json; choose another --output")
     cluster.connect(address)
+    interrupt.install()  # after ray.init, whose core worker put a crash-dump handler on SIGTERM
     test, _bad = prepare_test(cfg.data, spec)
     device = torch.device("cuda" if cfg.scaling.use_gpu and torch.cuda.is_available() else "cpu")
     report = evaluate_checkpoint(ckpt_dir, test, out, device)

@@ -25,7 +25,7 @@ import pyarrow.parquet as pq
 import ray.data
 import torch
 
-from emergence_ray import checkpoint, cluster, storage
+from emergence_ray import checkpoint, cluster, interrupt, storage
 from emergence_ray.config import JobConfig
 from emergence_ray.data.pipeline import keep_ok
 from emergence_ray.data.sources import SOURCES, filesystem
@@ -151,6 +151,25 @@ def _write(batches, output: str, fmt: str) -> tuple[np.ndarray, np.ndarray, int]
     return (np.concatenate(labels) if labels else np.array([])), np.concatenate(preds), rows
 
 
+ACTOR_CPUS = 0.5  # per model replica on CPU (map_batches num_cpus below)
+
+
+def check_actors(actors: int, use_gpu: bool, resources: dict[str, float]) -> None:
+    """Fail fast on a pool the cluster can never hold (Ray Data would wait for it forever)."""
+    if use_gpu:
+        gpus = resources.get("GPU", 0)
+        if actors > gpus:
+            raise UserError(f"--actors {actors} needs {actors} GPUs (scaling.use_gpu=true); the cluster has "
+                            f"{gpus:g}. Give --actors 1..{int(gpus)} or add GPU nodes.")
+        return
+    cpus = resources.get("CPU", 0)
+    most = int((cpus - cluster.DATA_CPU_RESERVE) // ACTOR_CPUS)
+    if actors > most:
+        raise UserError(f"--actors {actors} needs {actors * ACTOR_CPUS:g} CPUs ({ACTOR_CPUS:g} each) plus "
+                        f"{cluster.DATA_CPU_RESERVE:g} to decode images; the cluster has {cpus:g}. "
+                        f"Give --actors 1..{max(most, 1)}, or add nodes.")
+
+
 def predict_command(ckpt_dir: str, output: str, address: str | None, explicit_config: str | None,
                     overrides: list[str], split: str = "all", top_k: int = TOP_K, actors: int = 2) -> str:
     ckpt_dir = storage.resolve(ckpt_dir)
@@ -169,7 +188,12 @@ def predict_command(ckpt_dir: str, output: str, address: str | None, explicit_co
     cfg = job_for(state, explicit_config, overrides)
     spec = DataSpec.from_dict(state["spec"])
     checkpoint.check_compatible(state, cfg.model.name, spec.num_classes, spec.channels)
+    if not 1 <= top_k <= spec.num_classes:
+        raise UserError(f"--top-k {top_k}: the checkpoint has {spec.num_classes} classes; give 1..{spec.num_classes}")
     cluster.connect(address)
+    interrupt.install()  # after ray.init, whose core worker put a crash-dump handler on SIGTERM
+    if not cfg.scaling.autoscaling:
+        check_actors(actors, cfg.scaling.use_gpu, ray.cluster_resources())
     ds = inputs(cfg, split, spec)
     prep = ds.map_batches(Preprocess(spec, cfg.data.on_bad_image), batch_format="numpy", batch_size=256)
     if cfg.data.on_bad_image == "skip":
@@ -178,7 +202,7 @@ def predict_command(ckpt_dir: str, output: str, address: str | None, explicit_co
     preds = prep.map_batches(
         Predictor, fn_constructor_kwargs={"ckpt_dir": ckpt_dir, "top_k": top_k, "use_gpu": use_gpu},
         batch_format="numpy", batch_size=256, concurrency=actors,
-        num_gpus=1 if use_gpu else 0, num_cpus=0 if use_gpu else 0.5)
+        num_gpus=1 if use_gpu else 0, num_cpus=0 if use_gpu else ACTOR_CPUS)
     labels, predicted, rows = _write(preds.iter_batches(batch_size=1024, batch_format="numpy"), output, fmt)
     if labels.size:
         report = build_report(labels, predicted, spec.class_names, None)

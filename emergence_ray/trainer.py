@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import logging
 import os
+import posixpath
+import signal
 import subprocess
 import sys
 import threading
@@ -19,6 +21,7 @@ import time
 from datetime import datetime, UTC
 from pathlib import Path
 
+import pyarrow.fs as pafs
 import ray
 import ray.train
 import torch
@@ -26,11 +29,12 @@ import yaml
 from ray.train.torch import TorchTrainer
 from ray.train.v2._internal.callbacks import DatasetsCallback  # Trainer drops it when there are no datasets
 
-from emergence_ray import __version__, cluster, storage
+from emergence_ray import __version__, cluster, interrupt, storage
 from emergence_ray.config import JobConfig, to_dict
 from emergence_ray.data.pipeline import prepare, prepare_test
-from emergence_ray.errors import ResourceError, RunExistsError, UserError
+from emergence_ray.errors import NonFiniteLossError, ResourceError, RunExistsError, UserError
 from emergence_ray.ingest import trainer_inputs, use_cache
+from emergence_ray.runlock import RunLock
 from emergence_ray.report import evaluate_checkpoint
 from emergence_ray.worker import train_loop_per_worker
 
@@ -97,16 +101,129 @@ class ProgressBar:
             sys.stderr.write("\n")
 
 
+COMMITTED = "committed.json"  # the last checkpoint Train's controller has committed (CommitRecorder)
+
+
+class CommitRecorder(ray.train.UserCallback):
+    """Runs in Train's controller after each report has been registered: the checkpoint manager
+    handles a report first (it saves its snapshot, the state a re-run resumes from), then user
+    callbacks. So what this writes is committed, and a driver that is asked to stop can wait for
+    the epoch in flight to get here (`wait_for_commit`)."""
+
+    def __init__(self, run_dir: str):
+        self.run_dir = run_dir
+
+    def after_report(self, run_context, metrics: list[dict], checkpoint: ray.train.Checkpoint | None) -> None:
+        if checkpoint is not None:
+            storage.write_json(storage.join(self.run_dir, COMMITTED),
+                               {"epoch": metrics[0].get("epoch"), "checkpoint": checkpoint.path})
+
+
+def committed(run_dir: str) -> dict | None:
+    try:
+        return storage.read_json(storage.join(run_dir, COMMITTED))
+    except (OSError, ValueError):
+        return None
+
+
+def newest_checkpoint_dir(run_dir: str) -> str | None:
+    """Name of the newest `checkpoint_<timestamp>` folder: rank 0's report writes it to storage
+    before the controller picks the report up (every RAY_TRAIN_HEALTH_CHECK_INTERVAL_S)."""
+    fs, root = pafs.FileSystem.from_uri(storage.resolve(run_dir))
+    try:
+        infos = fs.get_file_info(pafs.FileSelector(root, allow_not_found=True))
+    except OSError:
+        return None
+    names = [posixpath.basename(i.path) for i in infos if i.type == pafs.FileType.Directory]
+    return max((n for n in names if n.startswith("checkpoint_")), default=None)
+
+
+def commit_wait_s() -> float:
+    """A few polls of Train's controller: on a busy node one poll was seen to take 4-6 s."""
+    return max(20.0, 5 * float(os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "2")))
+
+
+def wait_for_commit(run_dir: str, timeout_s: float) -> None:
+    """Until the newest checkpoint written to storage is committed, at most `timeout_s`."""
+    newest = newest_checkpoint_dir(run_dir)
+    done = committed(run_dir)
+    if newest is None or (done and posixpath.basename(done["checkpoint"].rstrip("/")) >= newest):
+        return
+    sys.stderr.write(f"interrupted: waiting up to {timeout_s:.0f} s for the last epoch's checkpoint to be "
+                     "committed (interrupt again to stop now)\n")
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        done = committed(run_dir)
+        if done and posixpath.basename(done["checkpoint"].rstrip("/")) >= newest:
+            return
+        time.sleep(0.1)
+
+
 def fit(trainer: TorchTrainer, run_dir: str) -> ray.train.Result:
+    """`trainer.fit()` in a thread, so that this (main) thread keeps the SIGINT / SIGTERM handlers:
+    Train's own SIGINT handler (only installed on the main thread) aborts the controller at once
+    and loses a checkpoint reported but not yet picked up. Here a signal first waits, briefly,
+    for that checkpoint to be committed; then the driver exits and its controller and workers
+    end with it."""
     bar = ProgressBar(run_dir)
     done = threading.Event()
     watcher = threading.Thread(target=bar.watch, args=(done,), daemon=True)
     watcher.start()
+    outcome: dict = {}
+
+    def run() -> None:
+        try:
+            outcome["result"] = trainer.fit()
+        except BaseException as err:  # noqa: BLE001 - handed to the main thread
+            outcome["error"] = err
+
+    fitting = threading.Thread(target=run, name="trainer-fit", daemon=True)
     try:
-        return trainer.fit()
+        with interrupt.handling():
+            fitting.start()
+            try:
+                while fitting.is_alive():
+                    fitting.join(0.2)  # a timed join lets the signal handler run
+            except interrupt.Interrupted:
+                wait_for_commit(run_dir, commit_wait_s())
+                raise
     finally:
         done.set()
         watcher.join(timeout=2)
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["result"]
+
+
+def nonfinite_loss(history: list[dict] | None) -> dict | None:
+    """The worker loop's last entry when the loss became NaN / inf (worker.py)."""
+    return history[-1].get("nonfinite") if history else None
+
+
+def check_finite(history: list[dict] | None, name: str, named: bool) -> None:
+    bad = nonfinite_loss(history)
+    if bad is None:
+        return
+    raise NonFiniteLossError(
+        f"the training loss became {bad['value']} at epoch {bad['epoch']}, step {bad['step']} of {bad['steps']} "
+        f"(optim.lr={bad['lr']:g}); run {name!r} stopped there. Lower optim.lr (e.g. --set optim.lr="
+        f"{bad['lr'] / 10:g}) and start a new run{' (a new run.name)' if named else ''}: resuming this one would "
+        "restore the old learning rate")
+
+
+def interrupted(err: KeyboardInterrupt, name: str, run_dir: str, named: bool,
+                what: str = "epoch") -> interrupt.Interrupted:
+    """`err` as an Interrupted whose message says how to resume."""
+    out = err if isinstance(err, interrupt.Interrupted) else interrupt.Interrupted(signal.SIGINT)
+    rerun = "re-run the same command" + ("" if named else f" with --set run.name={name}")
+    done = committed(run_dir) if storage.exists(run_dir) else None
+    if done and done.get("epoch"):
+        out.message = f"interrupted; {rerun} to resume from {what} {done['epoch']}"
+    elif storage.exists(run_dir):
+        out.message = f"interrupted before the first {what} was saved; {rerun} to start it again"
+    else:
+        out.message = "interrupted before the run started; nothing was written"
+    return out
 
 
 def check_batch(cfg: JobConfig, counts: dict) -> None:
@@ -156,7 +273,7 @@ def build_trainer(cfg: JobConfig, name: str, datasets: dict, spec, counts: dict,
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints,
                                                          checkpoint_score_attribute="val_accuracy",
                                                          checkpoint_score_order="max"),
-            callbacks=callbacks,
+            callbacks=[CommitRecorder(run_dir), *(callbacks or [])],
             logging_config=ray.train.LoggingConfig(log_level="WARNING"),
         ),
         datasets=trainer_datasets,
@@ -181,24 +298,46 @@ def train(cfg: JobConfig, address: str | None = None) -> str:
     name = run_name(cfg)
     run_dir = storage.join(storage.resolve(cfg.run.storage_path), name)
     check_run_dir(run_dir, name)
+    try:
+        with interrupt.handling():
+            return _train(cfg, address, name, run_dir, wall_start)
+    except KeyboardInterrupt as err:
+        raise interrupted(err, name, run_dir, cfg.run.name is not None) from None
+
+
+def _train(cfg: JobConfig, address: str | None, name: str, run_dir: str, wall_start: float) -> str:
     cluster.connect(address)
+    interrupt.install()  # ray.init replaced the SIGTERM handler
     cluster.plan(cfg.scaling)  # fail fast, before reading any data
     cluster.skip_preemption_watcher(cfg.scaling)
     prepared = prepare(cfg.data, with_test=False, keep_ids=False)  # test split: after training
     log.info("data: %s  classes=%d  channels=%d  size=%d  bad images skipped=%d", prepared.counts,
              prepared.spec.num_classes, prepared.spec.channels, prepared.spec.image_size, prepared.bad_images)
     check_batch(cfg, prepared.counts)
+    lock = RunLock(run_dir, "run", name)
     try:
+        lock.acquire()  # a second driver on this run stops here (RunLockedError)
+        check_run_dir(run_dir, name)  # again: it may have finished while this driver read its data
         storage.makedirs(run_dir)
         write_meta(run_dir, cfg, name)
     except OSError as err:
+        lock.release()
         raise UserError(f"run.storage_path: cannot write to {run_dir} ({err}); choose a writable "
                         "run.storage_path (shared storage for multi-node clusters)") from None
+    except BaseException:
+        lock.release()
+        raise
+    with lock:
+        return _fit_and_test(cfg, name, run_dir, prepared, wall_start)
+
+
+def _fit_and_test(cfg: JobConfig, name: str, run_dir: str, prepared, wall_start: float) -> str:
     trainer = build_trainer(cfg, name, {"train": prepared.train, "val": prepared.val}, prepared.spec,
                             prepared.counts, run_dir)
     result = fit(trainer, run_dir)
     if result.error is not None:
         raise result.error
+    check_finite(result.return_value, name, cfg.run.name is not None)
     ckpt = chosen_checkpoint(result, cfg.train.evaluate)
     history = [m for m in result.return_value or []] or storage_history(run_dir)
     device = torch.device("cuda" if cfg.scaling.use_gpu and torch.cuda.is_available() else "cpu")

@@ -16,6 +16,7 @@ import csv
 import io
 import logging
 import math
+import os
 import re
 import time
 from datetime import datetime
@@ -27,21 +28,23 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from ray import tune
 from ray.tune.integration.ray_train import TuneReportCallback
 
-from emergence_ray import cluster, storage
-from emergence_ray.config import JobConfig, to_dict, validate
+from emergence_ray import cluster, interrupt, storage
+from emergence_ray.config import MAX_SEED, MAX_WORKERS, JobConfig, to_dict, validate
 from emergence_ray.data.pipeline import prepare
 from emergence_ray.errors import ConfigError, ResourceError, RunExistsError, UserError
 from emergence_ray.report import evaluate_checkpoint
-from emergence_ray.trainer import build_trainer, storage_history, write_meta
+from emergence_ray.runlock import RunLock
+from emergence_ray.trainer import build_trainer, check_finite, storage_history, write_meta
 
 log = logging.getLogger("emergence_ray")
 TRIAL_CPU = 0.01  # what a trial function itself reserves (0 is rejected by Tune)
+SPACE_MAX = 10.0  # the upper bound of optim.lr and optim.weight_decay (config.py)
 
 
 class Space(BaseModel):
     """One hyperparameter's search space: a log-uniform range, or an explicit grid / choice list."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
     loguniform: tuple[float, float] | None = None
     grid: list[float] | None = None
     choice: list[float] | None = None
@@ -51,11 +54,11 @@ class Space(BaseModel):
         given = [k for k in ("loguniform", "grid", "choice") if getattr(self, k) is not None]
         if len(given) != 1:
             raise ValueError("give exactly one of loguniform: [low, high], grid: [...], choice: [...]")
-        if self.loguniform and not 0 < self.loguniform[0] < self.loguniform[1]:
-            raise ValueError("loguniform needs 0 < low < high")
+        if self.loguniform and not 0 < self.loguniform[0] < self.loguniform[1] <= SPACE_MAX:
+            raise ValueError(f"loguniform needs 0 < low < high <= {SPACE_MAX:g}")
         values = self.grid or self.choice or []
-        if any(v < 0 for v in values):
-            raise ValueError("values must be >= 0")
+        if any(not 0 <= v <= SPACE_MAX for v in values):
+            raise ValueError(f"values must be in [0, {SPACE_MAX:g}]")
         return self
 
     def sampler(self, seed_offset: int = 0) -> Any:
@@ -69,23 +72,24 @@ class Space(BaseModel):
 class SchedulerSection(BaseModel):
     model_config = ConfigDict(extra="forbid")
     name: Literal["asha", "none"] = "asha"
-    grace_period: int = Field(1, gt=0, description="epochs before a trial can be stopped")
-    reduction_factor: int = Field(2, ge=2)
+    grace_period: int = Field(1, gt=0, le=100_000, description="epochs before a trial can be stopped")
+    reduction_factor: int = Field(2, ge=2, le=100)
 
 
 class TuneSection(BaseModel):
     model_config = ConfigDict(extra="forbid")
     lr: Space = Field(default_factory=lambda: Space(loguniform=(1e-4, 1e-2)))
     weight_decay: Space = Field(default_factory=lambda: Space(loguniform=(1e-5, 1e-1)))
-    num_samples: int = Field(8, gt=0, description="random samples (each grid point counts once per sample)")
-    max_concurrent_trials: int = Field(2, gt=0)
-    num_workers: int | None = Field(None, gt=0, description="workers per trial; default scaling.num_workers")
+    num_samples: int = Field(8, gt=0, le=100_000, description="random samples (each grid point counts once per sample)")
+    max_concurrent_trials: int = Field(2, gt=0, le=10_000)
+    num_workers: int | None = Field(None, gt=0, le=MAX_WORKERS,
+                                    description="workers per trial; default scaling.num_workers")
     metric: Literal["val_accuracy", "val_loss"] = "val_accuracy"
     mode: Literal["max", "min"] = "max"
     scheduler: SchedulerSection = Field(default_factory=SchedulerSection)
     search: Literal["random", "grid"] = "random"
     include_default: bool = Field(False, description="also run the job's own optim.lr / optim.weight_decay first")
-    seed: int = 0
+    seed: int = Field(0, ge=0, le=MAX_SEED)
 
     @model_validator(mode="after")
     def _consistent(self) -> TuneSection:
@@ -132,6 +136,7 @@ def _trial(config: dict, job: dict, sweep: str, sweep_dir: str, num_workers: int
     result = trainer.fit()
     if result.error is not None:
         raise result.error
+    check_finite(result.return_value, name, True)  # a diverged trial is an ERROR row, not "stopped early"
 
 
 def plan_trials(cfg: JobConfig, section: TuneSection, resources: dict[str, float] | None = None,
@@ -193,12 +198,38 @@ def tune_run(cfg: JobConfig, address: str | None = None) -> str:
     sweep = cfg.run.name or f"sweep-{cfg.data.source}-{cfg.model.name}-{datetime.now():%Y%m%d-%H%M%S}"
     storage_path = storage.resolve(cfg.run.storage_path)
     sweep_dir = storage.join(storage_path, sweep)
+    check_sweep_dir(sweep_dir, sweep)
+    lock = RunLock(sweep_dir, "sweep", sweep)
+    try:
+        with interrupt.handling():
+            return _sweep(cfg, address, section, sweep, storage_path, sweep_dir, wall_start, lock)
+    except KeyboardInterrupt as err:
+        out = err if isinstance(err, interrupt.Interrupted) else interrupt.Interrupted()
+        rerun = "re-run the same command" + ("" if cfg.run.name else f" with --set run.name={sweep}")
+        out.message = (f"interrupted; {rerun} to resume the sweep (finished trials are kept, unfinished ones "
+                       "resume from their last checkpoint)" if storage.exists(sweep_dir)
+                       else "interrupted before the sweep started; nothing was written")
+        raise out from None
+    finally:
+        lock.release()
+
+
+def check_sweep_dir(sweep_dir: str, sweep: str) -> None:
     if storage.exists(storage.join(sweep_dir, "best.json")):
         raise RunExistsError(f"sweep {sweep!r} already finished ({sweep_dir}/best.json exists) and is never "
                              "overwritten; choose a new run.name")
+
+
+def _sweep(cfg: JobConfig, address: str | None, section: TuneSection, sweep: str, storage_path: str,
+           sweep_dir: str, wall_start: float, lock: RunLock) -> str:
     cluster.connect(address)
+    interrupt.install()  # ray.init replaced the SIGTERM handler
+    # Tune's own SIGINT handler would end the sweep early and return as if it had finished
+    os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"
     concurrent, workers, cpw = plan_trials(cfg, section)
     prepared = prepare(cfg.data, keep_ids=False)
+    lock.acquire()  # a second driver on this sweep stops here (RunLockedError)
+    check_sweep_dir(sweep_dir, sweep)  # again: it may have finished while this driver read its data
     storage.makedirs(sweep_dir)
     write_meta(sweep_dir, cfg, sweep)
     datasets = {"train": prepared.train, "val": prepared.val}

@@ -146,6 +146,14 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> list[dict]:
         v = evaluate(bare, val_data.epoch(epoch), device, cfg.train.bf16)
         sums = _reduce([t.loss_sum, t.correct, t.count, v.loss_sum, v.correct, v.count], device)
         (seconds,) = _reduce([t.seconds], device, dist.ReduceOp.MAX)
+        # every rank gets the same answer, so all stop together (a lone rank leaving would hang DDP)
+        (bad_step,) = _reduce([t.nonfinite_step if t.nonfinite_step >= 0 else math.inf], device, dist.ReduceOp.MIN)
+        if math.isfinite(bad_step) or not math.isfinite(sums[0]):
+            # not reported: the last checkpoint stays the last good epoch; the driver raises the error
+            return history + [{"nonfinite": {
+                "epoch": epoch + 1, "step": int(bad_step) + 1 if math.isfinite(bad_step) else steps_per_epoch,
+                "steps": steps_per_epoch, "value": "nan" if math.isnan(sums[0]) else "infinite",
+                "lr": cfg.optim.lr}}]
         metrics = {
             "epoch": epoch + 1,
             "train_loss": sums[0] / max(1, sums[2]),

@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import io
 import json
+import re
 import os
 import struct
 import subprocess
@@ -177,3 +178,17 @@ def can_lower_niceness() -> bool:
     """Whether processes here may lower their nice value (root, CAP_SYS_NICE or RLIMIT_NICE)."""
     probe = "import os; os.nice(1); os.setpriority(os.PRIO_PROCESS, 0, 0)"
     return subprocess.run([sys.executable, "-c", probe], capture_output=True).returncode == 0
+
+
+def error_lines(text: str) -> list[str]:
+    return [line for line in text.splitlines() if line.startswith("error:")]
+
+
+RAY_FORWARDED = re.compile(r"^(\x1b\[\d+m)?\(\w+ pid=\d+")  # a Ray actor's or worker's line, forwarded
+
+
+def own_traceback(text: str) -> bool:
+    """A traceback printed by the command itself. Train's PlacementGroupCleaner actor prints one of
+    its own on machines running several Rays ("Found multiple active Ray instances"), forwarded
+    with its `(PlacementGroupCleaner pid=N)` prefix; not this command's doing."""
+    return any("Traceback" in line for line in text.splitlines() if not RAY_FORWARDED.match(line))

@@ -83,6 +83,10 @@ CASES = {
     "GPUs on a CPU cluster": (["scaling.use_gpu=true"], ["needs 2 GPUs; the cluster has 0"]),
     "unwritable storage path": (["run.storage_path={a_file}/runs"], ["cannot write", "run.storage_path"]),
     "finished run name": (["run.name=existing"], ["already finished", "new run.name"]),
+    "absurd lr": (["optim.lr=1e6"], ["optim.lr", "allowed: 0 < optim.lr <= 10"]),
+    "NaN lr": (["optim.lr=.nan"], ["optim.lr: Input should be a finite number", "allowed: 0 < optim.lr <= 10"]),
+    "absurd batch size": (["train.batch_size=1000000000"], ["train.batch_size", "<= 65536"]),
+    "infinite cpus per worker": (["scaling.cpus_per_worker=.inf"], ["scaling.cpus_per_worker", "finite number"]),
 }
 
 
@@ -155,3 +159,111 @@ def test_non_image_files_skipped_and_counted(ray_session, bad_data, tmp_path):
 
     p = prepare(DataConfig(source="imagefolder", path=str(bad_data["strays"]), on_bad_image="skip"))
     assert p.bad_images == 1 and sum(p.counts.values()) == 200
+
+
+# command-line options: (arguments after the command, expected fragments); {ckpt} is a real checkpoint,
+# {out} an empty folder, {file} an existing file
+OPTIONS = {
+    "predict --top-k 0": (["predict", "--checkpoint", "{ckpt}", "--output", "{out}/p.parquet", "--top-k", "0"],
+                          ["--top-k", "give a whole number >= 1"]),
+    "predict --top-k above the classes": (["predict", "--checkpoint", "{ckpt}", "--output", "{out}/p.parquet",
+                                           "--top-k", "11"], ["--top-k 11", "10 classes; give 1..10"]),
+    "predict --actors 0": (["predict", "--checkpoint", "{ckpt}", "--output", "{out}/p.parquet", "--actors", "0"],
+                           ["--actors", ">= 1"]),
+    "predict --actors beyond the cluster": (["predict", "--checkpoint", "{ckpt}", "--output", "{out}/p.parquet",
+                                             "--actors", "5"], ["--actors 5 needs 2.5 CPUs", "Give --actors 1..2"]),
+    "predict --split unknown": (["predict", "--checkpoint", "{ckpt}", "--output", "{out}/p.parquet", "--split",
+                                 "validation"], ["--split", "invalid choice"]),
+    "predict --output existing": (["predict", "--checkpoint", "{ckpt}", "--output", "{file}"],
+                                  ["already exists and is never overwritten"]),
+    "predict --output in a missing folder": (["predict", "--checkpoint", "{ckpt}", "--output",
+                                              "{out}/no/such/p.parquet"], ["does not exist"]),
+    "predict --output of another format": (["predict", "--checkpoint", "{ckpt}", "--output", "{out}/p.txt"],
+                                           [".parquet or .csv"]),
+    "predict --checkpoint missing": (["predict", "--checkpoint", "{out}/nothing", "--output", "{out}/p.parquet"],
+                                     ["no such directory"]),
+    "evaluate --output a file": (["evaluate", "--checkpoint", "{ckpt}", "--output", "{file}"], ["is a file"]),
+    "unknown option": (["train", "--epochs", "3"], ["unrecognized arguments: --epochs 3"]),
+}
+
+
+@pytest.fixture(scope="module")
+def refused_options(imagefolder_run, ray_session, tmp_path_factory) -> dict[str, tuple]:
+    """Every command of OPTIONS through the real CLI, a few at a time, each with its own folder
+    (an empty `out/` plus one existing file) and the finished run's checkpoint; snapshots of both
+    before and after. -> {case: (CompletedProcess, before, after)}"""
+    ckpt = json.loads((imagefolder_run / "summary.json").read_text())["checkpoint"]
+    env = cli_env(RAY_ADDRESS=ray_session)
+
+    def run(case: str) -> tuple:
+        root = tmp_path_factory.mktemp("options")
+        out = root / "out"
+        out.mkdir()
+        existing = out / "existing.parquet"
+        existing.write_bytes(b"PAR1 not to be touched")
+        args = [a.format(ckpt=ckpt, out=out, file=existing) for a in OPTIONS[case][0]]
+        before = _snapshot(root), _snapshot(imagefolder_run)
+        proc = subprocess.run([*CLI, *args], capture_output=True, text=True, timeout=300, env=env)
+        return proc, before, (_snapshot(root), _snapshot(imagefolder_run))
+
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        return dict(zip(OPTIONS, pool.map(run, OPTIONS)))
+
+
+@pytest.mark.parametrize("case", list(OPTIONS))
+def test_bad_option_is_refused_clearly(case, refused_options):
+    proc, before, after = refused_options[case]
+    assert proc.returncode == 2, (proc.stdout + proc.stderr)[-3000:]
+    assert "Traceback" not in proc.stderr
+    (line,) = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    for fragment in OPTIONS[case][1]:
+        assert fragment in line, line
+    assert after == before  # nothing written, nothing lost
+
+
+def _numeric_keys() -> list[tuple[str, bool]]:
+    """(dotted key, holds floats) for every int/float config key, found by walking the sections."""
+    import typing
+
+    from pydantic import BaseModel
+
+    from emergence_ray.config import JobConfig
+
+    def walk(model, prefix):
+        for name, field in model.model_fields.items():
+            ann = field.annotation
+            if isinstance(ann, type) and issubclass(ann, BaseModel):
+                yield from walk(ann, f"{prefix}{name}.")
+                continue
+            flat, stack = set(), [ann]
+            while stack:
+                t = stack.pop()
+                args = typing.get_args(t)
+                if args and typing.get_origin(t) is not typing.Literal:
+                    stack += args
+                else:
+                    flat.add(t)
+            if flat & {int, float} and typing.get_origin(ann) is not tuple:
+                yield f"{prefix}{name}", float in flat
+
+    return list(walk(JobConfig, ""))
+
+
+def test_every_numeric_config_key_refuses_absurd_and_non_finite_values():
+    """A key added later without bounds fails here: 1e12 and (for floats) NaN / inf must be refused,
+    with the key named."""
+    from emergence_ray.config import load_config
+    from emergence_ray.errors import ConfigError
+
+    keys = _numeric_keys()
+    assert len(keys) >= 20 and ("optim.lr", True) in keys and ("train.batch_size", False) in keys
+    accepted = []
+    for key, is_float in keys:
+        for value in ["1000000000000", "-1000000000000"] + ([".nan", ".inf"] if is_float else []):
+            try:
+                load_config(None, [f"{key}={value}"])
+            except ConfigError as err:
+                assert key in str(err), (key, value, str(err))
+            else:
+                accepted.append(f"{key}={value}")
+    assert not accepted
