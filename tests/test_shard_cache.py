@@ -1,5 +1,5 @@
 """Worker-side ingest: torch augmentation on batches, and shards cached in worker memory or
-streamed (`emergence_ray.ingest`), checked against each other on a real local Ray."""
+streamed (`emergence_ray.data.ingest`), checked against each other on a real local Ray."""
 
 from __future__ import annotations
 
@@ -15,12 +15,12 @@ import ray.train
 import torch
 from ray.train.torch import TorchTrainer
 
-from emergence_ray.augment import BatchAugment
+from emergence_ray.data.augment import BatchAugment
 from emergence_ray.config import AugmentConfig, DataConfig, load_config
 from emergence_ray.data.transforms import DataSpec
 from emergence_ray.errors import ConfigError, DataError
-from emergence_ray.ingest import WorkerIngest, trainer_inputs, use_cache
-from emergence_ray.shards import BlockShards
+from emergence_ray.data.ingest import WorkerIngest, trainer_inputs, use_cache
+from emergence_ray.data.shards import BlockShards
 
 ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers need not import tests/
 
@@ -112,7 +112,7 @@ def test_cached_and_streamed_epochs_hold_the_same_rows():
 
 
 def _shard_rows(config):
-    from emergence_ray.ingest import WorkerIngest, worker_source
+    from emergence_ray.data.ingest import WorkerIngest, worker_source
 
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -131,14 +131,15 @@ def _shard_rows(config):
 def test_cached_shards_are_disjoint_equal_and_match_the_stream(tmp_path):
     """Cached: block refs in the loop config, no `datasets=`; streamed: `datasets=` (streaming_split)."""
     splits = {"train": _dataset(203), "val": _dataset(51)}
-    none, cached = trainer_inputs(splits, cache=True)
-    streamed, plain = trainer_inputs(splits, cache=False)
-    assert none is None and set(cached["blocks"]) == {"train", "val"} and plain == {} and streamed is splits
+    none, cached, no_config = trainer_inputs(splits, cache=True)
+    streamed, plain, data_config = trainer_inputs(splits, cache=False)
+    assert none is None and no_config is None and set(cached["blocks"]) == {"train", "val"}
+    assert plain == {} and streamed is splits and data_config is not None
     trainer = TorchTrainer(
         _shard_rows, train_loop_config={"out": str(tmp_path), "cached": cached, "stream": plain},
         scaling_config=ray.train.ScalingConfig(num_workers=2, resources_per_worker={"CPU": 0.5}),
         run_config=ray.train.RunConfig(storage_path=str(tmp_path / "runs"), name="cache"),
-        datasets=streamed)
+        datasets=streamed, dataset_config=data_config)
     trainer.fit()
     shards = [json.loads((tmp_path / f"rows_{r}.json").read_text()) for r in (0, 1)]
     assert [s[k]["kind"] for s in shards for k in ("cached", "stream")] == ["cached", "stream"] * 2
