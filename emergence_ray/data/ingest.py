@@ -62,11 +62,13 @@ def trainer_inputs(datasets: dict[str, ray.data.Dataset], cache: bool) -> tuple[
     """Driver: (TorchTrainer `datasets=`, entries for the train loop config, `dataset_config=`).
     Cached splits travel as `BlockShards` in the loop config; streamed ones through `datasets=`,
     each split by `streaming_split(equal=True)` (every worker the same number of rows, at most
-    world - 1 dropped), within Ray Data's object-store budget (DataContext's limits, by default
+    world - 1 dropped; val whole, read by rank 0 alone), within Ray Data's object-store budget (DataContext's limits, by default
     half of the store)."""
     if cache:
         return None, {"blocks": {name: BlockShards.of(ds) for name, ds in datasets.items()}}, None
-    return datasets, {}, ray.train.DataConfig(datasets_to_split="all")
+    # val is not split: streaming_split(equal=True) would drop up to world - 1 of its images, so
+    # rank 0 evaluates all of it (WorkerIngest) and the others skip it
+    return datasets, {}, ray.train.DataConfig(datasets_to_split=["train"])
 
 
 def worker_source(loop_config: dict, split: str):
@@ -158,6 +160,8 @@ class WorkerIngest:
             yield batch
 
     def _from_stream(self, gen: torch.Generator) -> Iterator[dict]:
+        if not self.equal and self.rank != 0:  # an unsplit validation stream: rank 0 evaluates it all
+            return
         shuffle = {}
         if self.shuffle:
             shuffle = {"local_shuffle_buffer_size": STREAM_SHUFFLE_BATCHES * self.batch_size,
