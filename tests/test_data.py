@@ -209,7 +209,7 @@ def label_refusals(ray_session, label_data, tmp_path_factory) -> dict:
         args = ["train", "--set", f"run.storage_path={storage}"]
         for o in LABEL_CASES[case][0]:
             args += ["--set", o.format(**{k: str(v) for k, v in label_data.items()})]
-        proc = subprocess.run([*CLI, *args], capture_output=True, text=True, timeout=300,
+        proc = subprocess.run([*CLI, *args], capture_output=True, text=True, timeout=600,
                               env=cli_env(RAY_ADDRESS=ray_session))
         return proc, sorted(storage.rglob("*"))
 

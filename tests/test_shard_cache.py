@@ -174,3 +174,43 @@ def test_block_shards_read_only_their_rows_across_blocks():
     assert list(val.epoch(0)) == []  # validation: a rank without rows evaluates nothing
     assert [len(b["label"]) for b in WorkerIngest(shards, 8, torch.device("cpu"), rank=39, world=40,
                                                   equal=False).epoch(0)] == [1]
+
+
+# ---------------------------------------------------------------- device transform (imagenet policy)
+
+
+def test_random_resized_crop_boxes_follow_scale_and_ratio():
+    from emergence_ray.data.augment import random_resized_crop_boxes
+
+    gen = torch.Generator().manual_seed(0)
+    boxes = random_resized_crop_boxes(4000, 64, (0.2, 0.6), (3 / 4, 4 / 3), gen)
+    x0, y0, w, h = boxes.unbind(1)
+    assert (x0 >= 0).all() and (y0 >= 0).all() and (x0 + w <= 64).all() and (y0 + h <= 64).all()
+    area = w * h / 64**2
+    assert area.min() > 0.17 and area.max() < 0.64  # the scale range, up to rounding of w and h
+    assert ((w / h) > 0.7).all() and ((w / h) < 1.43).all()
+    assert area.std() > 0.08 and x0.float().std() > 5  # spread, not one fixed box
+    again = random_resized_crop_boxes(4000, 64, (0.2, 0.6), (3 / 4, 4 / 3), torch.Generator().manual_seed(0))
+    assert torch.equal(boxes, again)  # seeded: a resumed epoch repeats its crops
+
+
+def test_imagenet_policy_centre_crops_for_eval_and_crops_flips_for_training():
+    from emergence_ray.data.augment import DeviceTransform
+
+    spec = DataSpec(3, 8, ["a", "b"], mean=[0.5, 0.5, 0.5], std=[0.25, 0.25, 0.25], policy="imagenet", load_size=10)
+    x = torch.randint(0, 256, (16, 3, 10, 10), dtype=torch.uint8)
+    ev = DeviceTransform(spec)(x)
+    assert ev.shape == (16, 3, 8, 8) and ev.dtype == torch.float32
+    assert torch.allclose(ev, (x[:, :, 1:9, 1:9].float() / 255 - 0.5) / 0.25, atol=1e-5)  # the centre 8 of 10
+    whole = AugmentConfig(policy="imagenet", scale=(1.0, 1.0), ratio=(1.0, 1.0), flip=False)
+    tr = DeviceTransform(spec, whole, train=True)(x, torch.Generator().manual_seed(0))
+    assert tr.shape == (16, 3, 8, 8)
+    # scale 1, ratio 1: the whole 10x10 image resized to 8x8, the same as torch's bilinear resize
+    ref = torch.nn.functional.interpolate(x.float(), size=(8, 8), mode="bilinear", align_corners=False)
+    assert torch.allclose(tr, (ref / 255 - 0.5) / 0.25, atol=1e-4)
+    flip = AugmentConfig(policy="imagenet", scale=(1.0, 1.0), ratio=(1.0, 1.0))  # flip: on by policy default
+    out = DeviceTransform(spec, flip, train=True)(x, torch.Generator().manual_seed(1))
+    plain = (ref / 255 - 0.5) / 0.25
+    mirrored = [torch.allclose(out[i], plain[i].flip(2), atol=1e-4) for i in range(16)]
+    same = [torch.allclose(out[i], plain[i], atol=1e-4) for i in range(16)]
+    assert all(m or s for m, s in zip(mirrored, same)) and 0 < sum(mirrored) < 16
