@@ -114,7 +114,6 @@ def service_epochs(base, spec, batch_size: int, repeats: int) -> dict:
 
 def ray_pipelines(source: str, path: Path, repeats: int) -> dict:
     """Cold (decode every pass) and the service's epochs (materialized base) in Ray Data."""
-    import torch
 
     from emergence_ray.data.augment import DeviceTransform
     from emergence_ray.data import pipeline
@@ -124,11 +123,10 @@ def ray_pipelines(source: str, path: Path, repeats: int) -> dict:
     raw = SOURCES[source](cfg)
     spec = pipeline.resolve_spec(raw, cfg)
     aug = DeviceTransform(spec, cfg.augment, train=True)
-    dtypes = {"label": torch.int64}
 
     def cold():
         ds = pipeline.decoded(raw.train, spec, cfg, keep_ids=False)
-        batches = ds.select_columns(["image", "label"]).iter_torch_batches(batch_size=BATCH, dtypes=dtypes,
+        batches = ds.select_columns(["image", "label"]).iter_torch_batches(batch_size=BATCH,
                                                                            prefetch_batches=2)
         return ({"image": aug(b["image"]), "label": b["label"]} for b in batches)
 

@@ -95,8 +95,8 @@ def evaluate_checkpoint(ckpt_dir: str, test_ds, out_dir: str, device: torch.devi
     state = checkpoint.load(ckpt_dir)
     device = device or torch.device("cpu")
     to_model = DeviceTransform(DataSpec.from_dict(state["spec"]))  # uint8 -> normalized, centre crop
-    batches = test_ds.select_columns(["image", "label"]).iter_torch_batches(
-        batch_size=512, dtypes={"label": torch.int64}, device=device)
-    report = evaluate_batches(state, ({"image": to_model(b["image"]), "label": b["label"]} for b in batches), device)
+    batches = test_ds.select_columns(["image", "label"]).iter_torch_batches(batch_size=512, device=device)
+    report = evaluate_batches(state, ({"image": to_model(b["image"]), "label": b["label"].long()} for b in batches),
+                              device)
     write_report(report, out_dir, ckpt_dir)
     return report

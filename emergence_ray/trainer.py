@@ -23,6 +23,7 @@ import ray
 import ray.train
 import torch
 import yaml
+from ray.data.dataset import MaterializedDataset
 from ray.train.torch import TorchTrainer
 
 from emergence_ray import __version__, cluster, storage
@@ -144,7 +145,7 @@ def build_trainer(cfg: JobConfig, name: str, datasets: dict, spec, counts: dict,
     resources = {"CPU": placement.cpus_per_worker}
     if placement.gpus_per_worker:
         resources["GPU"] = placement.gpus_per_worker
-    cache = isinstance(datasets["train"], ray.data.MaterializedDataset)
+    cache = isinstance(datasets["train"], MaterializedDataset)  # prepare() materialized it: cached
     # cached splits go as block refs in the loop config, streamed ones through datasets=
     trainer_datasets, handoff, dataset_config = trainer_inputs({"train": datasets["train"], "val": datasets["val"]},
                                                                cache)

@@ -124,3 +124,24 @@ def test_imagefolder_many_times_the_object_store_streams_without_spilling(tmp_pa
     assert_exactly_once(run_dir, 2, train_ids, world=2)
     val = [i for ids in seen_ids(run_dir, "val", 0).values() for i in ids]
     assert len(val) == len(set(val)) == summary["images"]["val"]  # validation: every image once
+
+
+def test_stream_benchmark_smoke(ray_session, tmp_path):
+    """benchmarks/stream.py on a few photo crops: both ingest paths run the same decode and device
+    transform and report a rate; the results file renders."""
+    from benchmarks import common, stream
+
+    folder = stream.make_folder(tmp_path / "jpegs", 60, side=64)
+    assert len(list(folder.rglob("*.jpg"))) == 60 and len(list(folder.iterdir())) == 10
+    ray_rate = stream.ray_stream_rate(folder, limit_s=60)
+    loader_rate = stream.dataloader_rate(folder, procs=1, limit_s=60)
+    train = 60 - 2 * 3  # 5% val, 5% test (at least one per... stratified: 3 each)
+    for r in (ray_rate, loader_rate):
+        assert r["images_per_s"] > 0 and 0 < r["images"] <= train
+    results = {"command": "python benchmarks/stream.py", "machine": common.machine_info(), "first_step": {},
+               "ingest": {"images": 60, "procs": 1, "ray": [ray_rate["images_per_s"]],
+                          "loader": [loader_rate["images_per_s"]], "ray_median": ray_rate["images_per_s"],
+                          "loader_median": loader_rate["images_per_s"],
+                          "ratio": ray_rate["images_per_s"] / loader_rate["images_per_s"]}}
+    text = stream.render(results)
+    assert "Ray Data / DataLoader" in text and "Git revision" in text

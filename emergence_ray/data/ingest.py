@@ -61,9 +61,9 @@ def record_ids() -> bool:
 def trainer_inputs(datasets: dict[str, ray.data.Dataset], cache: bool) -> tuple[dict | None, dict, object]:
     """Driver: (TorchTrainer `datasets=`, entries for the train loop config, `dataset_config=`).
     Cached splits travel as `BlockShards` in the loop config; streamed ones through `datasets=`,
-    each split by `streaming_split(equal=True)` (every worker the same number of rows, at most
-    world - 1 dropped; val whole, read by rank 0 alone), within Ray Data's object-store budget (DataContext's limits, by default
-    half of the store)."""
+    train split by `streaming_split(equal=True)` (every worker the same number of rows, at most
+    world - 1 dropped; val whole, read by rank 0 alone), within Ray Data's object-store budget
+    (DataContext's limits, by default half of the store)."""
     if cache:
         return None, {"blocks": {name: BlockShards.of(ds) for name, ds in datasets.items()}}, None
     # val is not split: streaming_split(equal=True) would drop up to world - 1 of its images, so
