@@ -63,10 +63,11 @@ class DataConfig(_Section):
     limit: int | None = Field(None, gt=0, description="use at most this many training images (smoke runs)")
     augment: AugmentConfig = Field(default_factory=AugmentConfig)
     ingest: Literal["auto", "cache", "stream"] = Field(
-        "auto", description="cache: each worker holds its shard in memory after one read (epochs cost Ray Data "
-                            "nothing); stream: read it through Ray Data every epoch; auto: cache when it fits")
-    cache_gb_per_worker: float = Field(4.0, gt=0, description="auto caches when a worker's train + val shard "
-                                                               "is at most this many GiB")
+        "auto", description="cache: each worker holds its shard in memory (uint8) after one read (epochs cost "
+                            "Ray Data nothing); stream: Ray Data reads, decodes and streams it every epoch, "
+                            "nothing materialized (any size); auto: cache when it fits")
+    cache_gb_per_worker: float = Field(4.0, gt=0, description="auto caches when a worker's train + val shard, "
+                                                               "as decoded uint8 images, is at most this many GiB")
 
     @model_validator(mode="after")
     def _path_needed(self) -> DataConfig:

@@ -293,7 +293,7 @@ def label_codes(values: pa.Array, codes: dict[str, int] | None, where: str = "da
     if values.null_count:
         i = int(np.flatnonzero(values.is_null().to_numpy(zero_copy_only=False))[0])
         raise bad(i, "is empty (null)", "give every row a label, or drop the unlabelled rows")
-    if pa.types.is_string(values.type) or pa.types.is_large_string(values.type) or pa.types.is_dictionary(values.type):
+    if _is_text(values.type):
         names = [str(v) for v in values.to_pylist()]
         if codes is None:
             raise DataError(f"{where}: string labels need class names; this is a bug")
@@ -474,40 +474,42 @@ def _check_schema(fs: pafs.FileSystem, files: list[str], cfg: DataConfig, where:
     return schema
 
 
-def _label_table(fs: pafs.FileSystem, files: list[str], cfg: DataConfig) -> pd.DataFrame:
+def _label_table(fs: pafs.FileSystem, files: list[str], cfg: DataConfig) -> pa.Table:
     """(path, row_hash, label) of every row, through Ray Data and the label column only: no image
     bytes are read. Sorted, so the seeded split does not depend on the order tasks finish in."""
     with _parquet_v1():
         ds = ray.data.read_parquet(files, filesystem=fs, columns=[cfg.label_column], include_paths=True,
                                    include_row_hash=True)
-    tables = [ray.get(ref) for ref in ds.to_arrow_refs()]
-    table = pa.concat_tables(tables) if tables else pa.table({"path": [], "row_hash": [], cfg.label_column: []})
-    frame = pd.DataFrame({"path": table.column("path").to_pylist(), "row_hash": table.column("row_hash").to_numpy(),
-                          "label": table.column(cfg.label_column).to_pylist()})
-    frame = frame.sort_values(["path", "row_hash"], kind="stable").reset_index(drop=True)
-    frame.attrs["type"] = table.schema.field(cfg.label_column).type
-    return frame
+    tables = [t for t in (ray.get(ref) for ref in ds.to_arrow_refs()) if t.num_rows]
+    if not tables:
+        raise DataError(f"{files[0]}: no rows; point data.path at a dataset with images")
+    table = pa.concat_tables([t.select(["path", "row_hash", cfg.label_column]) for t in tables])
+    table = table.rename_columns(["path", "row_hash", "label"])
+    return table.sort_by([("path", "ascending"), ("row_hash", "ascending")])
 
 
-def _codes_of(frames: dict[str, pd.DataFrame], cfg: DataConfig) -> tuple[list[str], dict[str, int] | None]:
+def _is_text(kind: pa.DataType) -> bool:
+    return pa.types.is_string(kind) or pa.types.is_large_string(kind) or pa.types.is_dictionary(kind)
+
+
+def _codes_of(frames: dict[str, pa.Table], cfg: DataConfig) -> tuple[list[str], dict[str, int] | None]:
     """Class names, and name -> index when the labels are strings (sorted names, or data.class_names)."""
-    kind = frames["train"].attrs["type"]
-    if pa.types.is_string(kind) or pa.types.is_large_string(kind) or pa.types.is_dictionary(kind):
+    if _is_text(frames["train"].schema.field("label").type):
         if cfg.class_names:
             names = list(cfg.class_names)
         else:
-            names = sorted({str(v) for v in frames["train"]["label"] if v is not None})
+            names = sorted({str(v) for v in frames["train"].column("label").to_pylist() if v is not None})
         return names, {n: i for i, n in enumerate(names)}
     return [], None
 
 
-def _encoded(frame: pd.DataFrame, codes: dict[str, int] | None, where: str) -> np.ndarray:
-    values = pa.array(frame["label"].tolist(), type=frame.attrs["type"])
+def _encoded(frame: pa.Table, codes: dict[str, int] | None, where: str) -> np.ndarray:
+    paths = frame.column("path")
 
     def row_name(i: int) -> str:  # rows are sorted by (path, row hash), not file order: name the file
-        return str(frame["path"].iloc[i])
+        return str(paths[i].as_py())
 
-    return label_codes(values, codes, where, row_name)
+    return label_codes(frame.column("label").combine_chunks(), codes, where, row_name)
 
 
 def _find_split_file(fs: pafs.FileSystem, root: str, split: str) -> str | None:
@@ -551,11 +553,12 @@ def parquet(cfg: DataConfig) -> RawSplits:
     parts = split_indices(y, 0.0 if "val" in given else cfg.val_fraction,
                           0.0 if "test" in given else cfg.test_fraction, cfg.split_seed)
     check_learnable(y[parts["train"]], names, given["train"])
-    hashes = frames["train"]["row_hash"].to_numpy(np.uint64)
+    hashes = frames["train"].column("row_hash").to_numpy().astype(np.uint64)
     splits = {}
     for s in ("train", "val", "test"):
         if s in given and s != "train":
-            splits[s] = ParquetSplit(fs, files[s], cfg.image_column, cfg.label_column, None, len(frames[s]), codes)
+            splits[s] = ParquetSplit(fs, files[s], cfg.image_column, cfg.label_column, None, frames[s].num_rows,
+                                     codes)
         else:
             keep = hashes[parts[s]]  # train: the seeded order, so data.limit takes a random subset
             splits[s] = ParquetSplit(fs, files["train"], cfg.image_column, cfg.label_column,
