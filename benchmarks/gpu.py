@@ -185,7 +185,7 @@ def time_to_accuracy(args: argparse.Namespace, env: Env) -> dict:
 
     x, y = normalize(images), torch.from_numpy(labels).to(env.device)
     tx, ty = normalize(test_x[env.rank::env.world]), torch.from_numpy(test_y[env.rank::env.world]).to(env.device)
-    from emergence_ray.augment import BatchAugment
+    from emergence_ray.data.augment import BatchAugment
 
     aug = BatchAugment(2, True, [-mean[0] / std[0]])
     bs = args.batch_size

@@ -95,18 +95,18 @@ def service_epochs(base, spec, batch_size: int, repeats: int) -> dict:
     (`iter_torch_batches`) and cached in memory, both augmented by `BatchAugment` in torch."""
     import torch
 
-    from emergence_ray.augment import BatchAugment
+    from emergence_ray.data.augment import DeviceTransform
     from emergence_ray.config import AugmentConfig
-    from emergence_ray.ingest import WorkerIngest
-    from emergence_ray.shards import BlockShards
+    from emergence_ray.data.ingest import WorkerIngest
+    from emergence_ray.data.shards import BlockShards
 
-    aug = BatchAugment.from_config(AugmentConfig(crop_padding=2, flip=True), spec)
+    aug = DeviceTransform(spec, AugmentConfig(crop_padding=2, flip=True), train=True)
     device = torch.device("cpu")
-    stream = WorkerIngest(base, batch_size, device, shuffle=True, augment=aug)
+    stream = WorkerIngest(base, batch_size, device, shuffle=True, transform=aug)
     epochs = itertools.count()  # a new epoch number (fresh order and crops) for every pass
     out = {"stream": _repeat(lambda: stream.epoch(next(epochs)), repeats)}
     t = time.perf_counter()
-    cached = WorkerIngest(BlockShards.of(base), batch_size, device, shuffle=True, augment=aug)
+    cached = WorkerIngest(BlockShards.of(base), batch_size, device, shuffle=True, transform=aug)
     cached.load()
     out["cache"] = {**_repeat(lambda: cached.epoch(next(epochs)), repeats), "load_s": time.perf_counter() - t}
     return out
@@ -114,27 +114,24 @@ def service_epochs(base, spec, batch_size: int, repeats: int) -> dict:
 
 def ray_pipelines(source: str, path: Path, repeats: int) -> dict:
     """Cold (decode every pass) and the service's epochs (materialized base) in Ray Data."""
-    import torch
 
-    from emergence_ray.augment import BatchAugment
+    from emergence_ray.data.augment import DeviceTransform
     from emergence_ray.data import pipeline
     from emergence_ray.data.sources import SOURCES
-    from emergence_ray.data.transforms import Preprocess
 
     cfg = data_config(source, path)
     raw = SOURCES[source](cfg)
     spec = pipeline.resolve_spec(raw, cfg)
-    aug = BatchAugment.from_config(cfg.augment, spec)
-    dtypes = {"image": torch.float32, "label": torch.int64}
+    aug = DeviceTransform(spec, cfg.augment, train=True)
 
     def cold():
-        ds = raw.train.map_batches(Preprocess(spec), batch_format="numpy", batch_size=pipeline.MAP_BATCH)
-        batches = ds.select_columns(["image", "label"]).iter_torch_batches(batch_size=BATCH, dtypes=dtypes,
+        ds = pipeline.decoded(raw.train, spec, cfg, keep_ids=False)
+        batches = ds.select_columns(["image", "label"]).iter_torch_batches(batch_size=BATCH,
                                                                            prefetch_batches=2)
         return ({"image": aug(b["image"]), "label": b["label"]} for b in batches)
 
     t = time.perf_counter()
-    base, _ = pipeline.preprocess(raw.train, spec, cfg, keep_ids=False)
+    base = pipeline.decoded(raw.train, spec, cfg, keep_ids=False).materialize()
     materialize_s = time.perf_counter() - t
     epochs = service_epochs(base, spec, BATCH, repeats)
     return {"cold": _repeat(cold, repeats), "stream": {**epochs["stream"], "materialize_s": materialize_s},
@@ -172,12 +169,12 @@ class _Collate:
     """collate_fn running the service's transforms on a whole batch, inside the loader worker."""
 
     def __init__(self, spec, padding: int, flip: bool):
-        from emergence_ray.augment import BatchAugment
+        from emergence_ray.data.augment import DeviceTransform
         from emergence_ray.config import AugmentConfig
-        from emergence_ray.data.transforms import Preprocess
+        from emergence_ray.data.transforms import Decode
 
-        self.pre = Preprocess(spec, keep_ids=False)
-        self.aug = BatchAugment.from_config(AugmentConfig(crop_padding=padding, flip=flip), spec)
+        self.pre = Decode(spec, keep_ids=False)
+        self.aug = DeviceTransform(spec, AugmentConfig(crop_padding=padding, flip=flip), train=True)
 
     def __call__(self, items: list[tuple[bytes, int]]) -> dict:
         import torch

@@ -32,7 +32,9 @@ import torch  # noqa: E402
 
 from benchmarks import common  # noqa: E402
 from emergence_ray.engine import train_epoch  # noqa: E402
-from emergence_ray.ingest import WorkerIngest, worker_source  # noqa: E402
+from emergence_ray.data.augment import DeviceTransform  # noqa: E402
+from emergence_ray.data.ingest import WorkerIngest, worker_source  # noqa: E402
+from emergence_ray.data.transforms import DataSpec  # noqa: E402
 from emergence_ray.priority import apply_worker_niceness  # noqa: E402
 
 
@@ -67,7 +69,7 @@ def bench_loop_per_worker(config: dict) -> dict:
         t_shard, cached = time.time(), "memory"
     else:
         data = WorkerIngest(worker_source(config, "train"), w.batch_size, device, shuffle=True, seed=0, rank=rank,
-                            world=world)
+                            world=world, transform=DeviceTransform(DataSpec.from_dict(config["spec"])))
         data.load()
         t_shard, cached = time.time(), "cache" if data.cached else "stream"
         batches = data.epoch(0)
@@ -127,10 +129,11 @@ def _census_of_timed_steps(marks_dir: Path, out: dict, done: threading.Event) ->
 
 
 def build_dataset(w: common.Workload, world: int, fashion_path: str):
-    """-> (preprocessed, materialized train Dataset with columns image/label, its row count)."""
+    """-> (decoded (uint8), materialized train Dataset with columns image/label, its row count, its
+    DataSpec: the workers normalize on their device, as the service's do)."""
     from emergence_ray.config import DataConfig
     from emergence_ray.data import pipeline
-    from emergence_ray.data.sources import RawSplits, from_arrays
+    from emergence_ray.data.sources import ArraySplit, RawSplits
 
     rows = w.rows_per_worker() * world
     no_aug = {"crop_padding": 0, "flip": False}
@@ -140,19 +143,19 @@ def build_dataset(w: common.Workload, world: int, fashion_path: str):
         if prepared.counts["train"] < rows:
             raise ValueError(f"{fashion_path}: the train split has {prepared.counts['train']} images, "
                              f"{rows} needed; lower the step counts")
-        return prepared.train.select_columns(["image", "label"]), prepared.counts["train"]
+        return prepared.train.select_columns(["image", "label"]), prepared.counts["train"], prepared.spec
     # synthetic: one block of images per worker, as the baselines generate them
     blocks = [common.load_images(w, w.rows_per_worker(), part=r, fashion_path=fashion_path) for r in range(world)]
     import numpy as np
 
     images = np.concatenate([b[0] for b in blocks])
     labels = np.concatenate([b[1] for b in blocks])
-    ds = from_arrays(images, labels, [f"synthetic/{i}" for i in range(rows)])
+    split = ArraySplit(images, labels, [f"synthetic/{i}" for i in range(rows)])
     cfg = DataConfig(source="digits", augment=no_aug)  # source unused: the raw dataset is given
-    raw = RawSplits(train=ds, val=ds, test=ds, class_names=[str(i) for i in range(common.NUM_CLASSES)])
+    raw = RawSplits(train=split, val=split, test=split, class_names=[str(i) for i in range(common.NUM_CLASSES)])
     spec = pipeline.resolve_spec(raw, cfg)
-    train, _ = pipeline.preprocess(ds, spec, cfg)
-    return train.select_columns(["image", "label"]), train.count()
+    train = pipeline.decoded(split, spec, cfg, keep_ids=False).materialize()
+    return train.select_columns(["image", "label"]), train.count(), spec
 
 
 def run_ray(w: common.Workload, fashion_path: str, storage_dir: Path, num_workers: int = 2,
@@ -168,23 +171,25 @@ def run_ray(w: common.Workload, fashion_path: str, storage_dir: Path, num_worker
 
     from emergence_ray import cluster
     from emergence_ray.config import DataConfig, ScalingConfig
-    from emergence_ray.ingest import trainer_inputs, use_cache
+    from emergence_ray.data.ingest import trainer_inputs, use_cache
 
     t0 = time.time()
+    spec = None
     if ingest == "memory":
         train_ds, rows = None, w.rows_per_worker() * num_workers
     else:
-        train_ds, rows = build_dataset(w, num_workers, fashion_path)
+        train_ds, rows, spec = build_dataset(w, num_workers, fashion_path)
     t_data = time.time()
     placement = cluster.plan(ScalingConfig(num_workers=num_workers))
     if marks_dir is None:
         marks_dir = Path(storage_dir) / f"marks-{w.model}-{w.data}-{ingest}-{int(t0 * 1000)}"
         marks_dir.mkdir(parents=True)
     cluster.skip_preemption_watcher(ScalingConfig(num_workers=num_workers))  # as trainer.train does
-    datasets, handoff = None, {}
+    datasets, handoff, data_config = None, {}, None
     if train_ds is not None:  # as the service's build_trainer hands the splits over
         cache = use_cache(DataConfig(ingest=ingest), train_ds.size_bytes(), num_workers)
-        datasets, handoff = trainer_inputs({"train": train_ds}, cache)
+        datasets, handoff, data_config = trainer_inputs({"train": train_ds}, cache)
+        handoff["spec"] = spec.to_dict()
     trainer = (trainer_cls or Trainer)(
         bench_loop_per_worker,
         train_loop_config={"workload": w.to_dict(), "threads": threads, "ingest": ingest, "fashion_path": fashion_path,
@@ -194,6 +199,7 @@ def run_ray(w: common.Workload, fashion_path: str, storage_dir: Path, num_worker
         run_config=ray.train.RunConfig(name=f"bench-{w.model}-{w.data}-{int(t0)}", storage_path=str(storage_dir),
                                        logging_config=ray.train.LoggingConfig(log_level="WARNING")),
         datasets=datasets,
+        dataset_config=data_config,
     )
     t_fit = time.time()
     census: dict = {}

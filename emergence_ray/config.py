@@ -30,8 +30,25 @@ class _Section(BaseModel):
 
 
 class AugmentConfig(_Section):
-    crop_padding: int = Field(1, ge=0, le=64, description="random crop after zero padding, in pixels; 0 = off")
-    flip: bool = Field(False, description="random horizontal flip (off: digits are not mirror-symmetric)")
+    policy: Literal["small", "imagenet"] = Field(
+        "small", description="small: pad-and-crop at native size (digits, MNIST, CIFAR-like); imagenet: "
+                             "RandomResizedCrop + flip for training, shorter-side resize + centre crop for "
+                             "evaluation (photos)")
+    crop_padding: int = Field(1, ge=0, le=64, description="small: random crop after black padding, in pixels; 0 = off")
+    flip: bool | None = Field(None, description="random horizontal flip; None = the policy's default (small: off, "
+                                                "digits are not mirror-symmetric; imagenet: on)")
+    scale: tuple[float, float] = Field((0.08, 1.0), description="imagenet: RandomResizedCrop area fraction range")
+    ratio: tuple[float, float] = Field((3 / 4, 4 / 3), description="imagenet: RandomResizedCrop aspect range")
+    crop_fraction: float = Field(0.875, gt=0.1, le=1.0, description="imagenet: evaluation crop / resized shorter "
+                                                                    "side (224 of 256)")
+
+    @model_validator(mode="after")
+    def _ranges(self) -> AugmentConfig:
+        if not (0 < self.scale[0] <= self.scale[1] <= 1):
+            raise ValueError("data.augment.scale must be [lo, hi] with 0 < lo <= hi <= 1")
+        if not (0 < self.ratio[0] <= self.ratio[1] < 100):
+            raise ValueError("data.augment.ratio must be [lo, hi] with 0 < lo <= hi")
+        return self
 
 
 class DataConfig(_Section):
@@ -49,10 +66,11 @@ class DataConfig(_Section):
     limit: int | None = Field(None, gt=0, le=10**10, description="use at most this many training images (smoke runs)")
     augment: AugmentConfig = Field(default_factory=AugmentConfig)
     ingest: Literal["auto", "cache", "stream"] = Field(
-        "auto", description="cache: each worker holds its shard in memory after one read (epochs cost Ray Data "
-                            "nothing); stream: read it through Ray Data every epoch; auto: cache when it fits")
-    cache_gb_per_worker: float = Field(4.0, gt=0, le=4096, description="auto caches when a worker's train + val shard "
-                                                               "is at most this many GiB")
+        "auto", description="cache: each worker holds its shard in memory (uint8) after one read (epochs cost "
+                            "Ray Data nothing); stream: Ray Data reads, decodes and streams it every epoch, "
+                            "nothing materialized (any size); auto: cache when it fits")
+    cache_gb_per_worker: float = Field(4.0, gt=0, le=4096, description="auto caches when a worker's train + val shard, "
+                                                               "as decoded uint8 images, is at most this many GiB")
 
     @model_validator(mode="after")
     def _path_needed(self) -> DataConfig:

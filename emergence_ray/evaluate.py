@@ -49,7 +49,7 @@ def evaluate_command(ckpt_dir: str, output: str | None, address: str | None,
         raise RunExistsError(f"{out} already holds a report.json; choose another --output")
     cluster.connect(address)
     interrupt.install()  # after ray.init, whose core worker put a crash-dump handler on SIGTERM
-    test, _bad = prepare_test(cfg.data, spec)
+    test, _listed = prepare_test(cfg.data, spec)  # streamed: decoded as it is evaluated
     device = torch.device("cuda" if cfg.scaling.use_gpu and torch.cuda.is_available() else "cpu")
     report = evaluate_checkpoint(ckpt_dir, test, out, device)
     print(report["classification_report_text"])

@@ -1,8 +1,9 @@
 """`emergence-ray predict`: batch inference of a trained checkpoint with Ray Data.
 
-Images are decoded and normalized exactly as in training (the checkpoint's DataSpec), then a pool
-of actors, each loading the model once (`torch.load(weights_only=True)`), labels them with
-`map_batches`. The output (Parquet, or CSV by extension) holds each input's id or path, the
+Images are decoded exactly as in training (the checkpoint's DataSpec) in Ray Data tasks, then a
+pool of actors, each loading the model once (`torch.load(weights_only=True)`), normalizes and labels
+them with `map_batches`. Nothing is materialized: batches stream from the files to the output
+file, which is written as they come. The output (Parquet, or CSV by extension) holds each input's id or path, the
 predicted class name and index, and the top-k classes and probabilities; it is written under a
 temporary name and renamed when complete, so a failed run leaves nothing behind. With labels
 present, the evaluation report is written too (`<output>.report/`).
@@ -27,9 +28,10 @@ import torch
 
 from emergence_ray import checkpoint, cluster, interrupt, storage
 from emergence_ray.config import JobConfig
-from emergence_ray.data.pipeline import keep_ok
-from emergence_ray.data.sources import SOURCES, filesystem
-from emergence_ray.data.transforms import IMAGE_EXTENSIONS, DataSpec, Preprocess
+from emergence_ray.data.augment import DeviceTransform
+from emergence_ray.data.pipeline import decoded
+from emergence_ray.data.sources import SOURCES, ParquetSplit, filesystem
+from emergence_ray.data.transforms import IMAGE_EXTENSIONS, DataSpec, Decode, keep_ok
 from emergence_ray.errors import CheckpointError, DataError, RunExistsError, UserError
 from emergence_ray.evaluate import job_for
 from emergence_ray.report import build_report, model_from_state, write_report
@@ -47,10 +49,11 @@ class Predictor:
         self.model.to(self.device)
         self.k = min(top_k, self.spec.num_classes)
         self.names = np.array(self.spec.class_names, dtype=object)
+        self.to_model = DeviceTransform(self.spec)
 
     @torch.no_grad()
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        x = torch.from_numpy(np.array(batch["image"], dtype=np.float32)).to(self.device)  # writable copy
+        x = self.to_model(torch.from_numpy(np.ascontiguousarray(batch["image"])).to(self.device))
         probs = self.model(x).float().softmax(1).cpu()
         top_p, top_i = probs.topk(self.k, dim=1)
         pred = top_i[:, 0].numpy()
@@ -73,15 +76,11 @@ def _unlabeled_images(cfg: JobConfig) -> ray.data.Dataset:
     if kind == pafs.FileType.NotFound:
         raise DataError(f"data.path {cfg.data.path!r} does not exist")
     if cfg.data.source == "parquet":
-        table = pq.read_table(root, filesystem=fs)
-        if cfg.data.image_column not in table.column_names:
-            raise DataError(f"{cfg.data.path}: no column {cfg.data.image_column!r} (columns: {table.column_names}); "
+        names = pq.read_schema(root, filesystem=fs).names
+        if cfg.data.image_column not in names:
+            raise DataError(f"{cfg.data.path}: no column {cfg.data.image_column!r} (columns: {names}); "
                             "set data.image_column")
-        images = table.column(cfg.data.image_column).combine_chunks()
-        if pa.types.is_struct(images.type):
-            images = images.field("bytes")
-        return ray.data.from_arrow(pa.table({"image": images,
-                                             "id": pa.array([f"{i}" for i in range(len(images))])}))
+        return ParquetSplit(fs, [root], cfg.data.image_column, None).dataset()
     files = [i.path for i in fs.get_file_info(pafs.FileSelector(root, recursive=True))
              if i.type == pafs.FileType.File and i.path.rsplit(".", 1)[-1].lower() in IMAGE_EXTENSIONS
              and not posixpath.basename(i.path).startswith(".")]
@@ -107,14 +106,17 @@ def _is_unlabeled(cfg: JobConfig) -> bool:
 
 
 def inputs(cfg: JobConfig, split: str, spec: DataSpec) -> ray.data.Dataset:
+    """The images to label, decoded (uint8) and streamed: nothing is materialized."""
     if _is_unlabeled(cfg):
-        return _unlabeled_images(cfg)
-    raw = SOURCES[cfg.data.source](cfg.data)
+        ds = _unlabeled_images(cfg).map_batches(Decode(spec, cfg.data.on_bad_image), batch_format="numpy",
+                                                batch_size=256)
+        return ds.map_batches(keep_ok, batch_format="numpy") if cfg.data.on_bad_image == "skip" else ds
+    raw = SOURCES[cfg.data.source](cfg.data)  # every image: no data.limit
     if raw.class_names != spec.class_names:
         raise DataError(f"the data's classes {raw.class_names} differ from the checkpoint's {spec.class_names}")
-    if split == "all":
-        return raw.train.union(raw.val, raw.test)
-    return getattr(raw, split)
+    names = ("train", "val", "test") if split == "all" else (split,)
+    parts = [decoded(getattr(raw, s), spec, cfg.data) for s in names]
+    return parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
 
 
 def _write(batches, output: str, fmt: str) -> tuple[np.ndarray, np.ndarray, int]:
@@ -194,10 +196,7 @@ def predict_command(ckpt_dir: str, output: str, address: str | None, explicit_co
     interrupt.install()  # after ray.init, whose core worker put a crash-dump handler on SIGTERM
     if not cfg.scaling.autoscaling:
         check_actors(actors, cfg.scaling.use_gpu, ray.cluster_resources())
-    ds = inputs(cfg, split, spec)
-    prep = ds.map_batches(Preprocess(spec, cfg.data.on_bad_image), batch_format="numpy", batch_size=256)
-    if cfg.data.on_bad_image == "skip":
-        prep = prep.map_batches(keep_ok, batch_format="numpy")
+    prep = inputs(cfg, split, spec)
     use_gpu = cfg.scaling.use_gpu
     preds = prep.map_batches(
         Predictor, fn_constructor_kwargs={"ckpt_dir": ckpt_dir, "top_k": top_k, "use_gpu": use_gpu},

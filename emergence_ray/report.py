@@ -14,6 +14,7 @@ import torch
 from sklearn.metrics import classification_report, confusion_matrix
 
 from emergence_ray import checkpoint, storage
+from emergence_ray.data.augment import DeviceTransform
 from emergence_ray.data.transforms import DataSpec
 from emergence_ray.engine import Batch, evaluate
 from emergence_ray.models import build_model
@@ -89,11 +90,13 @@ def evaluate_batches(state: dict[str, Any], batches: Iterable[Batch], device: to
 
 
 def evaluate_checkpoint(ckpt_dir: str, test_ds, out_dir: str, device: torch.device | None = None) -> dict:
-    """Evaluate `ckpt_dir` on a preprocessed Ray Dataset (columns image, label) on the driver."""
+    """Evaluate `ckpt_dir` on a decoded Ray Dataset (columns image as uint8, label) on the driver,
+    streaming it: nothing is materialized."""
     state = checkpoint.load(ckpt_dir)
     device = device or torch.device("cpu")
-    batches = test_ds.select_columns(["image", "label"]).iter_torch_batches(
-        batch_size=512, dtypes={"image": torch.float32, "label": torch.int64})
-    report = evaluate_batches(state, batches, device)
+    to_model = DeviceTransform(DataSpec.from_dict(state["spec"]))  # uint8 -> normalized, centre crop
+    batches = test_ds.select_columns(["image", "label"]).iter_torch_batches(batch_size=512, device=device)
+    report = evaluate_batches(state, ({"image": to_model(b["image"]), "label": b["label"].long()} for b in batches),
+                              device)
     write_report(report, out_dir, ckpt_dir)
     return report

@@ -23,11 +23,11 @@ import torch
 import torch.distributed as dist
 
 from emergence_ray import checkpoint, storage
-from emergence_ray.augment import BatchAugment
+from emergence_ray.data.augment import DeviceTransform
 from emergence_ray.config import JobConfig
 from emergence_ray.data.transforms import DataSpec
 from emergence_ray.engine import evaluate, train_epoch
-from emergence_ray.ingest import WorkerIngest, worker_source
+from emergence_ray.data.ingest import WorkerIngest, worker_source
 from emergence_ray.logs import setup_logging
 from emergence_ray.models import build_model
 from emergence_ray.optim import build_optimizer, build_scheduler
@@ -90,6 +90,17 @@ def _record_workers(run_dir: str, rank: int, device: torch.device) -> None:
         storage.write_json(storage.join(run_dir, "workers.json"), everyone)
 
 
+def _time_first_step(batches, started: float, out: dict[str, float]):
+    """Pass batches through; note in `out` the seconds from `started` (the command's time.time())
+    to the end of the first optimizer step, i.e. when the second batch is asked for."""
+    n = 0
+    for n, batch in enumerate(batches):
+        if n == 1:
+            out["first_step_s"] = time.time() - started
+        yield batch
+    out.setdefault("first_step_s", time.time() - started)
+
+
 def train_loop_per_worker(loop_config: dict[str, Any]) -> list[dict]:
     setup_logging()
     cfg = JobConfig.model_validate(loop_config["job"])
@@ -130,18 +141,23 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> list[dict]:
 
     _record_workers(run_dir, rank, device)
     bs, world = cfg.train.batch_size, ctx.get_world_size()
+    record = loop_config.get("record_ids")
     train_data = WorkerIngest(worker_source(loop_config, "train"), bs, device, shuffle=True,
-                              augment=BatchAugment.from_config(cfg.data.augment, spec), seed=cfg.train.seed,
-                              rank=rank, world=world)
+                              transform=DeviceTransform(spec, cfg.data.augment, train=True), seed=cfg.train.seed,
+                              rank=rank, world=world, record=record)
     val_data = WorkerIngest(worker_source(loop_config, "val"), max(bs, 256), device, rank=rank, world=world,
-                            name="val", equal=False)
+                            name="val", equal=False, transform=DeviceTransform(spec), record=record)
+    first_step: dict[str, float] = {}
     progress = _Progress(run_dir, cfg.train.epochs, steps_per_epoch, cfg.train.log_every_s) if rank == 0 else None
     run_start = time.monotonic() - (history[-1]["elapsed_s"] if history else 0.0)
 
     for epoch in range(start_epoch, cfg.train.epochs):
         if progress:
             progress.epoch = epoch
-        t = train_epoch(model, train_data.epoch(epoch), optimizer, scheduler, device, cfg.train.label_smoothing,
+        batches = train_data.epoch(epoch)
+        if epoch == start_epoch and loop_config.get("started"):
+            batches = _time_first_step(batches, loop_config["started"], first_step)
+        t = train_epoch(model, batches, optimizer, scheduler, device, cfg.train.label_smoothing,
                         cfg.train.bf16, on_step=progress.step if progress else None)
         v = evaluate(bare, val_data.epoch(epoch), device, cfg.train.bf16)
         sums = _reduce([t.loss_sum, t.correct, t.count, v.loss_sum, v.correct, v.count], device)
@@ -166,6 +182,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> list[dict]:
             "images_per_s": sums[2] / max(1e-9, seconds),
             "lr": scheduler.get_last_lr()[0],
             "elapsed_s": time.monotonic() - run_start,
+            **(first_step if epoch == start_epoch else {}),
         }
         history.append(metrics)
         with tempfile.TemporaryDirectory() as tmp:
@@ -181,7 +198,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> list[dict]:
         if rank == 0:
             storage.write_text(storage.join(run_dir, "metrics.jsonl"),
                                "".join(json.dumps(m) + "\n" for m in history))
-            log.info("epoch %d/%d  train_loss %.4f  val_loss %.4f  val_acc %.4f  %.0f img/s  %.1fs",
+            first = f"  first_step_s {metrics['first_step_s']:.1f}" if "first_step_s" in metrics else ""
+            log.info("epoch %d/%d  train_loss %.4f  val_loss %.4f  val_acc %.4f  %.0f img/s  %.1fs%s",
                      epoch + 1, cfg.train.epochs, metrics["train_loss"], metrics["val_loss"],
-                     metrics["val_accuracy"], metrics["images_per_s"], metrics["elapsed_s"])
+                     metrics["val_accuracy"], metrics["images_per_s"], metrics["elapsed_s"], first)
     return history

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 
+from pathlib import Path
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -21,8 +23,9 @@ def _check(prepared, total: int, channels: int, size: int):
     assert prepared.spec.channels == channels and prepared.spec.image_size == size
     assert prepared.spec.class_names and prepared.spec.num_classes == 10
     batch = prepared.val.take_batch(4, batch_format="numpy")
-    assert batch["image"].shape == (4, channels, size, size) and batch["image"].dtype == np.float32
-    assert abs(float(batch["image"].mean())) < 2.0  # normalized
+    assert batch["image"].shape == (4, channels, size, size) and batch["image"].dtype == np.uint8  # on the wire
+    assert batch["image"].max() > 0
+    assert len(prepared.spec.mean) == channels and all(0 < s for s in prepared.spec.std)  # normalized on device
     return counts
 
 
@@ -91,7 +94,7 @@ def test_splits_are_seeded_and_stable(digits_imagefolder, tmp_path):
     from emergence_ray.data.sources import SOURCES
 
     cfg = DataConfig(source="imagefolder", path=str(digits_imagefolder))
-    ids = lambda raw: sorted(raw.test.to_pandas()["id"])  # noqa: E731
+    ids = lambda raw: sorted(raw.test.paths)  # noqa: E731  (listed on the driver: no image is read)
     assert ids(SOURCES["imagefolder"](cfg)) == ids(SOURCES["imagefolder"](cfg))
     other = SOURCES["imagefolder"](cfg.model_copy(update={"split_seed": 1}))
     assert ids(other) != ids(SOURCES["imagefolder"](cfg))
@@ -110,3 +113,117 @@ def test_train_split_of_a_class_sorted_parquet_comes_shuffled(tmp_path):
     assert set(halves[0]) == set(halves[1]) == set(labels[order[:600]])  # every class on both workers
     again = prepare(DataConfig(source="parquet", path=str(tmp_path / "sorted.parquet"))).train
     assert np.array_equal(again.to_pandas()["label"].to_numpy(), train)  # the order is seeded
+
+
+# ---------------------------------------------------------------- labels and unlearnable classes
+
+
+def _pngs(n: int) -> list[bytes]:
+    images, _ = digits_arrays()
+    return [png_bytes(images[i]) for i in range(n)]
+
+
+def test_parquet_string_and_integral_float_labels(tmp_path):
+    """String class names (sorted into class_names, or mapped by data.class_names) and integral
+    floats train like integer labels; the label pass reads no image bytes on the driver."""
+    _, labels = digits_arrays()
+    names = np.array(["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"])
+    pq.write_table(pa.table({"image": _pngs(300), "label": names[labels[:300]]}), tmp_path / "names.parquet")
+    pq.write_table(pa.table({"image": _pngs(300), "label": labels[:300].astype(np.float64)}),
+                   tmp_path / "floats.parquet")
+    p = prepare(DataConfig(source="parquet", path=str(tmp_path / "names.parquet")), with_test=False)
+    assert p.spec.class_names == sorted(names.tolist())
+    got = p.val.to_pandas()
+    by_id = dict(zip(got["id"], got["label"]))
+    order = list(names)
+    mapped = prepare(DataConfig(source="parquet", path=str(tmp_path / "names.parquet"), class_names=order),
+                     with_test=False)
+    assert mapped.spec.class_names == order
+    again = mapped.val.to_pandas()
+    # each label is its name's index in the given order (the split may differ: it is stratified by code)
+    common = [(i, y) for i, y in zip(again["id"], again["label"]) if i in by_id]
+    assert common and all(order[y] == sorted(order)[by_id[i]] for i, y in common)
+    f = prepare(DataConfig(source="parquet", path=str(tmp_path / "floats.parquet")), with_test=False)
+    assert f.spec.class_names == [str(i) for i in range(10)] and f.counts["train"] + f.counts["val"] == 240
+
+
+@pytest.fixture(scope="module")
+def label_data(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("labels")
+    images, labels = digits_arrays()
+    pngs = _pngs(200)
+    y = labels[:200].astype(np.float64)
+    frac = y.copy()
+    frac[7] = 1.5
+    pq.write_table(pa.table({"image": pngs, "label": frac}), root / "fractional.parquet")
+    nulls = pa.array([None if i == 3 else int(v) for i, v in enumerate(labels[:200])], pa.int64())
+    pq.write_table(pa.table({"image": pngs, "label": nulls}), root / "nulls.parquet")
+    neg = labels[:200].copy()
+    neg[5] = -1
+    pq.write_table(pa.table({"image": pngs, "label": neg}), root / "negative.parquet")
+    pq.write_table(pa.table({"image": pngs, "label": labels[:200]}), root / "ok.parquet")
+    tree = root / "empty_class"
+    for i in range(200):
+        (tree / f"c{labels[i]}").mkdir(parents=True, exist_ok=True)
+        (tree / f"c{labels[i]}" / f"{i}.png").write_bytes(pngs[i])
+    (tree / "c_new").mkdir()  # a class folder with no images
+    split = root / "test_only_class"
+    for i in range(200):
+        part = "train" if i < 150 else "test"
+        cls = f"c{labels[i]}" if part == "train" or labels[i] != 3 else "c_extra"
+        (split / part / cls).mkdir(parents=True, exist_ok=True)
+        (split / part / cls / f"{i}.png").write_bytes(pngs[i])
+    (root / "one.png").write_bytes(pngs[0])
+    return {p.stem: p for p in root.iterdir()}
+
+
+LABEL_CASES = {
+    # name: (overrides, fragments of the one error line)
+    "fractional float labels": (["data.source=parquet", "data.path={fractional}"],
+                                ["fractional.parquet", "1.5", "not a whole number", "class indices"]),
+    "null labels": (["data.source=parquet", "data.path={nulls}"], ["nulls.parquet", "null", "give every row"]),
+    "negative labels": (["data.source=parquet", "data.path={negative}"],
+                        ["negative.parquet", "-1", "negative class index", "start at 0"]),
+    "imagefolder path is a file": (["data.source=imagefolder", "data.path={one}"],
+                                   ["is a file", "one subfolder per class", "data.source=parquet"]),
+    "class with no training images": (["data.source=imagefolder", "data.path={empty_class}"],
+                                      ["'c_new'", "no training images", "could never learn"]),
+    "class only in the test split": (["data.source=imagefolder", "data.path={test_only_class}"],
+                                     ["c_extra", "not in train/", "could never learn"]),
+    "class name with no rows": (["data.source=parquet", "data.path={ok}",
+                                 "data.class_names=[a, b, c, d, e, f, g, h, i, j, k]"],
+                                ["'k'", "no training images"]),
+}
+
+
+@pytest.fixture(scope="module")
+def label_refusals(ray_session, label_data, tmp_path_factory) -> dict:
+    """Every LABEL_CASES command through the real CLI against the session's Ray, a few at a time."""
+    import subprocess
+    from concurrent.futures import ThreadPoolExecutor
+
+    from conftest import CLI, cli_env
+
+    def run(case: str):
+        storage = tmp_path_factory.mktemp("label_runs")
+        args = ["train", "--set", f"run.storage_path={storage}"]
+        for o in LABEL_CASES[case][0]:
+            args += ["--set", o.format(**{k: str(v) for k, v in label_data.items()})]
+        proc = subprocess.run([*CLI, *args], capture_output=True, text=True, timeout=600,
+                              env=cli_env(RAY_ADDRESS=ray_session))
+        return proc, sorted(storage.rglob("*"))
+
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        return dict(zip(LABEL_CASES, pool.map(run, LABEL_CASES)))
+
+
+@pytest.mark.parametrize("case", list(LABEL_CASES))
+def test_bad_labels_and_unlearnable_classes_are_refused(case, label_refusals):
+    proc, written = label_refusals[case]
+    assert proc.returncode == 2, (proc.stdout + proc.stderr)[-3000:]
+    assert "Traceback" not in proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, proc.stderr[-3000:]
+    for fragment in LABEL_CASES[case][1]:
+        assert fragment in errors[0], errors[0]
+    assert written == []  # nothing written

@@ -17,7 +17,6 @@ from ray.train.torch import TorchTrainer
 from emergence_ray.config import DataConfig, OptimConfig
 from emergence_ray.data.pipeline import prepare
 from emergence_ray.engine import train_epoch
-from emergence_ray.ingest import BATCH_DTYPES
 from emergence_ray.models import build_model
 from emergence_ray.optim import build_optimizer
 
@@ -66,7 +65,9 @@ def _train_and_dump(config):
     initial = torch.cat([p.detach().flatten() for p in model.parameters()]).clone()
     opt = build_optimizer(model.module, OptimConfig(name="sgd", lr=0.05, weight_decay=1e-3))
     shard = ray.train.get_dataset_shard("train")
-    totals = train_epoch(model, shard.iter_torch_batches(batch_size=32, dtypes=BATCH_DTYPES), opt, None,
+    batches = ({"image": b["image"].float() / 255, "label": b["label"].long()}  # uint8 on the wire
+               for b in shard.iter_torch_batches(batch_size=32))
+    totals = train_epoch(model, batches, opt, None,
                          torch.device("cpu"))
     params = torch.cat([p.detach().flatten() for p in model.parameters()])
     np.save(f"{config['out']}/params_{rank}.npy", params.numpy())

@@ -16,7 +16,7 @@ pytestmark = pytest.mark.gpu
 
 
 def test_augmentation_is_the_same_on_gpu_and_cpu():
-    from emergence_ray.augment import BatchAugment
+    from emergence_ray.data.augment import BatchAugment
 
     x = torch.randn(64, 3, 32, 32)
     aug = BatchAugment(4, True, [-1.0, -0.5, 0.25])

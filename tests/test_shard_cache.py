@@ -1,5 +1,5 @@
 """Worker-side ingest: torch augmentation on batches, and shards cached in worker memory or
-streamed (`emergence_ray.ingest`), checked against each other on a real local Ray."""
+streamed (`emergence_ray.data.ingest`), checked against each other on a real local Ray."""
 
 from __future__ import annotations
 
@@ -15,12 +15,12 @@ import ray.train
 import torch
 from ray.train.torch import TorchTrainer
 
-from emergence_ray.augment import BatchAugment
+from emergence_ray.data.augment import BatchAugment
 from emergence_ray.config import AugmentConfig, DataConfig, load_config
 from emergence_ray.data.transforms import DataSpec
 from emergence_ray.errors import ConfigError, DataError
-from emergence_ray.ingest import WorkerIngest, trainer_inputs, use_cache
-from emergence_ray.shards import BlockShards
+from emergence_ray.data.ingest import WorkerIngest, trainer_inputs, use_cache
+from emergence_ray.data.shards import BlockShards
 
 ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers need not import tests/
 
@@ -112,7 +112,7 @@ def test_cached_and_streamed_epochs_hold_the_same_rows():
 
 
 def _shard_rows(config):
-    from emergence_ray.ingest import WorkerIngest, worker_source
+    from emergence_ray.data.ingest import WorkerIngest, worker_source
 
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -131,14 +131,15 @@ def _shard_rows(config):
 def test_cached_shards_are_disjoint_equal_and_match_the_stream(tmp_path):
     """Cached: block refs in the loop config, no `datasets=`; streamed: `datasets=` (streaming_split)."""
     splits = {"train": _dataset(203), "val": _dataset(51)}
-    none, cached = trainer_inputs(splits, cache=True)
-    streamed, plain = trainer_inputs(splits, cache=False)
-    assert none is None and set(cached["blocks"]) == {"train", "val"} and plain == {} and streamed is splits
+    none, cached, no_config = trainer_inputs(splits, cache=True)
+    streamed, plain, data_config = trainer_inputs(splits, cache=False)
+    assert none is None and no_config is None and set(cached["blocks"]) == {"train", "val"}
+    assert plain == {} and streamed is splits and data_config is not None
     trainer = TorchTrainer(
         _shard_rows, train_loop_config={"out": str(tmp_path), "cached": cached, "stream": plain},
         scaling_config=ray.train.ScalingConfig(num_workers=2, resources_per_worker={"CPU": 0.5}),
         run_config=ray.train.RunConfig(storage_path=str(tmp_path / "runs"), name="cache"),
-        datasets=streamed)
+        datasets=streamed, dataset_config=data_config)
     trainer.fit()
     shards = [json.loads((tmp_path / f"rows_{r}.json").read_text()) for r in (0, 1)]
     assert [s[k]["kind"] for s in shards for k in ("cached", "stream")] == ["cached", "stream"] * 2
@@ -173,3 +174,43 @@ def test_block_shards_read_only_their_rows_across_blocks():
     assert list(val.epoch(0)) == []  # validation: a rank without rows evaluates nothing
     assert [len(b["label"]) for b in WorkerIngest(shards, 8, torch.device("cpu"), rank=39, world=40,
                                                   equal=False).epoch(0)] == [1]
+
+
+# ---------------------------------------------------------------- device transform (imagenet policy)
+
+
+def test_random_resized_crop_boxes_follow_scale_and_ratio():
+    from emergence_ray.data.augment import random_resized_crop_boxes
+
+    gen = torch.Generator().manual_seed(0)
+    boxes = random_resized_crop_boxes(4000, 64, (0.2, 0.6), (3 / 4, 4 / 3), gen)
+    x0, y0, w, h = boxes.unbind(1)
+    assert (x0 >= 0).all() and (y0 >= 0).all() and (x0 + w <= 64).all() and (y0 + h <= 64).all()
+    area = w * h / 64**2
+    assert area.min() > 0.17 and area.max() < 0.64  # the scale range, up to rounding of w and h
+    assert ((w / h) > 0.7).all() and ((w / h) < 1.43).all()
+    assert area.std() > 0.08 and x0.float().std() > 5  # spread, not one fixed box
+    again = random_resized_crop_boxes(4000, 64, (0.2, 0.6), (3 / 4, 4 / 3), torch.Generator().manual_seed(0))
+    assert torch.equal(boxes, again)  # seeded: a resumed epoch repeats its crops
+
+
+def test_imagenet_policy_centre_crops_for_eval_and_crops_flips_for_training():
+    from emergence_ray.data.augment import DeviceTransform
+
+    spec = DataSpec(3, 8, ["a", "b"], mean=[0.5, 0.5, 0.5], std=[0.25, 0.25, 0.25], policy="imagenet", load_size=10)
+    x = torch.randint(0, 256, (16, 3, 10, 10), dtype=torch.uint8)
+    ev = DeviceTransform(spec)(x)
+    assert ev.shape == (16, 3, 8, 8) and ev.dtype == torch.float32
+    assert torch.allclose(ev, (x[:, :, 1:9, 1:9].float() / 255 - 0.5) / 0.25, atol=1e-5)  # the centre 8 of 10
+    whole = AugmentConfig(policy="imagenet", scale=(1.0, 1.0), ratio=(1.0, 1.0), flip=False)
+    tr = DeviceTransform(spec, whole, train=True)(x, torch.Generator().manual_seed(0))
+    assert tr.shape == (16, 3, 8, 8)
+    # scale 1, ratio 1: the whole 10x10 image resized to 8x8, the same as torch's bilinear resize
+    ref = torch.nn.functional.interpolate(x.float(), size=(8, 8), mode="bilinear", align_corners=False)
+    assert torch.allclose(tr, (ref / 255 - 0.5) / 0.25, atol=1e-4)
+    flip = AugmentConfig(policy="imagenet", scale=(1.0, 1.0), ratio=(1.0, 1.0))  # flip: on by policy default
+    out = DeviceTransform(spec, flip, train=True)(x, torch.Generator().manual_seed(1))
+    plain = (ref / 255 - 0.5) / 0.25
+    mirrored = [torch.allclose(out[i], plain[i].flip(2), atol=1e-4) for i in range(16)]
+    same = [torch.allclose(out[i], plain[i], atol=1e-4) for i in range(16)]
+    assert all(m or s for m, s in zip(mirrored, same)) and 0 < sum(mirrored) < 16

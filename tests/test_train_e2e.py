@@ -68,16 +68,24 @@ def test_digits_imagefolder_cached_reaches_93_percent(imagefolder_run):
     assert [w["nice"] for w in workers] == [0, 0] if can_lower_niceness() else [15, 15], workers
 
 
-def test_digits_parquet_streamed_reaches_93_percent(ray_session, digits_parquet, tmp_path):
-    """Parquet, streamed through iter_torch_batches every epoch (data.ingest=stream)."""
+def test_digits_parquet_streamed_reaches_93_percent(ray_session, digits_parquet, tmp_path, monkeypatch):
+    """Parquet, streamed through Ray Data every epoch (data.ingest=stream): accuracy, and every
+    training image exactly once per epoch (workers log ids: EMERGENCE_RAY_RECORD_IDS)."""
     from emergence_ray.config import load_config
+    from emergence_ray.data.ingest import RECORD_IDS_ENV
     from emergence_ray.trainer import train
+    from test_streaming import assert_exactly_once, seen_ids
 
+    monkeypatch.setenv(RECORD_IDS_ENV, "1")
     cfg = load_config(None, ["data.source=parquet", f"data.path={digits_parquet}", f"run.storage_path={tmp_path}",
                              "run.name=parquet", "train.epochs=6", "data.ingest=stream"])
     run_dir = Path(train(cfg))
     summary = _summary(run_dir)
     assert summary["test_accuracy"] >= 0.93, summary
+    assert summary["ingest"] == "stream" and summary["first_step_s"] > 0
+    assert_exactly_once(run_dir, 6, None, world=2, train_count=summary["images"]["train"])
+    val = [i for ids in seen_ids(run_dir, "val", 5).values() for i in ids]
+    assert len(val) == len(set(val)) == summary["images"]["val"]  # validation: every image, once
 
 
 def test_embedded_ray_starts_workers_at_nice_0_and_leaves_the_environment_alone(tmp_path):

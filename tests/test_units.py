@@ -13,7 +13,7 @@ from PIL import Image
 
 from emergence_ray import checkpoint
 from emergence_ray.config import MODEL_NAMES, OptimConfig
-from emergence_ray.data.transforms import DataSpec, Preprocess, decode
+from emergence_ray.data.transforms import DataSpec, Decode, decode
 from emergence_ray.engine import evaluate, train_epoch
 from emergence_ray.errors import CheckpointError, DataError
 from emergence_ray.models import MODELS, build_model
@@ -152,15 +152,22 @@ def test_decode_names_the_bad_file():
         decode(truncated, "t.png", 1, 8)
 
 
-def test_preprocess_normalizes_and_skips_bad_images():
+def test_decode_keeps_uint8_and_skips_bad_images():
+    """Decoded images travel as uint8; the worker's device transform normalizes them."""
+    import torch
+
+    from emergence_ray.data.augment import DeviceTransform
+
     spec = DataSpec(1, 4, ["a", "b"], mean=[0.5], std=[0.25])
     batch = {"image": np.array([_png(np.full((4, 4), 255, np.uint8)), b"junk"], dtype=object),
              "label": np.array([1, 0]), "id": np.array(["ok.png", "junk.png"])}
     with pytest.raises(DataError, match="junk.png"):
-        Preprocess(spec, "fail")(dict(batch))
-    out = Preprocess(spec, "skip")(dict(batch))
+        Decode(spec, "fail")(dict(batch))
+    out = Decode(spec, "skip")(dict(batch))
     assert out["ok"].tolist() == [True, False]
-    assert np.allclose(out["image"][0], (1.0 - 0.5) / 0.25)
+    assert out["image"].dtype == np.uint8 and out["image"].shape == (2, 1, 4, 4) and out["image"][0].min() == 255
+    x = DeviceTransform(spec)(torch.from_numpy(out["image"][:1]))
+    assert x.dtype == torch.float32 and torch.allclose(x, torch.full_like(x, (1.0 - 0.5) / 0.25))
 
 
 def test_plan_sizes_workers_and_fails_fast():

@@ -1,11 +1,20 @@
-"""Driver-side data pipeline: raw source splits -> preprocessed Ray Datasets ready to shard.
+"""Driver-side data pipeline: source splits -> decoded Ray Datasets ready to shard.
 
-Decode, channel conversion, resize and normalization run once in Ray Data and the result is
-materialized in the object store, so no epoch decodes again. Train-only augmentation runs in the
-training workers, in torch, on the batches they read (`emergence_ray.augment`, `.ingest`).
+Decode, channel conversion and resize run in Ray Data's own CPU tasks (`transforms.Decode`) and
+produce uint8 (C, L, L) images; the training worker converts, normalizes and augments them on its
+device (`augment.DeviceTransform`). Two ways to feed the workers (`data.ingest`, decided here):
 
-    prepared = prepare(cfg.data)             # resolves the DataSpec from the train split
-    prepared = prepare(cfg.data, spec=spec)  # evaluation: preprocess exactly like training
+- cache (small data): the decoded splits are materialized once in the object store and each worker
+  copies its shard into memory (`ingest`, `shards`); epochs cost Ray Data nothing.
+- stream (any size): the splits stay lazy; every epoch Ray Data reads the files in a new seeded
+  order, decodes and streams them to the workers (`TorchTrainer(datasets=...)`, `streaming_split`),
+  within its object-store budget. Nothing is materialized whole.
+
+Only a small sample of training images is decoded on the driver's behalf, to resolve the
+DataSpec (channels, size, mean/std); counts come from listing the files or the label column.
+
+    prepared = prepare(cfg.data, workers=2)            # resolves the DataSpec from a sample
+    prepared = prepare(cfg.data, spec=spec)            # evaluation: decode exactly like training
 """
 
 from __future__ import annotations
@@ -18,28 +27,32 @@ import numpy as np
 import ray.data
 
 from emergence_ray.config import DataConfig
-from emergence_ray.data.sources import SOURCES, RawSplits
-from emergence_ray.data.transforms import DataSpec, Preprocess, channel_stats, decode, image_stats
+from emergence_ray.data.ingest import use_cache
+from emergence_ray.data.sources import SOURCES, RawSplits, Split
+from emergence_ray.data.transforms import DataSpec, Decode, channel_stats, decode, image_stats, keep_ok
 from emergence_ray.errors import DataError
 
 log = logging.getLogger(__name__)
 SAMPLE = 512  # train images inspected to resolve channels, size and normalization
-MAP_BATCH = 256
+BLOCK_BYTES = 16 * 2**20  # decoded bytes per map batch: blocks far below a small object store
+
+__all__ = ["Prepared", "prepare", "prepare_test", "decoded", "keep_ok", "load_raw", "resolve_spec"]
 
 
 @dataclass
 class Prepared:
-    train: ray.data.Dataset  # all three materialized: image (normalized float32 NCHW), label[, id]
+    train: ray.data.Dataset  # image (uint8 N,C,L,L), label[, id]: materialized when cached, else lazy
     val: ray.data.Dataset
-    test: ray.data.Dataset | None
+    test: ray.data.Dataset | None  # always lazy: read once, after training
     spec: DataSpec
     counts: dict[str, int]
     bad_images: int
+    cached: bool = True
 
 
 def resolve_spec(raw: RawSplits, cfg: DataConfig) -> DataSpec:
     """Channels, size and per-channel mean/std from a sample of the train split."""
-    batch = raw.train.limit(SAMPLE).take_batch(SAMPLE, batch_format="numpy")
+    batch = raw.train.sample(SAMPLE).take_batch(SAMPLE, batch_format="numpy")
     images, ids = batch["image"], batch["id"]
     gray, sizes = [], Counter()
     for value, ident in zip(images, ids):
@@ -57,69 +70,91 @@ def resolve_spec(raw: RawSplits, cfg: DataConfig) -> DataSpec:
     else:
         (h, w), _ = sizes.most_common(1)[0]
         size = max(h, w)
-    decoded = []
+    policy = cfg.augment.policy
+    load = max(size, round(size / cfg.augment.crop_fraction)) if policy == "imagenet" else None
+    decoded_sample = []
     for value, ident in zip(images, ids):
         try:
-            decoded.append(decode(value, str(ident), channels, size))
+            decoded_sample.append(decode(value, str(ident), channels, load or size, policy))
         except DataError:
             continue
-    mean, std = channel_stats(np.stack(decoded))
-    return DataSpec(channels=channels, image_size=size, class_names=list(raw.class_names), mean=mean, std=std)
+    mean, std = channel_stats(np.stack(decoded_sample))
+    return DataSpec(channels=channels, image_size=size, class_names=list(raw.class_names), mean=mean, std=std,
+                    policy=policy, load_size=load)
 
 
-def preprocess(ds: ray.data.Dataset, spec: DataSpec, cfg: DataConfig,
-               keep_ids: bool = True) -> tuple[ray.data.Dataset, int]:
-    """-> (materialized preprocessed dataset, number of unreadable images skipped)."""
-    out = ds.map_batches(Preprocess(spec, cfg.on_bad_image, keep_ids), batch_format="numpy",
-                         batch_size=MAP_BATCH).materialize()
-    if cfg.on_bad_image != "skip":
-        return out, 0
-    ok = out.map_batches(keep_ok, batch_format="numpy").materialize()
-    return ok, out.count() - ok.count()
+def decoded(split: Split, spec: DataSpec, cfg: DataConfig, shuffle_seed: int | None = None,
+            keep_ids: bool = True) -> ray.data.Dataset:
+    """Lazy: read `split` and decode it to uint8 in Ray Data tasks; unreadable images dropped
+    (data.on_bad_image=skip) or raising (fail)."""
+    per_image = spec.channels * spec.wire_size ** 2
+    batch = int(max(8, min(256, BLOCK_BYTES // per_image)))
+    ds = split.dataset(shuffle_seed).map_batches(Decode(spec, cfg.on_bad_image, keep_ids), batch_format="numpy",
+                                                 batch_size=batch)
+    return ds.map_batches(keep_ok, batch_format="numpy") if cfg.on_bad_image == "skip" else ds
 
 
-def keep_ok(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Drop the rows of images that could not be read, and the `ok` column itself."""
-    mask = batch["ok"]
-    return {k: v[mask] for k, v in batch.items() if k != "ok"}
+def _materialized(split: Split, spec: DataSpec, cfg: DataConfig, keep_ids: bool) -> tuple[ray.data.Dataset, int]:
+    """-> (decoded split materialized in the object store, unreadable images skipped)."""
+    ds = decoded(split, spec, cfg, keep_ids=keep_ids)
+    if not split.ordered:
+        # cached workers take contiguous rows: rows in file order (a Parquet file sorted by class)
+        # would give each worker a few classes. Small data by definition, so one seeded shuffle.
+        ds = ds.random_shuffle(seed=cfg.split_seed)
+    ds = ds.materialize()
+    return ds, split.count - ds.count()
 
 
 def load_raw(cfg: DataConfig) -> RawSplits:
     raw = SOURCES[cfg.source](cfg)
-    if cfg.limit:
-        raw.train = raw.train.limit(cfg.limit)
+    if cfg.limit and cfg.limit < raw.train.count:
+        raw.train = raw.train.head(cfg.limit)
     return raw
 
 
-def prepare(cfg: DataConfig, spec: DataSpec | None = None, with_test: bool = True,
-            keep_ids: bool = True) -> Prepared:
-    """Train and val (and test) preprocessed; `keep_ids=False` for training, whose workers read
-    only image and label."""
+def _check_classes(raw: RawSplits, spec: DataSpec) -> None:
+    if spec.class_names != raw.class_names:
+        raise DataError(f"the data's classes {raw.class_names} differ from the checkpoint's {spec.class_names}; "
+                        "evaluate on data with the same classes")
+
+
+def prepare(cfg: DataConfig, spec: DataSpec | None = None, with_test: bool = True, keep_ids: bool = True,
+            workers: int = 1, shuffle_seed: int = 0) -> Prepared:
+    """Train and val (and test) decoded; cached (materialized) or streamed (lazy) by
+    `data.ingest` and the uint8 size of train + val per worker (`workers`: the fewest the run
+    will have). `keep_ids=False` for training, whose workers read only image and label;
+    `shuffle_seed` seeds the streamed train split's per-epoch file order."""
     raw = load_raw(cfg)
     if spec is None:
         spec = resolve_spec(raw, cfg)
-    elif spec.class_names != raw.class_names:
-        raise DataError(f"the data's classes {raw.class_names} differ from the checkpoint's {spec.class_names}; "
-                        "evaluate on data with the same classes")
-    train, bad_train = preprocess(raw.train, spec, cfg, keep_ids)
-    val, bad_val = preprocess(raw.val, spec, cfg, keep_ids)
-    counts = {"train": train.count(), "val": val.count()}
+    else:
+        _check_classes(raw, spec)
+    counts = {"train": raw.train.count, "val": raw.val.count}
     if counts["train"] == 0:
         raise DataError("the train split is empty; use more data or lower data.val_fraction / data.test_fraction")
     if counts["val"] == 0:
         raise DataError("the validation split is empty; raise data.val_fraction or add a val/ split")
+    wire_bytes = (counts["train"] + counts["val"]) * spec.channels * spec.wire_size ** 2
+    cached = use_cache(cfg, wire_bytes, workers)
+    bad = raw.bad_files
+    if cached:
+        train, bad_train = _materialized(raw.train, spec, cfg, keep_ids)
+        val, bad_val = _materialized(raw.val, spec, cfg, keep_ids)
+        counts = {"train": train.count(), "val": val.count()}
+        bad += bad_train + bad_val
+    else:  # decode failures (skip) are dropped in the stream and logged by the decoding task
+        train = decoded(raw.train, spec, cfg, shuffle_seed, keep_ids)
+        val = decoded(raw.val, spec, cfg, None, keep_ids)
     test = None
-    bad_test = 0
     if with_test:
-        test, bad_test = preprocess(raw.test, spec, cfg)
-        counts["test"] = test.count()
-    return Prepared(train, val, test, spec, counts, raw.bad_files + bad_train + bad_val + bad_test)
+        test = decoded(raw.test, spec, cfg)
+        counts["test"] = raw.test.count
+    return Prepared(train, val, test, spec, counts, bad, cached)
 
 
 def prepare_test(cfg: DataConfig, spec: DataSpec) -> tuple[ray.data.Dataset, int]:
-    """Only the test split, preprocessed with a checkpoint's DataSpec (evaluate, predict)."""
+    """Only the test split, decoded lazily with a checkpoint's DataSpec (evaluate, predict):
+    -> (dataset, images listed)."""
     raw = load_raw(cfg)
-    if spec.class_names != raw.class_names:
-        raise DataError(f"the data's classes {raw.class_names} differ from the checkpoint's {spec.class_names}; "
-                        "evaluate on data with the same classes")
-    return preprocess(raw.test, spec, cfg)
+    _check_classes(raw, spec)
+    return decoded(raw.test, spec, cfg), raw.test.count

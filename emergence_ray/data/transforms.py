@@ -1,18 +1,21 @@
 """Per-batch image transforms in plain numpy/PIL: decode, convert to the model's channels,
 resize, normalize. Ray Data runs them in `map_batches`; they import nothing from Ray, so they are
 tested and reused anywhere (evaluation, prediction, benchmarks). Train-only augmentation runs in
-the training workers, in torch: `emergence_ray.augment`.
+the training workers, in torch: `emergence_ray.data.augment`.
 """
 
 from __future__ import annotations
 
 import io
+import logging
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from emergence_ray.errors import DataError
+
+log = logging.getLogger("emergence_ray")
 
 IMAGE_EXTENSIONS = ("png", "jpg", "jpeg", "bmp", "gif", "webp", "tif", "tiff")
 
@@ -27,6 +30,14 @@ class DataSpec:
     class_names: list[str]
     mean: list[float] = field(default_factory=list)
     std: list[float] = field(default_factory=list)
+    policy: str = "small"  # data.augment.policy: how images are sized on the wire and cropped
+    load_size: int | None = None  # imagenet policy: the square side decoded (shorter side, centre crop)
+
+    @property
+    def wire_size(self) -> int:
+        """Side of the uint8 squares Ray Data ships: the model's size, or (imagenet policy) the
+        larger square that RandomResizedCrop / the centre crop cut the model's size from."""
+        return self.load_size or self.image_size
 
     @property
     def num_classes(self) -> int:
@@ -65,15 +76,24 @@ def is_grayscale(img: Image.Image) -> bool:
     return img.mode in ("1", "L", "LA", "I", "I;16", "F")
 
 
-def decode(value: object, ident: str, channels: int, size: int) -> np.ndarray:
-    """-> uint8 array (channels, size, size). Raises DataError for unreadable images."""
+def decode(value: object, ident: str, channels: int, size: int, policy: str = "small") -> np.ndarray:
+    """-> uint8 array (channels, size, size). small: resized to the square (aspect not kept, as
+    today's small-image path); imagenet: shorter side resized to `size`, then the centre square
+    (aspect kept, the torchvision/timm convention). Raises DataError for unreadable images."""
     try:
         img = _to_pil(value, ident)
         if img.mode in ("I", "I;16", "F"):
             img = Image.fromarray(np.clip(np.asarray(img) / 256.0 if img.mode != "F" else np.asarray(img), 0, 255)
                                   .astype(np.uint8))
         img = img.convert("L" if channels == 1 else "RGB")
-        if img.size != (size, size):
+        if policy == "imagenet" and img.size != (size, size):
+            w, h = img.size
+            scale = size / min(w, h)
+            nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
+            img = img.resize((nw, nh), Image.BILINEAR, reducing_gap=3.0)
+            left, top = (nw - size) // 2, (nh - size) // 2
+            img = img.crop((left, top, left + size, top + size))
+        elif img.size != (size, size):
             img = img.resize((size, size), Image.BILINEAR)
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as err:
         raise DataError(f"image {ident}: cannot decode ({err}); fix or remove the file, "
@@ -88,35 +108,37 @@ def image_stats(value: object, ident: str) -> tuple[bool, tuple[int, int]]:
     return is_grayscale(img), (img.height, img.width)
 
 
-class Preprocess:
-    """map_batches callable: raw rows -> {image: float32 (N,C,H,W) normalized, label[, id][, ok]}.
+class Decode:
+    """map_batches callable: raw rows -> {image: uint8 (N, C, L, L), label[, id][, ok]}, L being
+    `spec.wire_size`. Images stay uint8 on the wire (a quarter of float32's bytes in the object
+    store and on the way to the device); the training worker converts and normalizes them
+    (`emergence_ray.data.augment.DeviceTransform`).
 
     Unreadable images raise (data.on_bad_image=fail) or come out with ok=False (skip: only then is
-    there an `ok` column), so the driver can count and drop them. Training drops `id` here, so
-    the materialized result holds exactly what workers read and no per-epoch projection runs."""
+    there an `ok` column), so they can be counted and dropped (`keep_ok`)."""
 
     def __init__(self, spec: DataSpec, on_bad_image: str = "fail", keep_ids: bool = True):
         self.spec = spec
         self.skip = on_bad_image == "skip"
         self.keep_ids = keep_ids
-        self.mean = np.asarray(spec.mean, np.float32).reshape(1, -1, 1, 1)
-        self.inv_std = 1.0 / np.asarray(spec.std, np.float32).reshape(1, -1, 1, 1)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         images = batch["image"]
         ids = batch["id"] if "id" in batch else np.arange(len(images)).astype(str)
-        n, c, s = len(images), self.spec.channels, self.spec.image_size
-        out = np.zeros((n, c, s, s), np.uint8)
-        ok = np.ones(n, bool)
-        for i in range(n):
-            try:
-                out[i] = decode(images[i], str(ids[i]), c, s)
-            except DataError:
-                if not self.skip:
-                    raise
-                ok[i] = False
-        x = (out.astype(np.float32) * (1.0 / 255.0) - self.mean) * self.inv_std
-        result = {"image": x}
+        c, s = self.spec.channels, self.spec.wire_size
+        out = _fast_path(images, c, s)
+        ok = np.ones(len(images), bool)
+        if out is None:
+            out = np.zeros((len(images), c, s, s), np.uint8)
+            for i in range(len(images)):
+                try:
+                    out[i] = decode(images[i], str(ids[i]), c, s, self.spec.policy)
+                except DataError as err:
+                    if not self.skip:
+                        raise
+                    log.warning("skipping %s", err)
+                    ok[i] = False
+        result = {"image": out}
         if "label" in batch:
             result["label"] = np.asarray(batch["label"]).astype(np.int64)
         if self.keep_ids:
@@ -124,6 +146,23 @@ class Preprocess:
         if self.skip:
             result["ok"] = ok
         return result
+
+
+def _fast_path(images: object, channels: int, size: int) -> np.ndarray | None:
+    """A batch of uint8 arrays already at the wire size (IDX, digits at native size): no PIL."""
+    if not isinstance(images, np.ndarray) or images.dtype != np.uint8:
+        return None
+    if images.ndim == 3 and channels == 1 and images.shape[1:] == (size, size):
+        return images[:, None].copy()
+    if images.ndim == 4 and images.shape[1:] == (channels, size, size):
+        return images.copy()
+    return None
+
+
+def keep_ok(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Drop the rows of images that could not be read, and the `ok` column itself."""
+    mask = batch["ok"]
+    return {k: v[mask] for k, v in batch.items() if k != "ok"}
 
 
 def channel_stats(images_uint8: np.ndarray) -> tuple[list[float], list[float]]:

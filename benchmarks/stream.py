@@ -1,0 +1,246 @@
+"""Streaming ingest on photo-like JPEGs: time to the first training step and epoch time of
+`emergence-ray train --set data.ingest=stream` at several dataset sizes, and the ingest rate of
+the service's streaming path against a torch DataLoader doing the same decode + transforms with
+the same number of CPU processes.
+
+    flock /tmp/er-bench.lock python benchmarks/stream.py [--sizes 1000 4000 16000] [--procs 2]
+
+Writes benchmarks/STREAM.json and benchmarks/STREAM.md (command, git revision, machine). The
+images are random crops of scikit-learn's two sample photos (`load_sample_images`), 256 px JPEGs
+in 10 class folders: real JPEG decode cost, not flat noise. Both ingest paths decode with the
+service's `transforms.Decode` (imagenet policy: shorter side to 256, centre 256 square) and apply
+`augment.DeviceTransform` (RandomResizedCrop 224 + flip, normalize) to every batch in the
+consuming process, as a training worker does.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from benchmarks import common  # noqa: E402
+
+SIZE = 224
+BATCH = 64
+
+
+def make_folder(root: Path, n: int, side: int = 256, classes: int = 10, seed: int = 0) -> Path:
+    """n JPEGs: random crops (40-100% of the shorter side) of the two sample photos, resized to
+    side x side, one folder per class. Reuses a folder that already holds n images."""
+    from PIL import Image
+    from sklearn.datasets import load_sample_images
+
+    root = Path(root)
+    if root.exists() and sum(1 for _ in root.rglob("*.jpg")) == n:
+        return root
+    photos = [Image.fromarray(p) for p in load_sample_images().images]
+    rng = np.random.default_rng(seed)
+    for i in range(n):
+        photo = photos[i % len(photos)]
+        w, h = photo.size
+        s = int(min(w, h) * rng.uniform(0.4, 1.0))
+        x, y = int(rng.integers(0, w - s + 1)), int(rng.integers(0, h - s + 1))
+        d = root / f"class_{i % classes}"
+        d.mkdir(parents=True, exist_ok=True)
+        img = photo.crop((x, y, x + s, y + s)).resize((side, side), Image.BILINEAR)
+        if rng.random() < 0.5:
+            img = img.transpose(Image.FLIP_LEFT_RIGHT)
+        img.save(d / f"{i:06d}.jpg", quality=90)
+    return root
+
+
+def _data_cfg(folder: Path):
+    from emergence_ray.config import DataConfig
+
+    return DataConfig(source="imagefolder", path=str(folder), image_size=SIZE, val_fraction=0.05,
+                      test_fraction=0.05, augment={"policy": "imagenet"}, ingest="stream")
+
+
+def _consume(batches, transform, limit_s: float) -> dict:
+    """Apply the device transform to every batch (as a worker does); -> images/s after the first batch."""
+    import torch
+
+    gen = torch.Generator().manual_seed(0)
+    n, t0, t_first = 0, time.perf_counter(), None
+    for b in batches:
+        x = transform(b["image"], gen)
+        if t_first is None:
+            t_first = time.perf_counter()
+        else:
+            n += len(x)
+        if time.perf_counter() - t0 > limit_s:
+            break
+    dt = time.perf_counter() - (t_first or t0)
+    return {"images": n, "seconds": dt, "images_per_s": n / max(1e-9, dt), "first_batch_s": (t_first or t0) - t0}
+
+
+def ray_stream_rate(folder: Path, limit_s: float) -> dict:
+    """The service's streamed train split (read_binary_files + Decode in Ray Data tasks) through
+    iter_torch_batches, on the Ray this process is connected to."""
+    from emergence_ray.data import pipeline
+    from emergence_ray.data.augment import DeviceTransform
+
+    cfg = _data_cfg(folder)
+    raw = pipeline.load_raw(cfg)
+    spec = pipeline.resolve_spec(raw, cfg)
+    ds = pipeline.decoded(raw.train, spec, cfg, shuffle_seed=0, keep_ids=False)
+    batches = ds.iter_torch_batches(batch_size=BATCH, prefetch_batches=2, local_shuffle_buffer_size=4 * BATCH)
+    return _consume(batches, DeviceTransform(spec, cfg.augment, train=True), limit_s)
+
+
+class _Files:
+    def __init__(self, paths: list[str], labels: list[int]):
+        self.paths, self.labels = paths, labels
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int):
+        return Path(self.paths[i]).read_bytes(), self.labels[i], self.paths[i]
+
+
+class _DecodeCollate:
+    def __init__(self, spec):
+        from emergence_ray.data.transforms import Decode
+
+        self.decode = Decode(spec, keep_ids=False)
+
+    def __call__(self, items):
+        import torch
+
+        raw = np.empty(len(items), dtype=object)
+        raw[:] = [b for b, _, _ in items]
+        out = self.decode({"image": raw, "label": np.array([y for _, y, _ in items]),
+                           "id": np.array([p for _, _, p in items])})
+        return {"image": torch.from_numpy(out["image"]), "label": torch.from_numpy(out["label"])}
+
+
+def dataloader_rate(folder: Path, procs: int, limit_s: float, spec=None) -> dict:
+    """torch DataLoader, `procs` worker processes, the same files, decode and device transform."""
+    import torch
+    from torch.utils.data import DataLoader
+
+    from emergence_ray.data import pipeline
+    from emergence_ray.data.augment import DeviceTransform
+
+    cfg = _data_cfg(folder)
+    raw = pipeline.load_raw(cfg)
+    spec = spec or pipeline.resolve_spec(raw, cfg)
+    split = raw.train
+    names = {c: i for i, c in enumerate(split.classes)}
+    labels = [names[p[len(split.root.rstrip("/")) + 1:].split("/", 1)[0]] for p in split.paths]
+    loader = DataLoader(_Files(split.paths, labels), batch_size=BATCH, shuffle=True, num_workers=procs,
+                        collate_fn=_DecodeCollate(spec), prefetch_factor=2, persistent_workers=False,
+                        generator=torch.Generator().manual_seed(0))
+    return _consume(loader, DeviceTransform(spec, cfg.augment, train=True), limit_s)
+
+
+def first_step(folder: Path, runs: Path, name: str, epochs: int = 1) -> dict:
+    """`emergence-ray train` (embedded Ray, streamed) on the folder: first_step_s and epoch time."""
+    overrides = ["data.source=imagefolder", f"data.path={folder}", f"data.image_size={SIZE}", "data.ingest=stream",
+                 "data.augment.policy=imagenet", "data.val_fraction=0.05", "data.test_fraction=0.05",
+                 "model.name=cnn", "model.width=8", f"train.epochs={epochs}", f"train.batch_size={BATCH}",
+                 f"run.storage_path={runs}", f"run.name={name}"]
+    t = time.time()
+    proc = subprocess.run([sys.executable, "-m", "emergence_ray", "train",
+                           *[a for o in overrides for a in ("--set", o)]], capture_output=True, text=True,
+                          env={k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}, cwd=runs)
+    if proc.returncode != 0:
+        raise RuntimeError(proc.stderr[-3000:])
+    summary = json.loads((runs / name / "summary.json").read_text())
+    metrics = [json.loads(line) for line in (runs / name / "metrics.jsonl").read_text().splitlines()]
+    return {"first_step_s": summary["first_step_s"], "epoch_train_s": metrics[0]["train_s"],
+            "train_images": summary["images"]["train"], "command_s": time.time() - t}
+
+
+def render(results: dict) -> str:
+    m = results["machine"]
+    lines = ["# Streaming ingest: first step, epoch time, and Ray Data vs DataLoader", "",
+             f"Command: `{results['command']}`  ", f"Git revision: `{m['git_revision']}`  ",
+             f"Machine: {m['nproc']} CPUs ({m['cpu']}), {m['ram_gib']} GiB, {m['os']}; torch {m['torch']}, "
+             f"Ray {m['ray']}; load average at start {m['load_average']}  ",
+             f"Date: {m['date']}  ", "",
+             "The machine was shared with other work (see the load average): compare the figures within "
+             "this run, as ratios, not with other runs.", "",
+             "Data: photo-like 256 px JPEGs (random crops of scikit-learn's sample photos), 10 classes; "
+             f"`image_size={SIZE}`, `data.augment.policy=imagenet`, `data.ingest=stream`.", ""]
+    if results.get("first_step"):
+        lines += ["## Time to the first training step, and epoch time (`emergence-ray train`, embedded Ray)", "",
+                  "| images | first_step_s | epoch train_s | train images | whole command s |", "|---|---|---|---|---|"]
+        for n, r in sorted(results["first_step"].items(), key=lambda kv: int(kv[0])):
+            lines.append(f"| {n} | {r['first_step_s']:.1f} | {r['epoch_train_s']:.1f} | {r['train_images']} | "
+                         f"{r['command_s']:.0f} |")
+        fs = {int(k): v["first_step_s"] for k, v in results["first_step"].items()}
+        if len(fs) > 1:
+            lines += ["", f"Largest / smallest first_step_s: {fs[max(fs)] / fs[min(fs)]:.2f}x (target <= 1.3x)."]
+        lines.append("")
+    if results.get("ingest"):
+        r = results["ingest"]
+        lines += [f"## Ingest rate ({r['images']} images, {r['procs']} CPU processes each)", "",
+                  "| path | images/s (median) | runs |", "|---|---|---|",
+                  f"| Ray Data stream (read_binary_files + Decode tasks, iter_torch_batches) | "
+                  f"{r['ray_median']:.0f} | {', '.join(f'{x:.0f}' for x in r['ray'])} |",
+                  f"| torch DataLoader (num_workers={r['procs']}, same Decode in collate) | "
+                  f"{r['loader_median']:.0f} | {', '.join(f'{x:.0f}' for x in r['loader'])} |", "",
+                  f"Ratio Ray Data / DataLoader: {r['ratio']:.2f} (target >= 1.0).", ""]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--sizes", type=int, nargs="+", default=[1000, 4000, 16000])
+    p.add_argument("--procs", type=int, default=2, help="CPU processes for each ingest path")
+    p.add_argument("--ingest-images", type=int, default=4000)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--limit-s", type=float, default=60.0, help="longest pass of one ingest measurement")
+    p.add_argument("--data", type=Path, default=Path(tempfile.gettempdir()) / "er-stream-bench")
+    p.add_argument("--out", type=Path, default=ROOT / "benchmarks")
+    p.add_argument("--skip-first-step", action="store_true")
+    args = p.parse_args(argv)
+    results = {"command": common.command_line("stream.py", p, args, ("sizes", "procs", "ingest_images", "repeats",
+                                                                      "limit_s", "skip_first_step")),
+               "machine": common.machine_info(), "first_step": {}, "ingest": None}
+    if not args.skip_first_step:
+        for n in args.sizes:
+            folder = make_folder(args.data / f"jpeg-{n}", n)
+            runs = Path(tempfile.mkdtemp(prefix="er-stream-runs-"))
+            results["first_step"][str(n)] = first_step(folder, runs, f"n{n}")
+            print(n, results["first_step"][str(n)], flush=True)
+    if args.ingest_images:
+        import ray
+
+        folder = make_folder(args.data / f"jpeg-{args.ingest_images}", args.ingest_images)
+        ray.init(num_cpus=args.procs, include_dashboard=False, logging_level="WARNING")
+        import ray.data
+
+        ray.data.DataContext.get_current().enable_progress_bars = False
+        ray_runs, loader_runs = [], []
+        for _ in range(args.repeats):  # alternated, so drifting load hits both alike
+            ray_runs.append(ray_stream_rate(folder, args.limit_s)["images_per_s"])
+            loader_runs.append(dataloader_rate(folder, args.procs, args.limit_s)["images_per_s"])
+            print("ray", ray_runs[-1], "loader", loader_runs[-1], flush=True)
+        ray.shutdown()
+        results["ingest"] = {"images": args.ingest_images, "procs": args.procs, "ray": ray_runs,
+                             "loader": loader_runs, "ray_median": common.median(ray_runs),
+                             "loader_median": common.median(loader_runs),
+                             "ratio": common.median(ray_runs) / max(1e-9, common.median(loader_runs))}
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "STREAM.json").write_text(json.dumps(results, indent=2))
+    (args.out / "STREAM.md").write_text(render(results))
+    print((args.out / "STREAM.md").read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,147 @@
+"""Streaming ingest (`data.ingest=stream`): data several times the object store trains without
+spilling, and every training image is trained on exactly once per epoch, by image id.
+
+Workers log the ids they train on only when the driver runs with EMERGENCE_RAY_RECORD_IDS=1
+(`emergence_ray.data.ingest.RECORD_IDS_ENV`): one line per image into
+`<run dir>/seen_ids/<split>-rank<r>-epoch<e>.txt`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import CLI, ROOT, cli_env
+
+LOCAL_CLUSTER = [sys.executable, str(ROOT / "cluster" / "local_cluster.py")]
+STORE_MB = 256
+
+
+def seen_ids(run_dir: Path, split: str, epoch: int) -> dict[int, list[str]]:
+    """rank -> the ids that rank trained on (or evaluated) in `epoch` (0-based), in order."""
+    out = {}
+    for f in sorted((run_dir / "seen_ids").glob(f"{split}-rank*-epoch{epoch}.txt")):
+        rank = int(f.name.split("-rank")[1].split("-")[0])
+        out[rank] = f.read_text().split()
+    return out
+
+
+def assert_exactly_once(run_dir: Path, epochs: int, train_ids: set[str] | None, world: int,
+                        train_count: int | None = None) -> None:
+    """Every epoch: equal shards, no image twice, every training image but at most world - 1 (the
+    listed ids, or any `train_count` ids, the same images every epoch)."""
+    orders, first = [], None
+    for epoch in range(epochs):
+        ranks = seen_ids(run_dir, "train", epoch)
+        assert sorted(ranks) == list(range(world)), f"epoch {epoch}: ranks {sorted(ranks)}"
+        sizes = {len(ids) for ids in ranks.values()}
+        assert len(sizes) == 1, f"epoch {epoch}: unequal shards {sizes}"
+        everything = [i for r in sorted(ranks) for i in ranks[r]]
+        assert len(everything) == len(set(everything)), f"epoch {epoch}: an image trained twice"
+        if train_ids is not None:
+            assert set(everything) <= train_ids, f"epoch {epoch}: ids outside the train split"
+        total = len(train_ids) if train_ids is not None else train_count
+        assert 0 <= total - len(everything) < world, f"epoch {epoch}: {total - len(everything)} missed"
+        first = first or set(everything)
+        assert len(first ^ set(everything)) < 2 * world, f"epoch {epoch}: other images than epoch 0"
+        orders.append(ranks[0])
+    assert all(a != b for a, b in zip(orders, orders[1:])), "the same order in two epochs: no reshuffle"
+
+
+def write_jpegs(root: Path, n: int, classes: int, side: int, seed: int = 0) -> None:
+    """Smooth, photo-like colour images (low-frequency noise, upsampled), one folder per class;
+    each class has its own mean colour so that the task is learnable."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    for i in range(n):
+        c = i % classes
+        d = root / f"class_{c}"
+        d.mkdir(parents=True, exist_ok=True)
+        small = rng.normal(0, 40, (6, 6, 3)) + np.array([60 + 120 * (c % 2), 60 + 60 * (c // 2 % 3), 120])
+        img = Image.fromarray(np.clip(small, 0, 255).astype(np.uint8)).resize((side, side), Image.BICUBIC)
+        img.save(d / f"{i:05d}.jpg", quality=85)
+
+
+@contextlib.contextmanager
+def small_store_head():
+    """A local head with a 256 MiB object store, its own temp dir and ports; stopped by pid."""
+    directory = Path(tempfile.mkdtemp(prefix="er-stream-", dir="/tmp"))
+    proc = subprocess.run([*LOCAL_CLUSTER, "start", "--dir", str(directory), "--cpus", "2",
+                           "--object-store-mb", str(STORE_MB)], capture_output=True, text=True, timeout=240,
+                          env=cli_env())
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    try:
+        yield json.loads((directory / "cluster.json").read_text())
+    finally:
+        subprocess.run([*LOCAL_CLUSTER, "stop", "--dir", str(directory)], timeout=120, env=cli_env())
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+def spill_stats(gcs_address: str) -> str:
+    proc = subprocess.run(["ray", "memory", "--stats-only", "--address", gcs_address], capture_output=True,
+                          text=True, timeout=120, env=cli_env(RAY_AUTH_MODE="token"))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return proc.stdout
+
+
+@pytest.mark.slow
+def test_imagefolder_many_times_the_object_store_streams_without_spilling(tmp_path):
+    """3,000 JPEGs decoded to 3x160x160: 921 MB as float32 (3.4x the 256 MiB store), 230 MB as
+    uint8. Two epochs through the real CLI on the small-store head: no spill, exactly-once epochs."""
+    from emergence_ray.config import DataConfig
+    from emergence_ray.data.sources import SOURCES
+
+    data = tmp_path / "photos"
+    write_jpegs(data, 3000, classes=4, side=96)
+    size = 160
+    assert 3000 * 3 * size * size * 4 > 3.4 * STORE_MB * 2**20
+    overrides = ["data.source=imagefolder", f"data.path={data}", f"data.image_size={size}", "data.ingest=stream",
+                 "data.val_fraction=0.1", "data.test_fraction=0.1", "model.name=mlp", "model.width=16",
+                 "model.depth=1", "train.epochs=2", "train.batch_size=64", f"run.storage_path={tmp_path / 'runs'}",
+                 "run.name=big"]
+    with small_store_head() as head:
+        proc = subprocess.run([*CLI, "train", "--address", head["gcs_address"],
+                               *[a for o in overrides for a in ("--set", o)]], capture_output=True, text=True,
+                              timeout=900, env=cli_env(EMERGENCE_RAY_RECORD_IDS="1"), cwd=tmp_path)
+        assert proc.returncode == 0, proc.stderr[-4000:]
+        stats = spill_stats(head["gcs_address"])
+    assert "Spilled" not in stats, stats
+    run_dir = tmp_path / "runs" / "big"
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["ingest"] == "stream" and summary["epochs"] == 2 and summary["first_step_s"] > 0
+    assert "first_step_s" in proc.stdout + proc.stderr  # in epoch 1's log line
+    cfg = DataConfig(source="imagefolder", path=str(data), val_fraction=0.1, test_fraction=0.1)
+    train_ids = set(SOURCES["imagefolder"](cfg).train.paths)  # listed on the driver, no image read
+    assert_exactly_once(run_dir, 2, train_ids, world=2)
+    val = [i for ids in seen_ids(run_dir, "val", 0).values() for i in ids]
+    assert len(val) == len(set(val)) == summary["images"]["val"]  # validation: every image once
+
+
+def test_stream_benchmark_smoke(ray_session, tmp_path):
+    """benchmarks/stream.py on a few photo crops: both ingest paths run the same decode and device
+    transform and report a rate; the results file renders."""
+    from benchmarks import common, stream
+
+    folder = stream.make_folder(tmp_path / "jpegs", 60, side=64)
+    assert len(list(folder.rglob("*.jpg"))) == 60 and len(list(folder.iterdir())) == 10
+    ray_rate = stream.ray_stream_rate(folder, limit_s=60)
+    loader_rate = stream.dataloader_rate(folder, procs=1, limit_s=60)
+    train = 60 - 2 * 3  # 5% val, 5% test (at least one per... stratified: 3 each)
+    for r in (ray_rate, loader_rate):
+        assert r["images_per_s"] > 0 and 0 < r["images"] <= train
+    results = {"command": "python benchmarks/stream.py", "machine": common.machine_info(), "first_step": {},
+               "ingest": {"images": 60, "procs": 1, "ray": [ray_rate["images_per_s"]],
+                          "loader": [loader_rate["images_per_s"]], "ray_median": ray_rate["images_per_s"],
+                          "loader_median": loader_rate["images_per_s"],
+                          "ratio": ray_rate["images_per_s"] / loader_rate["images_per_s"]}}
+    text = stream.render(results)
+    assert "Ray Data / DataLoader" in text and "Git revision" in text
