@@ -1,11 +1,15 @@
-"""Sweeps over the same training job with a real local Ray: a trial that loses a worker resumes,
-and an interrupted sweep resumes without re-running finished trials. (The ASHA sweep job, its
-early stops and best.json: test_cluster_jobs.py, submitted as jobs/README.md shows.)"""
+"""Sweeps over the same training job with a real local Ray: an Optuna sweep over a non-optim key
+whose trial loses a worker and whose driver is killed resumes without re-running finished trials;
+a PBT sweep of two repeats (different seeds, different numbers) moves the worse trial onto the
+better one's weights with new hyperparameters, through an interrupted and restored run. (The ASHA
+grid sweep job, its early stops and best.json: test_cluster_jobs.py, submitted as jobs/README.md
+shows.)"""
 
 from __future__ import annotations
 
 import csv
 import json
+import math
 import os
 import signal
 import subprocess
@@ -13,10 +17,13 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from conftest import CLI, ROOT, cli_env, run_epochs, wait_for
 from emergence_ray.config import load_config
 from emergence_ray.errors import ConfigError
+from emergence_ray.optim import lr_factor
+from emergence_ray.sweep.search import points
 from emergence_ray.tune import TuneSection, tune_section
 
 
@@ -41,6 +48,94 @@ def test_tune_section_validation():
     with pytest.raises(ConfigError, match="tune.bogus"):
         tune_section(load_config(None, ["tune.bogus=1"]))
     assert TuneSection().scheduler.name == "asha"
+    # any job key, as a YAML dotted key or nested by --set; checked against the job before any trial
+    cfg = load_config(ROOT / "jobs" / "sweep_optuna_digits.yaml", ["tune.space.model.width.choice=[16, 32]"])
+    assert list(tune_section(cfg).keys) == ["optim.lr", "train.label_smoothing", "model.width"]
+    assert list(tune_section(load_config(None, [])).keys) == ["optim.lr", "optim.weight_decay"]  # the default
+    bad = {
+        "tune.space.model.name.choice=[cnn, bogus]": "tune.space.model.name: value 'bogus'.*unknown model",
+        "tune.space.train.batch_size.uniform=[-4, 64]": "tune.space.train.batch_size: value -4.*greater than 0",
+        "tune.space.model.widht.choice=[8]": "tune.space.model.widht: value 8.*unknown key",
+        "tune.space.run.name.choice=[a]": "space.run.name: cannot be searched",
+        "tune.space.train.seed.choice=[1, 2]": "train.seed: cannot be searched.*tune.repeats",
+        "tune.search=grid": "search: grid needs at least one grid",
+        "tune.scheduler.name=pbt": None,  # fine: lr and weight decay are the default space
+    }
+    for override, message in bad.items():
+        if message is None:
+            tune_section(load_config(None, [override]))
+            continue
+        with pytest.raises(ConfigError, match=message):
+            tune_section(load_config(None, [override]))
+    for overrides, message in [
+        (["tune.search=optuna", "tune.repeats=2"], "optuna learns from every trial"),
+        (["tune.search=grid", "tune.lr.grid=[0.1]", "tune.num_samples=3"], "for repeats set tune.repeats"),
+        (["tune.lr.grid=[0.1]"], "search: random samples.*choice"),
+        (["tune.scheduler.name=pbt", "tune.space.model.width.choice=[8]"], "pbt perturbs optim.lr and optim.wei"),
+    ]:
+        with pytest.raises(ConfigError, match=message):
+            tune_section(load_config(None, overrides))
+
+
+def test_bad_space_fails_in_the_cli_before_any_trial(tmp_path):
+    out = subprocess.run([*CLI, "tune", "--config", str(ROOT / "jobs" / "sweep_optuna_digits.yaml"), "--set",
+                          f"run.storage_path={tmp_path}", "--set", "tune.space.model.dropout.uniform=[0, 1.5]"],
+                         capture_output=True, text=True, timeout=120, env=cli_env())
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert "error:" in out.stderr and "tune.space.model.dropout: value 1.5" in out.stderr
+    assert "Traceback" not in out.stderr and not any(tmp_path.iterdir())
+
+
+def _configs(overrides: list[str]) -> list[dict]:
+    cfg = load_config(None, overrides)
+    return points(cfg, tune_section(cfg))
+
+
+def test_random_and_grid_points_repeat_each_configuration_with_its_own_seed_index():
+    """Random search draws its points here (seeded): a repeat is the same configuration, repeat 1."""
+    points = _configs(["tune.num_samples=3", "tune.repeats=2", "tune.include_default=true", "tune.seed=5"])
+    assert len(points) == 6 and [p["repeat"] for p in points] == [0, 0, 0, 1, 1, 1]
+    assert points[0] == {"optim.lr": 0.003, "optim.weight_decay": 0.0005, "searcher": "default", "repeat": 0}
+    assert [{**p, "repeat": 1} for p in points[:3]] == points[3:]
+    assert points == _configs(["tune.num_samples=3", "tune.repeats=2", "tune.include_default=true", "tune.seed=5"])
+    assert points != _configs(["tune.num_samples=3", "tune.repeats=2", "tune.include_default=true", "tune.seed=6"])
+    grid = _configs(["tune.search=grid", "tune.lr.grid=[0.1, 0.2]", "tune.space.model.width.grid=[8, 16]"])
+    assert {(p["optim.lr"], p["model.width"]) for p in grid} == {(0.1, 8), (0.1, 16), (0.2, 8), (0.2, 16)}
+    assert all("optim.weight_decay" not in p for p in grid)  # a shorthand without a grid is not swept
+
+
+def test_continue_with_keeps_the_donors_state_and_the_trials_hyperparameters():
+    """PBT's exploit on the worker: the donor's moments and schedule position, this trial's lr / wd."""
+    from emergence_ray.config import OptimConfig
+    from emergence_ray.optim import build_optimizer, build_scheduler
+    from emergence_ray.sweep.exploit import continue_with
+
+    torch.manual_seed(0)
+    for name in ("adamw", "sgd"):
+        donor_model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Linear(3, 2))
+        donor_opt = build_optimizer(donor_model, OptimConfig(name=name, lr=0.01, weight_decay=0.1))
+        donor_sched = build_scheduler(donor_opt, OptimConfig(name=name, lr=0.01), 5, 4)
+        for _ in range(7):
+            donor_model(torch.randn(8, 4)).square().mean().backward()
+            donor_opt.step()
+            donor_sched.step()
+            donor_opt.zero_grad()
+        state = {"optimizer": donor_opt.state_dict(), "scheduler": donor_sched.state_dict()}
+        model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Linear(3, 2))
+        model.load_state_dict(donor_model.state_dict())
+        new = OptimConfig(name=name, lr=0.002, weight_decay=0.03)
+        opt = build_optimizer(model, new)
+        sched = build_scheduler(opt, new, 5, 4)
+        continue_with(opt, sched, state)
+        factor = donor_opt.param_groups[0]["lr"] / 0.01
+        assert sched.last_epoch == 7 and opt.param_groups[0]["lr"] == pytest.approx(0.002 * factor)
+        wd = "decoupled_wd" if name == "sgd" else "weight_decay"
+        assert [g[wd] for g in opt.param_groups] == [0.03, 0.0]
+        key = "exp_avg" if name == "adamw" else "momentum_buffer"
+        donor_moments = [donor_opt.state[p][key] for p in donor_model.parameters()]
+        assert all(torch.equal(opt.state[p][key], m) for p, m in zip(model.parameters(), donor_moments))
+        sched.step()  # the schedule goes on from step 7 with the new peak
+        assert opt.param_groups[0]["lr"] == pytest.approx(0.002 * sched.lr_lambdas[0](8))
 
 
 def test_killed_trial_worker_and_killed_sweep_driver_both_resume(ray_session, tmp_path):
