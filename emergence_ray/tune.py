@@ -144,8 +144,9 @@ def tune_run(cfg: JobConfig, address: str | None = None) -> str:
         tuner = tune.Tuner.restore(sweep_dir, trainable, resume_unfinished=True, resume_errored=True)
     else:
         param_space, tune_config = tune_setup(cfg, section, concurrent)
-        # PBT hands a trial the donor's latest Tune checkpoint; older ones are not needed
-        keep = tune.CheckpointConfig(num_to_keep=2) if pbt else None
+        # PBT restores an exploiting trial from the donor's Tune checkpoint of the exploit step, which
+        # may be several epochs old by the time the trial restarts on a busy cluster: keep them all
+        keep = tune.CheckpointConfig(num_to_keep=None) if pbt else None
         tuner = tune.Tuner(trainable, param_space=param_space, tune_config=tune_config,
                            run_config=tune.RunConfig(name=sweep, storage_path=storage_path, checkpoint_config=keep,
                                                      failure_config=tune.FailureConfig(max_failures=cfg.run.max_failures)))

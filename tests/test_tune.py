@@ -138,15 +138,16 @@ def test_continue_with_keeps_the_donors_state_and_the_trials_hyperparameters():
         assert opt.param_groups[0]["lr"] == pytest.approx(0.002 * sched.lr_lambdas[0](8))
 
 
-def test_killed_trial_worker_and_killed_sweep_driver_both_resume(ray_session, tmp_path):
-    """Two trials, one at a time. The first trial loses its training worker (SIGKILL by pid): Train
-    restarts it from the trial's last checkpoint and the trial finishes with every epoch once. Then
-    the sweep's driver is killed once Tune's saved state records that trial as finished; the same
-    command resumes the sweep, runs the other trial and does not train the finished one again."""
-    cmd = [*CLI, "tune", "--config", str(ROOT / "jobs" / "sweep_digits.yaml"), "--set", f"run.storage_path={tmp_path}",
-           "--set", "run.name=sweep", "--set", "tune.scheduler.name=none", "--set", "tune.max_concurrent_trials=1",
-           "--set", "train.epochs=4", "--set", "run.max_failures=2", "--set", "tune.lr.grid=[0.003]",
-           "--set", "tune.weight_decay.grid=[0.0, 0.001]"]
+def test_optuna_sweep_over_a_non_optim_key_resumes_a_killed_worker_and_a_killed_driver(ray_session, tmp_path):
+    """jobs/sweep_optuna_digits.yaml (TPE over optim.lr and train.label_smoothing), two trials, one at
+    a time. The first trial loses its training worker (SIGKILL by pid): Train restarts it from the
+    trial's last checkpoint and the trial finishes with every epoch once. Then the sweep's driver
+    is killed once Tune's saved state records that trial as finished; the same command restores the
+    sweep (and Optuna's state), runs the other trial and does not train the finished one again."""
+    cmd = [*CLI, "tune", "--config", str(ROOT / "jobs" / "sweep_optuna_digits.yaml"), "--set",
+           f"run.storage_path={tmp_path}", "--set", "run.name=sweep", "--set", "tune.scheduler.name=none",
+           "--set", "tune.max_concurrent_trials=1", "--set", "tune.num_samples=2", "--set", "train.epochs=4",
+           "--set", "run.max_failures=2"]
     # Tune saves its experiment state every ~10 s by default; every second here.
     env = cli_env(RAY_ADDRESS=ray_session, TUNE_GLOBAL_CHECKPOINT_S="1")
     log = tmp_path / "first.log"
@@ -181,3 +182,77 @@ def test_killed_trial_worker_and_killed_sweep_driver_both_resume(ray_session, tm
     rows = _rows(tmp_path / "sweep")
     assert len(rows) == 2 and all(r["status"] == "TERMINATED" and r["epochs_run"] == "4" for r in rows), rows
     assert (victim_dir / "metrics.jsonl").stat().st_mtime == mtime  # not trained again
+    # one column per searched key; each trial's job got its own label smoothing
+    assert {"optim.lr", "train.label_smoothing", "seed", "searcher"} <= set(rows[0]), rows[0]
+    assert all(r["searcher"] == "optuna" and r["seed"] == "0" for r in rows)
+    smoothing = {float(r["train.label_smoothing"]) for r in rows}
+    assert len(smoothing) == 2 and all(0.0 <= v <= 0.2 for v in smoothing)
+    for r in rows:
+        job = torch.load(Path(r["checkpoint"]) / "checkpoint.pt", weights_only=True)["config"]
+        assert job["train"]["label_smoothing"] == pytest.approx(float(r["train.label_smoothing"]))
+    best = json.loads((tmp_path / "sweep" / "best.json").read_text())
+    assert set(best["config"]) == {"optim.lr", "train.label_smoothing"} and best["searcher"] == "optuna"
+
+
+def _history(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_pbt_sweep_of_two_repeats_exploits_restores_and_completes(ray_session, tmp_path):
+    """jobs/sweep_pbt_digits.yaml with one configuration run twice: seeds 0 and 1 give different
+    numbers. PBT moves the worse trial onto the better one's checkpoint: a new Train run that
+    starts from a copy of the donor's checkpoint (its history up to then is the donor's) and trains
+    on with the trial's perturbed lr. The sweep's driver is killed once that run has trained an
+    epoch; the same command restores the sweep and finishes it."""
+    cmd = [*CLI, "tune", "--config", str(ROOT / "jobs" / "sweep_pbt_digits.yaml"), "--set",
+           f"run.storage_path={tmp_path}", "--set", "run.name=pbt", "--set", "tune.num_samples=1",
+           "--set", "tune.repeats=2"]
+    env = cli_env(RAY_ADDRESS=ray_session, TUNE_GLOBAL_CHECKPOINT_S="1")
+    log = tmp_path / "first.log"
+    first = subprocess.Popen(cmd, stdout=open(log, "w"), stderr=subprocess.STDOUT, env=env)
+    trials = tmp_path / "pbt" / "trials"
+
+    def exploiting_run() -> Path | None:
+        return next((d for d in trials.glob("*-from-*") if (d / "metrics.jsonl").exists()
+                     and len(run_epochs(d)) > json.loads((d / "exploited_from" / "source.json").read_text())["epoch"]),
+                    None)
+
+    wait_for(lambda: exploiting_run() is not None, first, 600, "a trial training on from the other's checkpoint", log)
+    time.sleep(2)  # let Tune save its state with that trial's own checkpoint
+    first.send_signal(signal.SIGKILL)
+    first.wait()
+    time.sleep(3)
+    second = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
+    assert second.returncode == 0, (second.stdout + second.stderr)[-4000:]
+    assert "resuming sweep" in second.stdout + second.stderr
+
+    rows = _rows(tmp_path / "pbt")
+    assert len(rows) == 2 and {r["seed"] for r in rows} == {"0", "1"}, rows
+    assert all(r["status"] == "TERMINATED" and r["epochs_run"] == "4" for r in rows), rows
+    originals = {r["trial_id"]: _history(trials / f"pbt-{r['trial_id']}") for r in rows}
+    first_epochs = [h[0] for h in originals.values()]
+    assert first_epochs[0]["val_loss"] != first_epochs[1]["val_loss"]  # same configuration, other seed
+    assert first_epochs[0]["train_loss"] != first_epochs[1]["train_loss"]
+
+    exploited = [r for r in rows if int(r["pbt_exploits"]) >= 1]
+    assert exploited, rows
+    row = exploited[0]
+    run = trials / row["train_run"]
+    source = json.loads((run / "exploited_from" / "source.json").read_text())
+    epoch = source["epoch"]
+    donor = _history(trials / source["run"])
+    history = _history(run)
+    assert source["trial_id"] != row["trial_id"] and [m["epoch"] for m in history] == [1, 2, 3, 4]
+    assert history[:epoch] == donor[:epoch]  # the donor's checkpoint was loaded (its history is in it)
+    # trained on from the donor's weights: far below where a fresh model starts
+    assert history[epoch]["train_loss"] < 0.8 * min(m["train_loss"] for m in first_epochs)
+    # with this trial's perturbed lr, at the schedule's position (cosine, 1 warm-up epoch, 4 epochs)
+    steps = math.ceil(history[0]["train_images"] / 64)
+
+    def peak(m: dict) -> float:
+        return m["lr"] / lr_factor(m["epoch"] * steps - 1, 4 * steps, steps, "cosine")
+
+    assert all(peak(m) == pytest.approx(float(row["optim.lr"])) for m in history[epoch:])
+    assert peak(donor[epoch - 1]) != pytest.approx(float(row["optim.lr"]))
+    best = json.loads((tmp_path / "pbt" / "best.json").read_text())
+    assert best["repeats"]["n"] in (1, 2) and (tmp_path / "pbt" / "sweep.png").stat().st_size > 1000
