@@ -58,8 +58,9 @@ def _trial(config: dict, job: dict, sweep: str, sweep_dir: str, num_workers: int
     reports = Queue(maxsize=1, actor_options={"num_cpus": 0})
     trainer = build_trainer(cfg, name, datasets, DataSpec.from_dict(spec_dict), counts, run_dir,
                             callbacks=[bridge.ToTune(reports)], start_from=start_from)
-    result = bridge.fit_reporting(trainer, reports, {"train_run": name, "trial_start": started}, tune_checkpoints,
-                                  trial_id)
+    # seed: this trial's own (PBT clones a donor's whole config, repeat included, on an exploit)
+    extra = {"train_run": name, "trial_start": started, "seed": cfg.train.seed}
+    result = bridge.fit_reporting(trainer, reports, extra, tune_checkpoints, trial_id)
     if result.error is not None:
         raise result.error
 

@@ -3,8 +3,9 @@ table printed at the end, and sweep.png.
 
 trials.csv has one row per trial: trial_id, searcher (random / grid / optuna / default), repeat,
 seed, one column per searched key (dotted), epochs_run, last / best value of the metric, status,
-stopped_early, start_s (seconds after the sweep's first trial started), pbt_exploits (Train runs
-the trial continued from a better trial's checkpoint), train_run and checkpoint.
+stopped_early, start_s (seconds after the sweep's first trial started), pbt_from (TRIAL@eEPOCH when
+the trial's last Train run continued a better trial's checkpoint under PBT), train_run and checkpoint.
+Under PBT the searched keys are the trial's last (perturbed) values; seed stays the trial's own.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import statistics
 import ray.train
 
 from emergence_ray import storage
+from emergence_ray.sweep.bridge import EXPLOITED_FROM, SOURCE
 from emergence_ray.sweep.search import REPEAT, SEARCHER, trial_values
 from emergence_ray.sweep.space import TuneSection
 from emergence_ray.trainer import storage_history
@@ -25,6 +27,15 @@ from emergence_ray.trainer import storage_history
 def _trial_id_from_path(path: str) -> str:
     match = re.search(r"_([0-9a-f]{5}_\d{5})(_|$)", path.rstrip("/").rsplit("/", 1)[-1])
     return match.group(1) if match else path.rstrip("/").rsplit("/", 1)[-1]
+
+
+def _donor(run_dir: str) -> str:
+    """'TRIAL@eEPOCH' when this Train run continued another trial's checkpoint (PBT), else ''."""
+    path = storage.join(run_dir, EXPLOITED_FROM, SOURCE)
+    if not storage.exists(path):
+        return ""
+    source = storage.read_json(path)
+    return f"{source['trial_id']}@e{source['epoch']}"
 
 
 def _best_checkpoint(run_dir: str, metric: str, better) -> str | None:
@@ -52,12 +63,15 @@ def trial_rows(grid, sweep_dir: str, sweep: str, epochs: int, section: TuneSecti
         values = [m[section.metric] for m in history]
         df = result.metrics_dataframe
         started = float(df["trial_start"].min()) if df is not None and "trial_start" in df else None
+        # the seed of the trial's first report: under PBT its config may since be a donor's copy
+        own_seed = int(df["seed"].iloc[0]) if df is not None and "seed" in df and len(df) else \
+            seed + result.config.get(REPEAT, 0)
         status = "ERROR" if result.error else "TERMINATED"
         rows.append({
             "trial_id": trial_id,
             "searcher": result.config.get(SEARCHER, section.search),
-            "repeat": result.config.get(REPEAT, 0),
-            "seed": seed + result.config.get(REPEAT, 0),
+            "repeat": own_seed - seed,
+            "seed": own_seed,
             **trial_values(result.config),
             "epochs_run": len(history),
             "last_val_metric": values[-1] if values else None,
@@ -65,7 +79,7 @@ def trial_rows(grid, sweep_dir: str, sweep: str, epochs: int, section: TuneSecti
             "status": status,
             "stopped_early": status == "TERMINATED" and len(history) < epochs,
             "start_s": started,
-            "pbt_exploits": train_run.count("-from-"),
+            "pbt_from": _donor(run_dir),
             "train_run": train_run,
             "checkpoint": _best_checkpoint(run_dir, section.metric, better) if history else None,
         })
@@ -162,7 +176,7 @@ def sweep_plot(rows: list[dict], grid, metric: str, lr: float, weight_decay: flo
         mine = [r for r in done if r["searcher"] == searcher and r["start_s"] is not None]
         t.scatter([r["start_s"] for r in mine], [r["best_val_metric"] for r in mine], s=60, label=searcher,
                   color=COLORS.get(searcher, "tab:purple"),
-                  edgecolors=["red" if r["pbt_exploits"] else "k" for r in mine])
+                  edgecolors=["red" if r["pbt_from"] else "k" for r in mine])
     t.set(xlabel="trial start (s after the first)", ylabel=f"best {metric}", title="the search over time")
     t.legend(fontsize=8)
     for result in grid:

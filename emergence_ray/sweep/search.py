@@ -65,7 +65,7 @@ def _point_search(cfg: JobConfig, section: TuneSection, concurrent: int) -> tupl
 
 def _optuna(cfg: JobConfig, section: TuneSection, concurrent: int) -> tuple[dict, Any, int]:
     try:
-        import optuna  # noqa: F401
+        import optuna
         from ray.tune.search import ConcurrencyLimiter
         from ray.tune.search.optuna import OptunaSearch
     except ImportError:
@@ -73,7 +73,8 @@ def _optuna(cfg: JobConfig, section: TuneSection, concurrent: int) -> tuple[dict
                         "pip install -e '.[optuna]' (or pip install optuna), or use search: random") from None
     default = [default_point(cfg, section)] if section.include_default else None
     space = {k: s.domain() for k, s in searched(section).items()}
-    searcher = OptunaSearch(metric=section.metric, mode=section.mode, seed=section.seed, points_to_evaluate=default)
+    sampler = optuna.samplers.TPESampler(seed=section.seed, n_startup_trials=section.optuna_startup_trials)
+    searcher = OptunaSearch(metric=section.metric, mode=section.mode, sampler=sampler, points_to_evaluate=default)
     # the searcher's own keys stay out of Optuna's space: constants in the param space
     return ({**space, REPEAT: 0, SEARCHER: "optuna"}, ConcurrencyLimiter(searcher, max_concurrent=concurrent),
             section.num_samples)

@@ -112,6 +112,7 @@ class TuneSection(BaseModel):
     mode: Literal["max", "min"] = "max"
     scheduler: SchedulerSection = Field(default_factory=SchedulerSection)
     search: Literal["random", "grid", "optuna"] = "random"
+    optuna_startup_trials: int = Field(10, gt=0, description="optuna: random trials before TPE models the results")
     include_default: bool = Field(False, description="also run the job's own values of the searched keys first")
     seed: int = 0
 
