@@ -30,7 +30,7 @@ from emergence_ray.errors import ResourceError, RunExistsError, UserError
 from emergence_ray.report import evaluate_checkpoint
 from emergence_ray.sweep import bridge
 from emergence_ray.sweep.results import best_record, results_table, sweep_plot, trial_rows, write_trials_csv
-from emergence_ray.sweep.search import REPEAT, tune_setup, trial_values
+from emergence_ray.sweep.search import REPEAT, check_installed, trial_values, tune_setup
 from emergence_ray.sweep.space import Space, TuneSection, trial_job, tune_section
 from emergence_ray.trainer import build_trainer, storage_history, write_meta
 
@@ -121,6 +121,7 @@ def plan_trials(cfg: JobConfig, section: TuneSection, resources: dict[str, float
 def tune_run(cfg: JobConfig, address: str | None = None) -> str:
     wall_start = time.monotonic()
     section = tune_section(cfg)
+    check_installed(section)
     sweep = cfg.run.name or f"sweep-{cfg.data.source}-{cfg.model.name}-{datetime.now():%Y%m%d-%H%M%S}"
     storage_path = storage.resolve(cfg.run.storage_path)
     sweep_dir = storage.join(storage_path, sweep)

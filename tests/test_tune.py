@@ -84,6 +84,19 @@ def test_bad_space_fails_in_the_cli_before_any_trial(tmp_path):
     assert "Traceback" not in out.stderr and not any(tmp_path.iterdir())
 
 
+def test_optuna_search_without_optuna_says_how_to_install_it(tmp_path):
+    """The optional extra: with optuna not importable, a clear error and exit 2 before any trial."""
+    blocker = tmp_path / "sitecustomize.py"  # makes `import optuna` fail in the CLI process
+    blocker.write_text("import sys\nsys.modules['optuna'] = None\n")
+    env = cli_env(PYTHONPATH=f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+    out = subprocess.run([*CLI, "tune", "--config", str(ROOT / "jobs" / "sweep_optuna_digits.yaml"), "--set",
+                          f"run.storage_path={tmp_path / 'runs'}", "--set", "tune.max_concurrent_trials=100"],
+                         capture_output=True, text=True, timeout=300, env=env)
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert "tune.search: optuna needs the optuna package; install it with pip install -e '.[optuna]'" in out.stderr
+    assert "Traceback" not in out.stderr and not (tmp_path / "runs").exists()
+
+
 def _configs(overrides: list[str]) -> list[dict]:
     cfg = load_config(None, overrides)
     return points(cfg, tune_section(cfg))

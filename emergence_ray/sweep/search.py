@@ -63,14 +63,21 @@ def _point_search(cfg: JobConfig, section: TuneSection, concurrent: int) -> tupl
                                         random_state=section.seed), len(trials)
 
 
+def check_installed(section: TuneSection) -> None:
+    """Before anything starts: the optional packages the chosen searcher needs."""
+    if section.search == "optuna":
+        try:
+            import optuna  # noqa: F401
+        except ImportError:
+            raise UserError("tune.search: optuna needs the optuna package; install it with "
+                            "pip install -e '.[optuna]' (or pip install optuna), or use search: random") from None
+
+
 def _optuna(cfg: JobConfig, section: TuneSection, concurrent: int) -> tuple[dict, Any, int]:
-    try:
-        import optuna
-        from ray.tune.search import ConcurrencyLimiter
-        from ray.tune.search.optuna import OptunaSearch
-    except ImportError:
-        raise UserError("tune.search: optuna needs the optuna package; install it with "
-                        "pip install -e '.[optuna]' (or pip install optuna), or use search: random") from None
+    import optuna
+    from ray.tune.search import ConcurrencyLimiter
+    from ray.tune.search.optuna import OptunaSearch
+
     default = [default_point(cfg, section)] if section.include_default else None
     space = {k: s.domain() for k, s in searched(section).items()}
     sampler = optuna.samplers.TPESampler(seed=section.seed, n_startup_trials=section.optuna_startup_trials)
