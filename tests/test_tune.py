@@ -209,12 +209,12 @@ def _history(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_pbt_sweep_of_two_repeats_restores_and_exploits(ray_session, tmp_path):
+def test_pbt_sweep_of_two_repeats_exploits_restores_and_completes(ray_session, tmp_path):
     """jobs/sweep_pbt_digits.yaml with one configuration run twice: seeds 0 and 1 give different
-    numbers. The sweep's driver is killed once a trial has trained 2 epochs; the same command
-    restores the sweep and finishes it. PBT has moved the worse trial onto the better one's
-    checkpoint: a new Train run that starts from a copy of the donor's checkpoint (its history up
-    to then is the donor's, its loss goes on from there) and trains with the trial's perturbed lr."""
+    numbers. PBT moves the worse trial onto the better one's checkpoint: a new Train run that
+    starts from a copy of the donor's checkpoint (its history up to then is the donor's, its loss
+    goes on from there) and trains with the trial's perturbed lr. The sweep's driver is killed once
+    that run has trained an epoch; the same command restores the sweep and finishes it."""
     cmd = [*CLI, "tune", "--config", str(ROOT / "jobs" / "sweep_pbt_digits.yaml"), "--set",
            f"run.storage_path={tmp_path}", "--set", "run.name=pbt", "--set", "tune.num_samples=1",
            "--set", "tune.repeats=2"]
@@ -222,7 +222,13 @@ def test_pbt_sweep_of_two_repeats_restores_and_exploits(ray_session, tmp_path):
     log = tmp_path / "first.log"
     first = subprocess.Popen(cmd, stdout=open(log, "w"), stderr=subprocess.STDOUT, env=env)
     trials = tmp_path / "pbt" / "trials"
-    wait_for(lambda: any(len(run_epochs(d)) >= 2 for d in trials.iterdir()), first, 600, "a trial at epoch 2", log)
+
+    def exploiting_run() -> Path | None:
+        return next((d for d in trials.glob("*-from-*") if (d / "metrics.jsonl").exists()
+                     and len(run_epochs(d)) > json.loads((d / "exploited_from" / "source.json").read_text())["epoch"]),
+                    None)
+
+    wait_for(lambda: exploiting_run() is not None, first, 900, "a trial training on from the other's checkpoint", log)
     time.sleep(1)
     first.send_signal(signal.SIGKILL)
     first.wait()
