@@ -1,6 +1,7 @@
 """Side-by-side comparison of finished sweeps (same job, other searchers / schedulers): a
 Markdown table (trials, epochs spent, best validation metric, wall time) and a figure of every
-trial's best metric over its start time, one color per sweep, with each sweep's best-so-far line.
+trial's best metric over the epochs the sweep had spent, one color per sweep, with each sweep's
+best-so-far line.
 
     python -m emergence_ray.sweep.compare OUT_DIR LABEL=SWEEP_DIR [LABEL=SWEEP_DIR ...]
 """
@@ -23,7 +24,8 @@ def load(sweep_dir: Path) -> dict:
 
 
 def table(sweeps: dict[str, dict]) -> str:
-    lines = ["| search | trials | epochs spent | stopped early | best val metric | test accuracy (best) | wall s |",
+    lines = ["| search | trials | epochs spent | stopped early | best val metric | test accuracy (best) "
+             "| wall s (last driver run) |",
              "|---|---|---|---|---|---|---|"]
     for label, s in sweeps.items():
         rows = s["rows"]
@@ -41,13 +43,15 @@ def figure(sweeps: dict[str, dict], metric: str) -> bytes:
 
     fig, ax = plt.subplots(figsize=(8, 5))
     for i, (label, s) in enumerate(sweeps.items()):
-        done = sorted((float(r["start_s"]), float(r["best_val_metric"])) for r in s["rows"]
-                      if r["best_val_metric"] and r["start_s"])
+        # in the order the trials started; x: epochs the sweep had spent once the trial ended
+        rows = sorted((r for r in s["rows"] if r["best_val_metric"] and r["start_s"]),
+                      key=lambda r: float(r["start_s"]))
+        spent = [sum(int(r["epochs_run"]) for r in rows[: k + 1]) for k in range(len(rows))]
+        values = [float(r["best_val_metric"]) for r in rows]
         color = f"C{i}"
-        ax.scatter([t for t, _ in done], [v for _, v in done], color=color, s=40, label=label)
-        so_far = [max(v for _, v in done[: k + 1]) for k in range(len(done))]
-        ax.step([t for t, _ in done], so_far, where="post", color=color, alpha=0.6)
-    ax.set(xlabel="trial start (s after the sweep's first)", ylabel=f"best {metric} of the trial",
+        ax.scatter(spent, values, color=color, s=40, label=label)
+        ax.step(spent, [max(values[: k + 1]) for k in range(len(values))], where="post", color=color, alpha=0.6)
+    ax.set(xlabel="epochs spent by the sweep (trials in start order)", ylabel=f"best {metric} of the trial",
            title="trials by searcher; lines: best so far")
     ax.legend()
     fig.tight_layout()
@@ -62,7 +66,7 @@ def main(argv: list[str]) -> None:
     sweeps = {label: load(Path(path)) for label, path in (a.split("=", 1) for a in argv[1:])}
     out.mkdir(parents=True, exist_ok=True)
     metric = next(iter(sweeps.values()))["best"]["metric"]
-    (out / "comparison.md").write_text(table(sweeps).replace("val metric", f"val {metric}") + "\n")
+    (out / "comparison.md").write_text(table(sweeps).replace("best val metric", f"best {metric}") + "\n")
     (out / "comparison.png").write_bytes(figure(sweeps, metric))
     print(table(sweeps))
 
