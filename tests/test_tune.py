@@ -115,6 +115,22 @@ def test_random_and_grid_points_repeat_each_configuration_with_its_own_seed_inde
     assert all("optim.weight_decay" not in p for p in grid)  # a shorthand without a grid is not swept
 
 
+def test_best_json_reports_mean_and_spread_over_repeats():
+    from emergence_ray.sweep.results import best_record
+
+    def row(trial, lr, seed, value):
+        return {"trial_id": trial, "searcher": "grid", "repeat": seed, "seed": seed, "optim.lr": lr,
+                "best_val_metric": value}
+
+    rows = [row("a0", 0.1, 0, 0.80), row("a1", 0.1, 1, 0.90), row("b0", 0.2, 0, 0.86), row("b1", 0.2, 1, 0.88)]
+    record = best_record(rows, rows[1], TuneSection(search="grid", lr={"grid": [0.1, 0.2]}))
+    assert record["config"] == {"optim.lr": 0.1} and record["seed"] == 1 and record["value"] == 0.90
+    assert record["repeats"]["n"] == 2 and record["repeats"]["mean"] == pytest.approx(0.85)
+    assert record["repeats"]["std"] == pytest.approx(0.0707, abs=1e-4) and record["repeats"]["seeds"] == [0, 1]
+    assert record["best_mean"]["config"] == {"optim.lr": 0.2} and record["best_mean"]["mean"] == pytest.approx(0.87)
+    assert "repeats" not in best_record(rows[:1] + rows[2:3], rows[0], TuneSection())  # no configuration repeated
+
+
 def test_continue_with_keeps_the_donors_state_and_the_trials_hyperparameters():
     """PBT's exploit on the worker: the donor's moments and schedule position, this trial's lr / wd."""
     from emergence_ray.config import OptimConfig
