@@ -225,6 +225,7 @@ def _history(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.slow  # ~2 Train start-ups per trial plus an exploit restart and a restore: minutes on 2 cores
 def test_pbt_sweep_of_two_repeats_exploits_restores_and_completes(ray_session, tmp_path):
     """jobs/sweep_pbt_digits.yaml with one configuration run twice: seeds 0 and 1 give different
     numbers. PBT moves the worse trial onto the better one's checkpoint: a new Train run that
