@@ -254,9 +254,12 @@ def without_datasets_callback(callbacks: list) -> list:
 
 
 def build_trainer(cfg: JobConfig, name: str, datasets: dict, spec, counts: dict, run_dir: str,
-                  callbacks: list | None = None, started: float | None = None) -> TorchTrainer:
+                  callbacks: list | None = None, started: float | None = None,
+                  start_from: str | None = None) -> TorchTrainer:
     """`datasets`: decoded train and val, materialized (cached in worker memory) or lazy (streamed).
-    `started`: the command's start (time.time()), for first_step_s."""
+    `started`: the command's start (time.time()), for first_step_s. `start_from`: a checkpoint
+    directory a fresh run starts from (a PBT trial taking over a better trial's weights,
+    `emergence_ray.sweep.bridge`); a run with checkpoints of its own resumes."""
     placement = cluster.plan(cfg.scaling)
     check_batch(cfg, counts)
     resources = {"CPU": placement.cpus_per_worker}
@@ -271,7 +274,8 @@ def build_trainer(cfg: JobConfig, name: str, datasets: dict, spec, counts: dict,
     return Trainer(
         train_loop_per_worker,
         train_loop_config={"job": to_dict(cfg), "spec": spec.to_dict(), "run_dir": run_dir,
-                           "train_rows": counts["train"], "started": started or time.time(), **handoff},
+                           "train_rows": counts["train"], "started": started or time.time(),
+                           "start_from": start_from, **handoff},
         scaling_config=ray.train.ScalingConfig(num_workers=_workers(placement.num_workers), use_gpu=cfg.scaling.use_gpu,
                                                resources_per_worker=resources,
                                                placement_strategy=cfg.scaling.placement_strategy),

@@ -1,139 +1,68 @@
-"""`emergence-ray tune`: sweep learning rate and weight decay over the very same training job.
+"""`emergence-ray tune`: sweep any job keys over the very same training job.
 
 Each Tune trial is a driver function that builds the job's own `TorchTrainer` (same data, model,
-loop) with only `optim.lr` / `optim.weight_decay` changed, and passes rank 0's per-epoch reports
-to Tune through `TuneReportCallback`, so ASHA can stop bad trials early. Trial Train runs are
-named from the sweep name and the trial id (never a timestamp), so a re-run of an interrupted
-sweep restores it: finished trials are not run again and unfinished ones resume from their last
-checkpoint.
+loop) with only the searched keys changed (and `train.seed + repeat`), and passes rank 0's
+per-epoch reports to Tune (`sweep.bridge`), so ASHA can stop bad trials early and PBT can move a
+trial onto a better one's weights. Trial Train runs are named from the sweep name and the trial
+id (never a timestamp), so a re-run of an interrupted sweep restores it: finished trials are not
+run again and unfinished ones resume from their last checkpoint.
+
+The search space, searchers and schedulers, and the result files live in `emergence_ray.sweep`.
 
     emergence-ray tune --config jobs/sweep_digits.yaml
 """
 
 from __future__ import annotations
 
-import csv
-import io
 import logging
 import math
 import os
-import re
 import time
 from datetime import datetime
-from typing import Any, Literal
 
 import ray
-import ray.train
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from ray import tune
-from ray.tune.integration.ray_train import TuneReportCallback
+from ray.util.queue import Queue
 
 from emergence_ray import cluster, interrupt, storage
-from emergence_ray.config import MAX_SEED, MAX_WORKERS, JobConfig, to_dict, validate
+from emergence_ray.config import JobConfig, to_dict
 from emergence_ray.data.pipeline import prepare
-from emergence_ray.errors import ConfigError, ResourceError, RunExistsError, UserError
+from emergence_ray.errors import ResourceError, RunExistsError, UserError
 from emergence_ray.report import evaluate_checkpoint
+from emergence_ray.sweep import bridge
+from emergence_ray.sweep.results import best_record, results_table, sweep_plot, trial_rows, write_trials_csv
+from emergence_ray.sweep.search import REPEAT, check_installed, trial_values, tune_setup
+from emergence_ray.sweep.space import Space, TuneSection, trial_job, tune_section
 from emergence_ray.runlock import RunLock
 from emergence_ray.trainer import build_trainer, check_finite, storage_history, write_meta
 
 log = logging.getLogger("emergence_ray")
 TRIAL_CPU = 0.01  # what a trial function itself reserves (0 is rejected by Tune)
-SPACE_MAX = 10.0  # the upper bound of optim.lr and optim.weight_decay (config.py)
-
-
-class Space(BaseModel):
-    """One hyperparameter's search space: a log-uniform range, or an explicit grid / choice list."""
-
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
-    loguniform: tuple[float, float] | None = None
-    grid: list[float] | None = None
-    choice: list[float] | None = None
-
-    @model_validator(mode="after")
-    def _one(self) -> Space:
-        given = [k for k in ("loguniform", "grid", "choice") if getattr(self, k) is not None]
-        if len(given) != 1:
-            raise ValueError("give exactly one of loguniform: [low, high], grid: [...], choice: [...]")
-        if self.loguniform and not 0 < self.loguniform[0] < self.loguniform[1] <= SPACE_MAX:
-            raise ValueError(f"loguniform needs 0 < low < high <= {SPACE_MAX:g}")
-        values = self.grid or self.choice or []
-        if any(not 0 <= v <= SPACE_MAX for v in values):
-            raise ValueError(f"values must be in [0, {SPACE_MAX:g}]")
-        return self
-
-    def sampler(self, seed_offset: int = 0) -> Any:
-        if self.loguniform:
-            return tune.loguniform(*self.loguniform)
-        if self.grid:
-            return tune.grid_search(list(self.grid))
-        return tune.choice(list(self.choice))
-
-
-class SchedulerSection(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    name: Literal["asha", "none"] = "asha"
-    grace_period: int = Field(1, gt=0, le=100_000, description="epochs before a trial can be stopped")
-    reduction_factor: int = Field(2, ge=2, le=100)
-
-
-class TuneSection(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    lr: Space = Field(default_factory=lambda: Space(loguniform=(1e-4, 1e-2)))
-    weight_decay: Space = Field(default_factory=lambda: Space(loguniform=(1e-5, 1e-1)))
-    num_samples: int = Field(8, gt=0, le=100_000, description="random samples (each grid point counts once per sample)")
-    max_concurrent_trials: int = Field(2, gt=0, le=10_000)
-    num_workers: int | None = Field(None, gt=0, le=MAX_WORKERS,
-                                    description="workers per trial; default scaling.num_workers")
-    metric: Literal["val_accuracy", "val_loss"] = "val_accuracy"
-    mode: Literal["max", "min"] = "max"
-    scheduler: SchedulerSection = Field(default_factory=SchedulerSection)
-    search: Literal["random", "grid"] = "random"
-    include_default: bool = Field(False, description="also run the job's own optim.lr / optim.weight_decay first")
-    seed: int = Field(0, ge=0, le=MAX_SEED)
-
-    @model_validator(mode="after")
-    def _consistent(self) -> TuneSection:
-        if self.search == "grid" and not (self.lr.grid or self.weight_decay.grid):
-            raise ValueError("search: grid needs lr.grid and/or weight_decay.grid lists")
-        if (self.metric == "val_loss") != (self.mode == "min"):
-            raise ValueError(f"metric {self.metric} needs mode {'min' if self.metric == 'val_loss' else 'max'}")
-        return self
-
-
-def tune_section(cfg: JobConfig) -> TuneSection:
-    try:
-        return TuneSection.model_validate(cfg.tune or {})
-    except ValidationError as err:
-        lines = [f"tune.{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in err.errors()]
-        raise ConfigError("invalid tune section:\n  " + "\n  ".join(lines)) from None
-
-
-def trial_job(cfg: JobConfig, lr: float, weight_decay: float, num_workers: int, cpus_per_worker: float) -> JobConfig:
-    raw = to_dict(cfg)
-    raw["optim"]["lr"], raw["optim"]["weight_decay"] = float(lr), float(weight_decay)
-    raw["scaling"]["num_workers"] = num_workers
-    raw["scaling"]["cpus_per_worker"] = cpus_per_worker
-    raw["tune"] = None
-    return validate(raw)
+__all__ = ["tune_run", "plan_trials", "tune_section", "TuneSection", "Space", "trial_job"]
 
 
 def _trial(config: dict, job: dict, sweep: str, sweep_dir: str, num_workers: int, cpus_per_worker: float,
-           datasets: dict, spec_dict: dict, counts: dict) -> None:
-    """One Tune trial = one Train run of the job, named from the sweep and the trial id."""
+           datasets: dict, spec_dict: dict, counts: dict, tune_checkpoints: bool) -> None:
+    """One Tune trial = one Train run of the job, named from the sweep and the trial id (under PBT,
+    a trial that took over a better trial's checkpoint continues in a new run named from it)."""
     from emergence_ray.data.transforms import DataSpec
 
-    cfg = trial_job(JobConfig.model_validate(job), config["lr"], config["weight_decay"], num_workers,
+    started = time.time()
+    cfg = trial_job(JobConfig.model_validate(job), trial_values(config), config.get(REPEAT, 0), num_workers,
                     cpus_per_worker)
     trial_id = tune.get_context().get_trial_id()
-    name = f"{sweep}-{trial_id}"
     trials_dir = storage.join(sweep_dir, "trials")
+    name, start_from = bridge.continue_run(sweep, trials_dir, trial_id)
     cfg.run.storage_path = trials_dir
     run_dir = storage.join(trials_dir, name)
     storage.makedirs(run_dir)
     cluster.skip_preemption_watcher(cfg.scaling)  # in this trial's process, as trainer.train does
+    reports = Queue(maxsize=1, actor_options={"num_cpus": 0})
     trainer = build_trainer(cfg, name, datasets, DataSpec.from_dict(spec_dict), counts, run_dir,
-                            callbacks=[TuneReportCallback()])
-    result = trainer.fit()
+                            callbacks=[bridge.ToTune(reports)], start_from=start_from)
+    # seed: this trial's own (PBT clones a donor's whole config, repeat included, on an exploit)
+    extra = {"train_run": name, "trial_start": started, "seed": cfg.train.seed}
+    result = bridge.fit_reporting(trainer, reports, extra, tune_checkpoints, trial_id)
     if result.error is not None:
         raise result.error
     check_finite(result.return_value, name, True)  # a diverged trial is an ERROR row, not "stopped early"
@@ -195,6 +124,7 @@ def plan_trials(cfg: JobConfig, section: TuneSection, resources: dict[str, float
 def tune_run(cfg: JobConfig, address: str | None = None) -> str:
     wall_start = time.monotonic()
     section = tune_section(cfg)
+    check_installed(section)
     sweep = cfg.run.name or f"sweep-{cfg.data.source}-{cfg.model.name}-{datetime.now():%Y%m%d-%H%M%S}"
     storage_path = storage.resolve(cfg.run.storage_path)
     sweep_dir = storage.join(storage_path, sweep)
@@ -233,24 +163,28 @@ def _sweep(cfg: JobConfig, address: str | None, section: TuneSection, sweep: str
     storage.makedirs(sweep_dir)
     write_meta(sweep_dir, cfg, sweep)
     datasets = {"train": prepared.train, "val": prepared.val}
+    pbt = section.scheduler.name == "pbt"
     trainable = tune.with_resources(
         tune.with_parameters(_trial, job=to_dict(cfg), sweep=sweep, sweep_dir=sweep_dir, num_workers=workers,
                              cpus_per_worker=cpw, datasets=datasets, spec_dict=prepared.spec.to_dict(),
-                             counts=prepared.counts),
+                             counts=prepared.counts, tune_checkpoints=pbt),
         {"cpu": TRIAL_CPU},  # a trial only waits on its trainer; its workers hold the real CPUs
     )
     if tune.Tuner.can_restore(sweep_dir):
         log.info("resuming sweep %s from %s", sweep, sweep_dir)
         tuner = tune.Tuner.restore(sweep_dir, trainable, resume_unfinished=True, resume_errored=True)
     else:
-        tuner = tune.Tuner(trainable, param_space=_param_space(section),
-                           tune_config=_tune_config(cfg, section, concurrent),
-                           run_config=tune.RunConfig(name=sweep, storage_path=storage_path,
+        param_space, tune_config = tune_setup(cfg, section, concurrent)
+        # PBT restores an exploiting trial from the donor's Tune checkpoint of the exploit step, which
+        # may be several epochs old by the time the trial restarts on a busy cluster: keep them all
+        keep = tune.CheckpointConfig(num_to_keep=None) if pbt else None
+        tuner = tune.Tuner(trainable, param_space=param_space, tune_config=tune_config,
+                           run_config=tune.RunConfig(name=sweep, storage_path=storage_path, checkpoint_config=keep,
                                                      failure_config=tune.FailureConfig(max_failures=cfg.run.max_failures)))
-    log.info("sweep %s: %d samples, %d at a time, %d workers x %g CPU per trial", sweep, section.num_samples,
-             concurrent, workers, cpw)
+    log.info("sweep %s: %s search, %d samples, %d at a time, %d workers x %g CPU per trial", sweep, section.search,
+             section.num_samples, concurrent, workers, cpw)
     grid = tuner.fit()
-    rows = trial_rows(grid, sweep_dir, sweep, cfg.train.epochs, section)
+    rows = trial_rows(grid, sweep_dir, sweep, cfg.train.epochs, section, cfg.train.seed)
     if not any(r["status"] == "TERMINATED" or r["stopped_early"] for r in rows):
         raise UserError(f"no trial of sweep {sweep} finished; see the errors in {sweep_dir}")
     write_trials_csv(rows, sweep_dir)
@@ -258,127 +192,16 @@ def _sweep(cfg: JobConfig, address: str | None, section: TuneSection, sweep: str
                key=lambda r: r["best_val_metric"] if section.mode == "max" else -r["best_val_metric"])
     report = evaluate_checkpoint(best["checkpoint"], prepared.test, sweep_dir)
     storage.write_json(storage.join(sweep_dir, "best.json"), {
-        "trial_id": best["trial_id"], "config": {"optim.lr": best["lr"], "optim.weight_decay": best["weight_decay"]},
-        "metric": section.metric, "mode": section.mode, "value": best["best_val_metric"],
-        "checkpoint": best["checkpoint"], "test_accuracy": report["test_accuracy"],
+        **best_record(rows, best, section), "checkpoint": best["checkpoint"], "test_accuracy": report["test_accuracy"],
     })
-    history = storage_history(storage.join(sweep_dir, "trials", f"{sweep}-{best['trial_id']}"))
+    history = storage_history(storage.join(sweep_dir, "trials", best["train_run"]))
     storage.write_json(storage.join(sweep_dir, "summary.json"), {
         "run_name": sweep, "best_trial": best["trial_id"], "test_accuracy": report["test_accuracy"],
         "best_val_accuracy": max(m["val_accuracy"] for m in history), "epochs": len(history),
         "train_images_per_s": sum(m["train_images"] for m in history) / max(1e-9, sum(m["train_s"] for m in history)),
         "wall_s": time.monotonic() - wall_start, "checkpoint": best["checkpoint"], "trials": len(rows),
     })
-    storage.write_bytes(storage.join(sweep_dir, "sweep.png"), sweep_plot(rows, grid, section.metric))
+    storage.write_bytes(storage.join(sweep_dir, "sweep.png"), sweep_plot(rows, grid, section.metric, cfg.optim.lr,
+                                                                        cfg.optim.weight_decay))
     print(results_table(rows, section))
     return sweep_dir
-
-
-def _param_space(section: TuneSection) -> dict:
-    return {"lr": section.lr.sampler(), "weight_decay": section.weight_decay.sampler()}
-
-
-def _tune_config(cfg: JobConfig, section: TuneSection, concurrent: int) -> tune.TuneConfig:
-    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
-    from ray.tune.search.basic_variant import BasicVariantGenerator
-
-    if section.scheduler.name == "asha":
-        scheduler = ASHAScheduler(time_attr="epoch", max_t=cfg.train.epochs,
-                                  grace_period=section.scheduler.grace_period,
-                                  reduction_factor=section.scheduler.reduction_factor)
-    else:
-        scheduler = FIFOScheduler()
-    default = [{"lr": cfg.optim.lr, "weight_decay": cfg.optim.weight_decay}] if section.include_default else None
-    return tune.TuneConfig(metric=section.metric, mode=section.mode, num_samples=section.num_samples,
-                           max_concurrent_trials=concurrent, scheduler=scheduler,
-                           search_alg=BasicVariantGenerator(random_state=section.seed, max_concurrent=concurrent,
-                                                            points_to_evaluate=default))
-
-
-def trial_rows(grid, sweep_dir: str, sweep: str, epochs: int, section: TuneSection) -> list[dict]:
-    better = max if section.mode == "max" else min
-    rows = []
-    for result in grid:
-        trial_id = (result.metrics or {}).get("trial_id") or _trial_id_from_path(result.path)
-        run_dir = storage.join(sweep_dir, "trials", f"{sweep}-{trial_id}")
-        try:
-            history = storage_history(run_dir)
-        except (OSError, FileNotFoundError):
-            history = []
-        values = [m[section.metric] for m in history]
-        best_ckpt = None
-        if history:
-            try:
-                train_result = ray.train.Result.from_path(run_dir)
-                scored = [(m.get(section.metric), c) for c, m in train_result.best_checkpoints
-                          if m.get(section.metric) is not None]
-                if scored:
-                    best_ckpt = better(scored, key=lambda s: s[0])[1].path
-            except RuntimeError:
-                pass
-        status = "ERROR" if result.error else "TERMINATED"
-        rows.append({
-            "trial_id": trial_id,
-            "lr": result.config["lr"],
-            "weight_decay": result.config["weight_decay"],
-            "epochs_run": len(history),
-            "last_val_metric": values[-1] if values else None,
-            "best_val_metric": better(values) if values else None,
-            "status": status,
-            "stopped_early": status == "TERMINATED" and len(history) < epochs,
-            "checkpoint": best_ckpt,
-        })
-    sign = -1.0 if section.mode == "max" else 1.0  # best first
-    return sorted(rows, key=lambda r: (r["best_val_metric"] is None, sign * (r["best_val_metric"] or 0.0)))
-
-
-def _trial_id_from_path(path: str) -> str:
-    match = re.search(r"_([0-9a-f]{5}_\d{5})(_|$)", path.rstrip("/").rsplit("/", 1)[-1])
-    return match.group(1) if match else path.rstrip("/").rsplit("/", 1)[-1]
-
-
-def write_trials_csv(rows: list[dict], sweep_dir: str) -> None:
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=list(rows[0]))
-    writer.writeheader()
-    writer.writerows(rows)
-    storage.write_text(storage.join(sweep_dir, "trials.csv"), buf.getvalue())
-
-
-def results_table(rows: list[dict], section: TuneSection) -> str:
-    head = f"{'trial':<12} {'lr':>10} {'wd':>10} {'epochs':>6} {'best ' + section.metric:>18} {'status':>10} early"
-    lines = [head, "-" * len(head)]
-    for r in rows:
-        best = f"{r['best_val_metric']:.4f}" if r["best_val_metric"] is not None else "-"
-        lines.append(f"{r['trial_id']:<12} {r['lr']:>10.3g} {r['weight_decay']:>10.3g} {r['epochs_run']:>6} "
-                     f"{best:>18} {r['status']:>10} {'yes' if r['stopped_early'] else 'no'}")
-    return "\n".join(lines)
-
-
-def sweep_plot(rows: list[dict], grid, metric: str) -> bytes:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (a, b) = plt.subplots(1, 2, figsize=(12, 5))
-    done = [r for r in rows if r["best_val_metric"] is not None]
-    sc = a.scatter([r["lr"] for r in done], [max(r["weight_decay"], 1e-8) for r in done],
-                   c=[r["best_val_metric"] for r in done], cmap="viridis", s=80, edgecolors="k")
-    a.set(xscale="log", yscale="log", xlabel="learning rate", ylabel="weight decay",
-          title=f"best {metric} per trial")
-    fig.colorbar(sc, ax=a)
-    for result in grid:
-        df = result.metrics_dataframe
-        if df is not None and metric in df and "epoch" in df:
-            a_id = result.metrics.get("trial_id", "") if result.metrics else ""
-            b.plot(df["epoch"], df[metric], marker="o", label=f"{a_id} lr={result.config['lr']:.2g}")
-    b.set(xlabel="epoch", ylabel=metric, title="learning curves")
-    b.legend(fontsize=7)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=90)
-    plt.close(fig)
-    return buf.getvalue()
-
-

@@ -32,6 +32,7 @@ from emergence_ray.logs import setup_logging
 from emergence_ray.models import build_model
 from emergence_ray.optim import build_optimizer, build_scheduler
 from emergence_ray.priority import apply_worker_niceness
+from emergence_ray.sweep.exploit import continue_with
 
 log = logging.getLogger("emergence_ray")
 
@@ -125,19 +126,26 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> list[dict]:
 
     start_epoch, history = 0, []
     resumed = ray.train.get_checkpoint()
+    exploit = resumed is None and loop_config.get("start_from") is not None  # PBT: a better trial's weights
+    if exploit:
+        resumed = ray.train.Checkpoint(loop_config["start_from"])
     if resumed is not None:
         with resumed.as_directory() as d:
             state = checkpoint.load(d)
         bare.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
+        if exploit:  # its moments and schedule position, this trial's lr and weight decay
+            continue_with(optimizer, scheduler, state)
+        else:
+            optimizer.load_state_dict(state["optimizer"])
+            scheduler.load_state_dict(state["scheduler"])
         start_epoch, history = state["epoch"], list(state["history"])
         if rank == 0:
             checkpoint.set_rng_state(state["rng"])  # rank 0 saved its own stream
         else:
             _seed_everything(cfg.train.seed + 1 + rank + 7919 * start_epoch)
         if rank == 0:
-            log.info("resuming from epoch %d (checkpoint %s)", start_epoch, resumed.path)
+            log.info("%s from epoch %d (checkpoint %s)", "continuing a better trial" if exploit else "resuming",
+                     start_epoch, resumed.path)
 
     _record_workers(run_dir, rank, device)
     bs, world = cfg.train.batch_size, ctx.get_world_size()
