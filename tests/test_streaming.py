@@ -111,7 +111,8 @@ def test_imagefolder_many_times_the_object_store_streams_without_spilling(tmp_pa
     with small_store_head() as head:
         proc = subprocess.run([*CLI, "train", "--address", head["gcs_address"],
                                *[a for o in overrides for a in ("--set", o)]], capture_output=True, text=True,
-                              timeout=900, env=cli_env(EMERGENCE_RAY_RECORD_IDS="1"), cwd=tmp_path)
+                              timeout=900, env=cli_env(EMERGENCE_RAY_RECORD_IDS="1", RAY_AUTH_MODE="token"),
+                              cwd=tmp_path)
         assert proc.returncode == 0, proc.stderr[-4000:]
         stats = spill_stats(head["gcs_address"])
     assert "Spilled" not in stats, stats
