@@ -85,7 +85,7 @@ def _consume(batches, transform, limit_s: float) -> dict:
     return {"images": n, "seconds": dt, "images_per_s": n / max(1e-9, dt), "first_batch_s": (t_first or t0) - t0}
 
 
-def ray_stream_rate(folder: Path, limit_s: float) -> dict:
+def ray_stream_rate(folder: Path, limit_s: float, batch: int = BATCH) -> dict:
     """The service's streamed train split (read_binary_files + Decode in Ray Data tasks) through
     iter_torch_batches, on the Ray this process is connected to."""
     from emergence_ray.data import pipeline
@@ -95,7 +95,7 @@ def ray_stream_rate(folder: Path, limit_s: float) -> dict:
     raw = pipeline.load_raw(cfg)
     spec = pipeline.resolve_spec(raw, cfg)
     ds = pipeline.decoded(raw.train, spec, cfg, shuffle_seed=0, keep_ids=False)
-    batches = ds.iter_torch_batches(batch_size=BATCH, prefetch_batches=2, local_shuffle_buffer_size=4 * BATCH)
+    batches = ds.iter_torch_batches(batch_size=batch, prefetch_batches=2, local_shuffle_buffer_size=4 * batch)
     return _consume(batches, DeviceTransform(spec, cfg.augment, train=True), limit_s)
 
 
@@ -126,7 +126,7 @@ class _DecodeCollate:
         return {"image": torch.from_numpy(out["image"]), "label": torch.from_numpy(out["label"])}
 
 
-def dataloader_rate(folder: Path, procs: int, limit_s: float, spec=None) -> dict:
+def dataloader_rate(folder: Path, procs: int, limit_s: float, spec=None, batch: int = BATCH) -> dict:
     """torch DataLoader, `procs` worker processes, the same files, decode and device transform."""
     import torch
     from torch.utils.data import DataLoader
@@ -140,7 +140,7 @@ def dataloader_rate(folder: Path, procs: int, limit_s: float, spec=None) -> dict
     split = raw.train
     names = {c: i for i, c in enumerate(split.classes)}
     labels = [names[p[len(split.root.rstrip("/")) + 1:].split("/", 1)[0]] for p in split.paths]
-    loader = DataLoader(_Files(split.paths, labels), batch_size=BATCH, shuffle=True, num_workers=procs,
+    loader = DataLoader(_Files(split.paths, labels), batch_size=batch, shuffle=True, num_workers=procs,
                         collate_fn=_DecodeCollate(spec), prefetch_factor=2, persistent_workers=False,
                         generator=torch.Generator().manual_seed(0))
     return _consume(loader, DeviceTransform(spec, cfg.augment, train=True), limit_s)
