@@ -31,6 +31,7 @@ from emergence_ray.config import JobConfig, to_dict
 from emergence_ray.data.pipeline import prepare, prepare_test
 from emergence_ray.errors import ResourceError, RunExistsError, UserError
 from emergence_ray.ingest import trainer_inputs, use_cache
+from emergence_ray.models import pretrained
 from emergence_ray.report import evaluate_checkpoint
 from emergence_ray.worker import train_loop_per_worker
 
@@ -181,10 +182,13 @@ def train(cfg: JobConfig, address: str | None = None) -> str:
     name = run_name(cfg)
     run_dir = storage.join(storage.resolve(cfg.run.storage_path), name)
     check_run_dir(run_dir, name)
+    pretrained.ensure_available(cfg.model)  # zoo: weights cached or downloadable, before starting Ray
     cluster.connect(address)
     cluster.plan(cfg.scaling)  # fail fast, before reading any data
     cluster.skip_preemption_watcher(cfg.scaling)
-    prepared = prepare(cfg.data, with_test=False, keep_ids=False)  # test split: after training
+    # zoo: pretrained weights bring their normalization (ImageNet's, or the source run's); else None
+    prepared = prepare(cfg.data, spec=pretrained.job_spec(cfg), with_test=False, keep_ids=False)
+    pretrained.check_input_size(cfg.model.name, prepared.spec.image_size)  # zoo
     log.info("data: %s  classes=%d  channels=%d  size=%d  bad images skipped=%d", prepared.counts,
              prepared.spec.num_classes, prepared.spec.channels, prepared.spec.image_size, prepared.bad_images)
     check_batch(cfg, prepared.counts)

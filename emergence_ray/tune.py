@@ -198,7 +198,10 @@ def tune_run(cfg: JobConfig, address: str | None = None) -> str:
                              "overwritten; choose a new run.name")
     cluster.connect(address)
     concurrent, workers, cpw = plan_trials(cfg, section)
-    prepared = prepare(cfg.data, keep_ids=False)
+    from emergence_ray.models import pretrained  # zoo: the weights' normalization, as in trainer.train
+
+    pretrained.ensure_available(cfg.model)
+    prepared = prepare(cfg.data, spec=pretrained.job_spec(cfg), keep_ids=False)
     storage.makedirs(sweep_dir)
     write_meta(sweep_dir, cfg, sweep)
     datasets = {"train": prepared.train, "val": prepared.val}
