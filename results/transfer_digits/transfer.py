@@ -1,0 +1,83 @@
+"""Transfer from Fashion-MNIST to 1,000 digits: does a pretrained trunk help a small dataset?
+
+Three CLI runs, in this order, under one lock so no other benchmark shares the machine:
+  1. pretrain: the cnn on Fashion-MNIST (IDX files, a training subset, a few epochs);
+  2. fine-tune: the same cnn on 1,000 scikit-learn digits (28x28 like the pretraining images),
+     `model.pretrained=<1's checkpoint>` (head replaced, Fashion-MNIST normalization);
+  3. scratch: job 2 without `model.pretrained`.
+Writes results.json and RESULTS.md next to this file.
+
+    flock /tmp/er-bench.lock python results/transfer_digits/transfer.py [--fashion-mnist DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shlex
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parents[1]
+
+PRETRAIN = ["--set", "data.source=idx", "--set", "data.limit=20000", "--set", "train.epochs=3",
+            "--set", "model.width=32", "--set", "train.batch_size=128", "--set", "data.augment.flip=true"]
+FINETUNE = ["--set", "data.source=digits", "--set", "data.image_size=28", "--set", "data.limit=1000",
+            "--set", "train.epochs=3", "--set", "model.width=32", "--set", "train.batch_size=32"]
+
+
+def run(args: list[str], env: dict) -> tuple[list[str], dict, float]:
+    cmd = [sys.executable, "-m", "emergence_ray", "train", *args]
+    start = time.monotonic()
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
+    wall = time.monotonic() - start
+    if proc.returncode:
+        sys.exit(f"failed: {shlex.join(cmd)}\n{proc.stderr[-4000:]}")
+    run_dir = Path(proc.stdout.strip().splitlines()[-1])
+    summary = json.loads((run_dir / "summary.json").read_text())
+    history = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    summary["val_accuracy_per_epoch"] = [round(m["val_accuracy"], 4) for m in history]
+    return ["emergence-ray", "train", *args], summary, wall
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--fashion-mnist", default="/usr/share/datasets/fashion-mnist")
+    p.add_argument("--storage", default=None, help="run folder (default: a temp dir)")
+    a = p.parse_args()
+    storage = a.storage or tempfile.mkdtemp(prefix="er-transfer-")
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    common = ["--set", f"run.storage_path={storage}"]
+    pre_cmd, pre, pre_wall = run([*PRETRAIN, "--set", f"data.path={a.fashion_mnist}", *common,
+                                  "--set", "run.name=pretrain"], env)
+    ckpt = pre["checkpoint"]
+    ft_cmd, ft, ft_wall = run([*FINETUNE, "--set", f"model.pretrained={ckpt}", *common,
+                               "--set", "run.name=finetune"], env)
+    sc_cmd, sc, sc_wall = run([*FINETUNE, *common, "--set", "run.name=scratch"], env)
+    rev = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    result = {
+        "git_revision": rev, "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        "machine": f"{platform.node()}: {os.cpu_count()} cores, {platform.machine()}, shared with other users' "
+                   "work (load varies); run under flock /tmp/er-bench.lock",
+        "script": "flock /tmp/er-bench.lock python results/transfer_digits/transfer.py",
+        "runs": {
+            "pretrain": {"command": pre_cmd, "summary": pre, "wall_s": pre_wall},
+            "finetune": {"command": ft_cmd, "summary": ft, "wall_s": ft_wall},
+            "scratch": {"command": sc_cmd, "summary": sc, "wall_s": sc_wall},
+        },
+        "finetune_minus_scratch_test_accuracy": ft["test_accuracy"] - sc["test_accuracy"],
+    }
+    (HERE / "results.json").write_text(json.dumps(result, indent=1) + "\n")
+    print(json.dumps({k: result["runs"][k]["summary"]["test_accuracy"] for k in result["runs"]}),
+          result["finetune_minus_scratch_test_accuracy"])
+
+
+if __name__ == "__main__":
+    main()
