@@ -309,6 +309,52 @@ def test_mixup_and_cutmix_give_soft_labels_the_loss_takes():
     assert t.count == 12 and np.isfinite(t.loss)
 
 
+def test_sync_batchnorm_and_channels_last_only_where_they_apply():
+    from emergence_ray.config import TrainConfig
+
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    model = build_model("resnet18", 3, 4, 32)
+    converted = recipe.sync_batchnorm(model, TrainConfig(), cuda, world=2)  # conversion needs no GPU itself
+    assert any(isinstance(m, torch.nn.SyncBatchNorm) for m in converted.modules())
+    for device, world, cfg in ((cuda, 1, TrainConfig()), (cpu, 2, TrainConfig()),
+                               (cuda, 2, TrainConfig(sync_bn=False))):
+        kept = recipe.sync_batchnorm(build_model("resnet18", 3, 4, 32), cfg, device, world)
+        assert not any(isinstance(m, torch.nn.SyncBatchNorm) for m in kept.modules())
+    assert recipe.channels_last(TrainConfig(), cuda) and not recipe.channels_last(TrainConfig(), cpu)
+    assert recipe.channels_last(TrainConfig(channels_last=True), cpu)
+
+
+@pytest.mark.slow
+def test_compiled_model_trains_like_the_eager_one():
+    """train.compile: torch.compile (inductor, C++ on a CPU) gives the eager step's weights."""
+    model, batches = _toy()
+    ref, _ = _toy()
+    compiled = torch.compile(model)
+    train_epoch(compiled, batches, torch.optim.SGD(model.parameters(), lr=0.5), None, CPU, grad_accum_steps=2)
+    train_epoch(ref, batches, torch.optim.SGD(ref.parameters(), lr=0.5), None, CPU, grad_accum_steps=2)
+    for a, b in zip(model.parameters(), ref.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.gpu
+def test_finetune_recipe_steps_on_a_gpu(tmp_path):
+    """Pretrained ResNet-18, channels_last, bf16 autocast, torch.compile, EMA, MixUp, clipping."""
+    from emergence_ray.config import TrainConfig
+
+    cuda = torch.device("cuda")
+    _, path = _save_torchvision(tmp_path, num_classes=1000)
+    model = build_for_job(ModelConfig(name="resnet18", pretrained=str(path)), 3, 10, 64).to(cuda)
+    model = model.to(memory_format=torch.channels_last) if recipe.channels_last(TrainConfig(), cuda) else model
+    ema = recipe.build_ema(model, 0.99)
+    opt = build_optimizer(model, OptimConfig(backbone_lr_mult=0.1))
+    batches = [{"image": torch.randn(32, 3, 64, 64, device=cuda), "label": torch.randint(0, 10, (32,), device=cuda)}
+               for _ in range(4)]
+    t = train_epoch(torch.compile(model), batches, opt, None, cuda, bf16=True, grad_accum_steps=2, grad_clip=1.0,
+                    mix=recipe.build_mix(AugmentConfig(mixup=0.2, cutmix=1.0), 10),
+                    after_update=lambda: ema.update_parameters(model))
+    assert t.count == 128 and np.isfinite(t.loss) and int(ema.n_averaged) == 3
+
+
 def test_evaluation_uses_the_ema_weights_and_old_resnet18_checkpoints_still_load(tmp_path):
     from emergence_ray.report import model_from_state
 
@@ -365,11 +411,12 @@ def three_digit_classes(tmp_path_factory) -> Path:
 
 def test_finetune_job_runs_from_the_torch_hub_cache(tmp_path, three_digit_classes):
     """jobs/finetune_imagefolder.yaml through the real CLI on an embedded Ray, made small (one CPU
-    worker, 32 px, one epoch): without the weights file, exit 2 naming it before Ray starts; with
+    worker, 200 images of 16 px, one epoch): without the weights file, exit 2 naming it before Ray starts; with
     it in $TORCH_HOME, the run trains (EMA, MixUp/CutMix, clipping on) and evaluates."""
     home = tmp_path / "torch_home"
     args = [*CLI, "train", "--config", str(ROOT / "jobs" / "finetune_imagefolder.yaml"),
-            "--set", f"data.path={three_digit_classes}", "--set", "data.image_size=32", "--set", "train.epochs=1",
+            "--set", f"data.path={three_digit_classes}", "--set", "data.image_size=16", "--set", "train.epochs=1",
+            "--set", "data.limit=200",
             "--set", "scaling.use_gpu=false", "--set", "scaling.num_workers=1", "--set", "train.batch_size=32",
             "--set", f"run.storage_path={tmp_path / 'runs'}", "--set", "run.name=finetune"]
     env = cli_env(TORCH_HOME=str(home), HOME=str(tmp_path))

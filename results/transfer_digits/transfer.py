@@ -1,11 +1,13 @@
 """Transfer from Fashion-MNIST to 1,000 digits: does a pretrained trunk help a small dataset?
 
-Three CLI runs, in this order, under one lock so no other benchmark shares the machine:
-  1. pretrain: the cnn on Fashion-MNIST (IDX files, a training subset, a few epochs);
-  2. fine-tune: the same cnn on 1,000 scikit-learn digits (28x28 like the pretraining images),
-     `model.pretrained=<1's checkpoint>` (head replaced, Fashion-MNIST normalization);
-  3. scratch: job 2 without `model.pretrained`.
-Writes results.json and RESULTS.md next to this file.
+CLI runs, one after the other, under one lock so no other benchmark shares the machine:
+  1. pretrain: the cnn on Fashion-MNIST (IDX files, a 20,000-image training subset, 3 epochs);
+  2. fine-tune: the same cnn on 1,000 scikit-learn digits (resized to 28x28 like the pretraining
+     images), `model.pretrained=<1's checkpoint>` (head replaced, Fashion-MNIST normalization);
+  3. scratch: job 2 without `model.pretrained` (the digits' own normalization).
+2 and 3 run with train.epochs=1 for seeds 0, 1, 2 (train.seed: initial head / weights, shuffling),
+and with train.epochs=3 for seed 0. The test split (360 digits) is the same for all.
+Writes results.json next to this file; RESULTS.md is written by hand from it.
 
     flock /tmp/er-bench.lock python results/transfer_digits/transfer.py [--fashion-mnist DIR]
 """
@@ -30,7 +32,7 @@ ROOT = HERE.parents[1]
 PRETRAIN = ["--set", "data.source=idx", "--set", "data.limit=20000", "--set", "train.epochs=3",
             "--set", "model.width=32", "--set", "train.batch_size=128", "--set", "data.augment.flip=true"]
 FINETUNE = ["--set", "data.source=digits", "--set", "data.image_size=28", "--set", "data.limit=1000",
-            "--set", "train.epochs=3", "--set", "model.width=32", "--set", "train.batch_size=32"]
+            "--set", "model.width=32", "--set", "train.batch_size=32"]
 
 
 def run(args: list[str], env: dict) -> tuple[list[str], dict, float]:
@@ -55,29 +57,26 @@ def main() -> None:
     storage = a.storage or tempfile.mkdtemp(prefix="er-transfer-")
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     common = ["--set", f"run.storage_path={storage}"]
-    pre_cmd, pre, pre_wall = run([*PRETRAIN, "--set", f"data.path={a.fashion_mnist}", *common,
-                                  "--set", "run.name=pretrain"], env)
-    ckpt = pre["checkpoint"]
-    ft_cmd, ft, ft_wall = run([*FINETUNE, "--set", f"model.pretrained={ckpt}", *common,
-                               "--set", "run.name=finetune"], env)
-    sc_cmd, sc, sc_wall = run([*FINETUNE, *common, "--set", "run.name=scratch"], env)
+    runs = {}
+    runs["pretrain"] = run([*PRETRAIN, "--set", f"data.path={a.fashion_mnist}", *common, "--set", "run.name=pretrain"],
+                           env)
+    ckpt = runs["pretrain"][1]["checkpoint"]
+    for epochs, seeds in ((1, (0, 1, 2)), (3, (0,))):
+        for seed in seeds:
+            for kind, extra in (("finetune", ["--set", f"model.pretrained={ckpt}"]), ("scratch", [])):
+                name = f"{kind}-e{epochs}-s{seed}"
+                runs[name] = run([*FINETUNE, "--set", f"train.epochs={epochs}", "--set", f"train.seed={seed}",
+                                  *extra, *common, "--set", f"run.name={name}"], env)
+                print(name, runs[name][1]["test_accuracy"], flush=True)
     rev = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
     result = {
         "git_revision": rev, "date": datetime.now(UTC).isoformat(timespec="seconds"),
         "machine": f"{platform.node()}: {os.cpu_count()} cores, {platform.machine()}, shared with other users' "
                    "work (load varies); run under flock /tmp/er-bench.lock",
         "script": "flock /tmp/er-bench.lock python results/transfer_digits/transfer.py",
-        "runs": {
-            "pretrain": {"command": pre_cmd, "summary": pre, "wall_s": pre_wall},
-            "finetune": {"command": ft_cmd, "summary": ft, "wall_s": ft_wall},
-            "scratch": {"command": sc_cmd, "summary": sc, "wall_s": sc_wall},
-        },
-        "finetune_minus_scratch_test_accuracy": ft["test_accuracy"] - sc["test_accuracy"],
+        "runs": {k: {"command": c, "summary": sm, "wall_s": w} for k, (c, sm, w) in runs.items()},
     }
     (HERE / "results.json").write_text(json.dumps(result, indent=1) + "\n")
-    print(json.dumps({k: result["runs"][k]["summary"]["test_accuracy"] for k in result["runs"]}),
-          result["finetune_minus_scratch_test_accuracy"])
-
 
 if __name__ == "__main__":
     main()
