@@ -189,6 +189,20 @@ def test_a_checkpoint_of_our_run_starts_a_job_with_other_classes(tmp_path):
     assert pretrained.normalization(m, 1) == ([0.3], [0.4])  # the source run's normalization
 
 
+def test_uris_load_like_local_paths(tmp_path):
+    """s3:// and gs:// go through pyarrow's filesystems, as file:// does here: a state_dict file
+    (DDP's `module.` names, inside {"state_dict": ...}) and a checkpoint directory."""
+    source, ckpt = _our_checkpoint(tmp_path / "c")
+    torch.save({"state_dict": {f"module.{k}": v for k, v in source.state_dict().items()}}, tmp_path / "w.pt")
+    for uri in (f"file://{tmp_path / 'w.pt'}", f"file://{ckpt}"):
+        ours = build_for_job(ModelConfig(name="cnn", width=8, pretrained=uri), 1, 10, 8)
+        assert all(torch.equal(v, source.state_dict()[k]) for k, v in ours.state_dict().items()), uri
+    assert pretrained.normalization(ModelConfig(name="cnn", pretrained=f"file://{ckpt}"), 1) == ([0.3], [0.4])
+    assert pretrained.normalization(ModelConfig(name="cnn", pretrained=str(tmp_path / "w.pt")), 1) is None
+    with pytest.raises(CheckpointError, match="no such file"):
+        pretrained.ensure_available(ModelConfig(name="cnn", pretrained=f"file://{tmp_path}/nope.pt"))
+
+
 def test_frozen_parameters_and_statistics_do_not_change():
     torch.manual_seed(0)
     model = build_model("resnet18", 1, 4, 16)
