@@ -105,7 +105,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> list[dict]:
     resumed = ray.train.get_checkpoint()
     # model.pretrained weights and model.freeze (a resumed run loads its own weights instead)
     model = build_for_job(cfg.model, spec.channels, spec.num_classes, spec.image_size,
-                          load_weights=resumed is None)
+                          load_weights=resumed is None, class_names=spec.class_names)
     _seed_everything(cfg.train.seed + 1 + rank)  # then a stream of its own per rank (dropout)
     model = recipe.sync_batchnorm(model, cfg.train, device, ctx.get_world_size())
     if recipe.channels_last(cfg.train, device):  # before DDP wraps it, so its gradient buckets match the strides

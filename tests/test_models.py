@@ -189,6 +189,19 @@ def test_a_checkpoint_of_our_run_starts_a_job_with_other_classes(tmp_path):
     assert pretrained.normalization(m, 1) == ([0.3], [0.4])  # the source run's normalization
 
 
+def test_a_head_trained_on_other_classes_is_not_kept_even_when_the_count_matches(tmp_path):
+    source, ckpt = _our_checkpoint(tmp_path / "c")  # classes "0".."9"
+    m = ModelConfig(name="cnn", width=8, pretrained=str(ckpt))
+    torch.manual_seed(5)
+    fresh = build_model("cnn", 1, 10, 8, width=8).state_dict()["16.weight"]
+    same = build_for_job(m, 1, 10, 8, class_names=[str(i) for i in range(10)])
+    torch.manual_seed(5)
+    other = build_for_job(m, 1, 10, 8, class_names=[f"item{i}" for i in range(10)])
+    assert torch.equal(same.state_dict()["16.weight"], source.state_dict()["16.weight"])
+    assert torch.equal(other.state_dict()["16.weight"], fresh)  # as initialized: a new head
+    assert torch.equal(other.state_dict()["0.weight"], source.state_dict()["0.weight"])
+
+
 def test_uris_load_like_local_paths(tmp_path):
     """s3:// and gs:// go through pyarrow's filesystems, as file:// does here: a state_dict file
     (DDP's `module.` names, inside {"state_dict": ...}) and a checkpoint directory."""

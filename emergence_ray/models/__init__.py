@@ -38,15 +38,16 @@ def build_model(name: str, in_channels: int, num_classes: int, image_size: int, 
 
 
 def build_for_job(m: ModelConfig, channels: int, num_classes: int, image_size: int,
-                  load_weights: bool = True) -> nn.Module:
+                  load_weights: bool = True, class_names: list[str] | None = None) -> nn.Module:
     """The job's model: architecture, then `model.pretrained` weights (when `load_weights`; a
-    checkpoint of this run replaces them anyway), then `model.freeze`."""
+    checkpoint of this run replaces them anyway; the head only if trained on `class_names`),
+    then `model.freeze`."""
     from emergence_ray.models import pretrained
 
     imagenet = bool(m.pretrained) and is_weights_name(m.pretrained)
     model = build_model(m.name, channels, num_classes, image_size, m.width, m.depth, m.dropout, imagenet)
     if m.pretrained and load_weights:
-        pretrained.load_into(model, m.pretrained, m.name)
+        pretrained.load_into(model, m.pretrained, m.name, class_names)
     freeze(model, m.freeze)
     return model
 

@@ -108,12 +108,17 @@ def source_spec(pretrained: str) -> dict | None:
     return _read(pretrained)["spec"]
 
 
-def load_into(model: nn.Module, pretrained: str, model_name: str) -> list[str]:
-    """Load `pretrained` into `model`; -> names of the tensors left as initialized (the new head)."""
+def load_into(model: nn.Module, pretrained: str, model_name: str, class_names: list[str] | None = None) -> list[str]:
+    """Load `pretrained` into `model`; -> names of the tensors left as initialized (the new head).
+    A run checkpoint trained on other classes (`class_names` differ) gives no head, even when the
+    count matches: its rows mean other classes, and unlearning them is slower than learning anew."""
     if is_weights_name(pretrained):
         state = fetch_weights(model_name, pretrained)
     else:
-        state = _read(pretrained)["model"]
+        source = _read(pretrained)
+        state = source["model"]
+        if source["spec"] and class_names is not None and list(source["spec"]["class_names"]) != list(class_names):
+            state = {k: v for k, v in state.items() if not k.startswith(model.er_head + ".")}
     return apply_state(model, state)
 
 
