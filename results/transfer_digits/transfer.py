@@ -53,13 +53,25 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--fashion-mnist", default="/usr/share/datasets/fashion-mnist")
     p.add_argument("--storage", default=None, help="run folder (default: a temp dir)")
+    p.add_argument("--reuse-pretrain", metavar="RUN_DIR", help="a finished pretrain run of this script (same job) "
+                                                                 "instead of training it again")
+    p.add_argument("--no-lock-note", default="", help="why this run was not under the benchmark lock, if not")
     a = p.parse_args()
     storage = a.storage or tempfile.mkdtemp(prefix="er-transfer-")
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     common = ["--set", f"run.storage_path={storage}"]
     runs = {}
-    runs["pretrain"] = run([*PRETRAIN, "--set", f"data.path={a.fashion_mnist}", *common, "--set", "run.name=pretrain"],
-                           env)
+    if a.reuse_pretrain:
+        done = Path(a.reuse_pretrain)
+        summary = json.loads((done / "summary.json").read_text())
+        history = [json.loads(line) for line in (done / "metrics.jsonl").read_text().splitlines()]
+        summary["val_accuracy_per_epoch"] = [round(m["val_accuracy"], 4) for m in history]
+        meta = json.loads((done / "meta.json").read_text())
+        summary["reused"] = f"trained earlier by this script at git revision {meta['git_revision']}"
+        runs["pretrain"] = (["emergence-ray", *meta["command"][1:]], summary, summary["wall_s"])
+    else:
+        runs["pretrain"] = run([*PRETRAIN, "--set", f"data.path={a.fashion_mnist}", *common,
+                                "--set", "run.name=pretrain"], env)
     ckpt = runs["pretrain"][1]["checkpoint"]
     for epochs, seeds in ((1, (0, 1, 2)), (3, (0,))):
         for seed in seeds:
@@ -68,12 +80,17 @@ def main() -> None:
                 runs[name] = run([*FINETUNE, "--set", f"train.epochs={epochs}", "--set", f"train.seed={seed}",
                                   *extra, *common, "--set", f"run.name={name}"], env)
                 print(name, runs[name][1]["test_accuracy"], flush=True)
+                write(runs, a)  # after every run: a cut-short session keeps what finished
+
+
+def write(runs: dict, a: argparse.Namespace) -> None:
     rev = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    lock = a.no_lock_note or "run under flock /tmp/er-bench.lock"
     result = {
         "git_revision": rev, "date": datetime.now(UTC).isoformat(timespec="seconds"),
-        "machine": f"{platform.node()}: {os.cpu_count()} cores, {platform.machine()}, shared with other users' "
-                   "work (load varies); run under flock /tmp/er-bench.lock",
-        "script": "flock /tmp/er-bench.lock python results/transfer_digits/transfer.py",
+        "machine": f"{platform.node()}: {os.cpu_count()} cores, {platform.machine()}, shared with other work "
+                   f"(load varies: wall times are not comparable); {lock}",
+        "script": "python " + " ".join(sys.argv),
         "runs": {k: {"command": c, "summary": sm, "wall_s": w} for k, (c, sm, w) in runs.items()},
     }
     (HERE / "results.json").write_text(json.dumps(result, indent=1) + "\n")
