@@ -1,7 +1,8 @@
 """Transfer from Fashion-MNIST to 1,000 digits: does a pretrained trunk help a small dataset?
 
 CLI runs, one after the other, under one lock so no other benchmark shares the machine:
-  1. pretrain: the cnn on Fashion-MNIST (IDX files, a 20,000-image training subset, 3 epochs);
+  1. pretrain: the cnn on Fashion-MNIST (IDX files, a 20,000-image training subset, 3 epochs, its
+     class names, so that the digits' head is new: a head trained on other classes is not kept);
   2. fine-tune: the same cnn on 1,000 scikit-learn digits (resized to 28x28 like the pretraining
      images), `model.pretrained=<1's checkpoint>` (head replaced, Fashion-MNIST normalization);
   3. scratch: job 2 without `model.pretrained` (the digits' own normalization).
@@ -29,7 +30,10 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
 
-PRETRAIN = ["--set", "data.source=idx", "--set", "data.limit=20000", "--set", "train.epochs=3",
+FASHION = "[T-shirt/top, Trouser, Pullover, Dress, Coat, Sandal, Shirt, Sneaker, Bag, Ankle boot]"
+# Fashion-MNIST's own class names (as jobs/fashion_mnist.yaml): the digits job then gets a new head
+PRETRAIN = ["--set", "data.source=idx", "--set", f"data.class_names={FASHION}", "--set", "data.limit=20000",
+            "--set", "train.epochs=3",
             "--set", "model.width=32", "--set", "train.batch_size=128", "--set", "data.augment.flip=true"]
 FINETUNE = ["--set", "data.source=digits", "--set", "data.image_size=28", "--set", "data.limit=1000",
             "--set", "model.width=32", "--set", "train.batch_size=32"]
