@@ -42,8 +42,8 @@ PROFILES = {
     "full": {
         # Fashion-MNIST: 2 workers x 64 x 420 steps = 53,760 images fit the 54,600 of the train split
         "workloads": [Workload("cnn", "synthetic", 64, 20, 80, 5), Workload("cnn", "fashion_mnist", 64, 20, 80, 5),
-                      Workload("resnet18", "synthetic", 64, 2, 5, 3),
-                      Workload("resnet18", "fashion_mnist", 64, 2, 5, 3)],
+                      Workload("resnet18_small", "synthetic", 64, 2, 5, 3),
+                      Workload("resnet18_small", "fashion_mnist", 64, 2, 5, 3)],
         "ray": True, "ingest_images": 8192, "ingest_repeats": 3, "fashion_ingest": True, "stream_compare": True,
         "time_to_accuracy": "run", "nice_compare": True,
         "gpu": True,

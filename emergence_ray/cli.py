@@ -1,4 +1,4 @@
-"""Command line: `emergence-ray train|evaluate|predict|tune|validate` (also `python -m emergence_ray`).
+"""Command line: `emergence-ray train|evaluate|predict|tune|validate|models` (also `python -m emergence_ray`).
 
     emergence-ray train                                  # built-in digits, 2 workers, embedded Ray
     emergence-ray train --config jobs/fashion_mnist.yaml --set optim.lr=3e-3
@@ -74,6 +74,9 @@ def parser() -> argparse.ArgumentParser:
     val.add_argument("files", nargs="+")
     val.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     val.add_argument("--debug", action="store_true")
+    models = sub.add_parser("models", help="list the models model.name accepts, with their pretrained weights")
+    models.add_argument("--blocks", metavar="NAME", help="list NAME's blocks, as model.freeze=N counts them")
+    models.add_argument("--debug", action="store_true")
     return p
 
 
@@ -118,6 +121,11 @@ def run(args: argparse.Namespace) -> str | None:
 
                 tune_section(cfg)
             print(f"{f}: ok")
+        return None
+    if args.command == "models":
+        from emergence_ray.models.listing import print_blocks, print_models
+
+        print_blocks(args.blocks) if args.blocks else print_models()
         return None
     _check_address_early(args.address)
     if args.command == "evaluate":  # the job is the checkpoint's own, with --config/--set on top

@@ -16,9 +16,26 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from emergence_ray.errors import ConfigError
 
-# The names `emergence_ray.models.MODELS` registers, checked here without importing torch, so that a
-# bad config fails in a fraction of a second (tests/test_units.py keeps the two in step).
-MODEL_NAMES = ("cnn", "mlp", "resnet18")
+# Model names, checked here without importing torch, so that a bad config fails in a fraction of a
+# second. SMALL_MODELS are ours (`emergence_ray.models.small`); TORCHVISION_MODELS is
+# `torchvision.models.list_models(module=torchvision.models)` (tests/test_models.py keeps both in step).
+SMALL_MODELS = ("cnn", "mlp", "resnet18_small")
+TORCHVISION_MODELS = (
+    "alexnet", "convnext_base", "convnext_large", "convnext_small", "convnext_tiny", "densenet121",
+    "densenet161", "densenet169", "densenet201", "efficientnet_b0", "efficientnet_b1", "efficientnet_b2",
+    "efficientnet_b3", "efficientnet_b4", "efficientnet_b5", "efficientnet_b6", "efficientnet_b7",
+    "efficientnet_v2_l", "efficientnet_v2_m", "efficientnet_v2_s", "googlenet", "inception_v3", "maxvit_t",
+    "mnasnet0_5", "mnasnet0_75", "mnasnet1_0", "mnasnet1_3", "mobilenet_v2", "mobilenet_v3_large",
+    "mobilenet_v3_small", "regnet_x_16gf", "regnet_x_1_6gf", "regnet_x_32gf", "regnet_x_3_2gf",
+    "regnet_x_400mf", "regnet_x_800mf", "regnet_x_8gf", "regnet_y_128gf", "regnet_y_16gf", "regnet_y_1_6gf",
+    "regnet_y_32gf", "regnet_y_3_2gf", "regnet_y_400mf", "regnet_y_800mf", "regnet_y_8gf", "resnet101",
+    "resnet152", "resnet18", "resnet34", "resnet50", "resnext101_32x8d", "resnext101_64x4d", "resnext50_32x4d",
+    "shufflenet_v2_x0_5", "shufflenet_v2_x1_0", "shufflenet_v2_x1_5", "shufflenet_v2_x2_0", "squeezenet1_0",
+    "squeezenet1_1", "swin_b", "swin_s", "swin_t", "swin_v2_b", "swin_v2_s", "swin_v2_t", "vgg11", "vgg11_bn",
+    "vgg13", "vgg13_bn", "vgg16", "vgg16_bn", "vgg19", "vgg19_bn", "vit_b_16", "vit_b_32", "vit_h_14",
+    "vit_l_16", "vit_l_32", "wide_resnet101_2", "wide_resnet50_2",
+)
+MODEL_NAMES = SMALL_MODELS + TORCHVISION_MODELS
 MAX_SEED = 2**32 - 1  # numpy seeds must fit 32 bits; the worker adds rank and epoch offsets to it
 MAX_WORKERS = 4096  # far beyond any cluster this runs on; catches typos such as 1e9
 
@@ -49,6 +66,10 @@ class AugmentConfig(_Section):
         if not (0 < self.ratio[0] <= self.ratio[1] < 100):
             raise ValueError("data.augment.ratio must be [lo, hi] with 0 < lo <= hi")
         return self
+    mixup: float = Field(0.0, ge=0, le=100, description="MixUp alpha (torchvision.transforms.v2.MixUp) on each train "
+                                                "batch; 0 = off (0.2 is a common choice)")
+    cutmix: float = Field(0.0, ge=0, le=100, description="CutMix alpha (torchvision.transforms.v2.CutMix); 0 = off; "
+                                                 "with mixup too, each batch gets one of the two at random")
 
 
 class DataConfig(_Section):
@@ -81,18 +102,53 @@ class DataConfig(_Section):
         return self
 
 
+def closest_models(name: str, n: int = 3) -> list[str]:
+    import difflib
+
+    return difflib.get_close_matches(name.lower(), MODEL_NAMES, n=n, cutoff=0.5)
+
+
 class ModelConfig(_Section):
-    name: str = "cnn"
-    width: int = Field(32, gt=0, le=4096, description="channels of the first conv layer / hidden units of the mlp")
+    name: str = Field("cnn", description="one of SMALL_MODELS or any torchvision classification model "
+                                         "(`emergence-ray models` lists them)")
+    width: int = Field(32, gt=0, le=4096, description="channels of the first conv layer / hidden units of the mlp "
+                                             "(small models only)")
     depth: int = Field(2, gt=0, le=64, description="hidden layers of the mlp")
-    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="before the classifier head (small models)")
+    pretrained: str | None = Field(
+        None, description="start from: a torchvision weights name (DEFAULT, IMAGENET1K_V1, ...), a state_dict "
+                          "file (local path, s3://, gs://), or a checkpoint directory of an emergence-ray run")
+    freeze: Literal["none", "backbone"] | int = Field(
+        "none", description="backbone: train only the classifier head; N: freeze the stem and the first N "
+                            "blocks (`emergence-ray models --blocks NAME` lists them)")
 
     @field_validator("name")
     @classmethod
     def _known(cls, v: str) -> str:
         if v not in MODEL_NAMES:
-            raise ValueError(f"unknown model {v!r}; choose one of {sorted(MODEL_NAMES)}")
+            close = closest_models(v)
+            hint = f"did you mean {', '.join(close)}? " if close else ""
+            raise ValueError(f"unknown model {v!r}; {hint}`emergence-ray models` lists all {len(MODEL_NAMES)}")
         return v
+
+    @field_validator("freeze")
+    @classmethod
+    def _freeze(cls, v: str | int) -> str | int:
+        if isinstance(v, int) and v < 0:
+            raise ValueError("must be none, backbone or a number of blocks >= 0")
+        return v
+
+    @model_validator(mode="after")
+    def _weights_fit(self) -> ModelConfig:
+        if self.pretrained and self.name in SMALL_MODELS and is_weights_name(self.pretrained):
+            raise ValueError(f"model.pretrained={self.pretrained}: torchvision weights exist only for "
+                             f"torchvision models, not {self.name!r}; pass a state_dict file or a checkpoint")
+        return self
+
+
+def is_weights_name(pretrained: str) -> bool:
+    """`IMAGENET1K_V2`, `DEFAULT`: a torchvision weights enum member, not a path."""
+    return pretrained.replace("_", "").isalnum() and pretrained.upper() == pretrained
 
 
 class OptimConfig(_Section):
@@ -104,6 +160,8 @@ class OptimConfig(_Section):
     betas: tuple[float, float] = Field((0.9, 0.999), description="adamw moment decay rates, each in [0, 1)")
     schedule: Literal["cosine", "onecycle", "constant"] = "cosine"
     warmup_epochs: float = Field(1.0, ge=0, le=10_000)
+    backbone_lr_mult: float = Field(1.0, gt=0, le=1.0, description="lr of every layer but the classifier head, "
+                                                                   "as a fraction of optim.lr (fine-tuning: 0.1)")
 
     @field_validator("betas")
     @classmethod
@@ -122,6 +180,14 @@ class TrainConfig(_Section):
     keep_checkpoints: int = Field(2, gt=0, le=10_000)
     bf16: bool = Field(True, description="bf16 autocast on GPU (ignored on CPU)")
     log_every_s: float = Field(10.0, gt=0, le=86_400)
+    ema: float | None = Field(None, gt=0, lt=1, description="decay of an exponential moving average of the "
+                              "weights (e.g. 0.999 per optimizer step), validated and checkpointed; null = off")
+    grad_accum_steps: int = Field(1, ge=1, le=4096,
+                                  description="batches per optimizer step (DDP syncs only on the last)")
+    grad_clip: float | None = Field(None, gt=0, le=1e6, description="clip the global gradient norm to this; null = off")
+    compile: bool = Field(False, description="torch.compile the model (slow first steps; pays off on long GPU runs)")
+    channels_last: bool | None = Field(None, description="channels_last memory format; null = on GPU only")
+    sync_bn: bool = Field(True, description="SyncBatchNorm when training on more than one GPU")
 
 
 class ScalingConfig(_Section):

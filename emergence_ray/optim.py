@@ -16,15 +16,26 @@ from torch import nn
 from emergence_ray.config import OptimConfig
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    decay, no_decay = [], []
-    for p in model.parameters():
-        if p.requires_grad:
-            (decay if p.dim() >= 2 else no_decay).append(p)
-    return [
-        {"params": decay, "weight_decay": weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
-    ]
+def param_groups(model: nn.Module, weight_decay: float, lr: float | None = None,
+                 backbone_lr_mult: float = 1.0) -> list[dict]:
+    """Decay / no-decay groups; with `backbone_lr_mult` < 1, each split again into the classifier
+    head (at `lr`) and the rest (at `lr * backbone_lr_mult`: pretrained layers move less)."""
+    from emergence_ray.models import head_parameters
+
+    head = head_parameters(model) if backbone_lr_mult != 1.0 else set()
+    groups: dict[tuple[bool, bool], list] = {}
+    for name, p in model.named_parameters():
+        if p.requires_grad:  # frozen parameters never reach the optimizer
+            groups.setdefault((name in head or not head, p.dim() >= 2), []).append(p)
+    out = []
+    for is_head in ((True, False) if head else (True,)):
+        for decays in (True, False):
+            group = {"params": groups.get((is_head, decays), []), "weight_decay": weight_decay if decays else 0.0}
+            if lr is not None:
+                group["lr"] = lr if is_head else lr * backbone_lr_mult
+            if group["params"] or not head:
+                out.append(group)
+    return out
 
 
 class DecoupledSGD(torch.optim.SGD):
@@ -38,7 +49,7 @@ class DecoupledSGD(torch.optim.SGD):
         for group in self.param_groups:
             group.setdefault("decoupled_wd", group.pop("weight_decay", 0.0))
             group["weight_decay"] = 0.0
-            group["peak_lr"] = lr
+            group["peak_lr"] = group["lr"]  # per group: the backbone's may be lower
 
     @torch.no_grad()
     def step(self, closure: Callable | None = None):  # type: ignore[override]
@@ -53,7 +64,7 @@ class DecoupledSGD(torch.optim.SGD):
 
 
 def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
-    groups = param_groups(model, cfg.weight_decay)
+    groups = param_groups(model, cfg.weight_decay, cfg.lr, cfg.backbone_lr_mult)
     if cfg.name == "adamw":
         return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas)
     if cfg.name == "sgd":

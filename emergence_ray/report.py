@@ -17,15 +17,17 @@ from emergence_ray import checkpoint, storage
 from emergence_ray.data.augment import DeviceTransform
 from emergence_ray.data.transforms import DataSpec
 from emergence_ray.engine import Batch, evaluate
-from emergence_ray.models import build_model
+from emergence_ray.config import ModelConfig
+from emergence_ray.models import build_for_job, legacy_name
 
 
 def model_from_state(state: dict[str, Any]) -> tuple[torch.nn.Module, DataSpec]:
     spec = DataSpec.from_dict(state["spec"])
-    m = state["config"]["model"]
-    model = build_model(m["name"], spec.channels, spec.num_classes, spec.image_size, m["width"], m["depth"],
-                        m["dropout"])
-    model.load_state_dict(state["model"])
+    m = ModelConfig.model_validate({**state["config"]["model"],
+                                    "name": legacy_name(state["config"]["model"]["name"], state["model"])})
+    # the job's architecture and frozen parts, without loading model.pretrained: the checkpoint has it all
+    model = build_for_job(m, spec.channels, spec.num_classes, spec.image_size, load_weights=False)
+    model.load_state_dict(state.get("ema") or state["model"])  # with train.ema, the average is the model
     return model.eval(), spec
 
 

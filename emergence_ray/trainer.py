@@ -35,6 +35,7 @@ from emergence_ray.data.pipeline import prepare, prepare_test
 from emergence_ray.data.ingest import record_ids, trainer_inputs
 from emergence_ray.errors import NonFiniteLossError, ResourceError, RunExistsError, UserError
 from emergence_ray.runlock import RunLock
+from emergence_ray.models import pretrained
 from emergence_ray.report import evaluate_checkpoint
 from emergence_ray.worker import train_loop_per_worker
 
@@ -312,6 +313,7 @@ def train(cfg: JobConfig, address: str | None = None) -> str:
     name = run_name(cfg)
     run_dir = storage.join(storage.resolve(cfg.run.storage_path), name)
     check_run_dir(run_dir, name)
+    pretrained.ensure_available(cfg.model)  # zoo: weights cached or downloadable, before starting Ray
     try:
         with interrupt.handling():
             return _train(cfg, address, name, run_dir, wall_start, started)
@@ -325,12 +327,14 @@ def _train(cfg: JobConfig, address: str | None, name: str, run_dir: str, wall_st
     interrupt.install()  # ray.init replaced the SIGTERM handler
     cluster.plan(cfg.scaling)  # fail fast, before reading any data
     cluster.skip_preemption_watcher(cfg.scaling)
+    # zoo: pretrained weights bring their normalization (ImageNet's, or the source run's)
     # test split: after training; ids only when a test records which images each epoch saw
-    prepared = prepare(cfg.data, with_test=False, keep_ids=record_ids(), workers=cfg.scaling.min_workers,
-                       shuffle_seed=cfg.train.seed)
+    prepared = prepare(cfg.data, spec=pretrained.job_spec(cfg), with_test=False, keep_ids=record_ids(),
+                       workers=cfg.scaling.min_workers, shuffle_seed=cfg.train.seed)
     log.info("data: %s  classes=%d  channels=%d  size=%d  ingest=%s  bad images skipped=%d", prepared.counts,
              prepared.spec.num_classes, prepared.spec.channels, prepared.spec.image_size,
              "cache" if prepared.cached else "stream", prepared.bad_images)
+    pretrained.check_input_size(cfg.model.name, prepared.spec.image_size)  # zoo
     check_batch(cfg, prepared.counts)
     lock = RunLock(run_dir, "run", name)
     try:

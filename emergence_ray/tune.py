@@ -157,7 +157,10 @@ def _sweep(cfg: JobConfig, address: str | None, section: TuneSection, sweep: str
     # Tune's own SIGINT handler would end the sweep early and return as if it had finished
     os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"
     concurrent, workers, cpw = plan_trials(cfg, section)
-    prepared = prepare(cfg.data, keep_ids=False)
+    from emergence_ray.models import pretrained  # zoo: the weights' normalization, as in trainer.train
+
+    pretrained.ensure_available(cfg.model)
+    prepared = prepare(cfg.data, spec=pretrained.job_spec(cfg), keep_ids=False)
     lock.acquire()  # a second driver on this sweep stops here (RunLockedError)
     check_sweep_dir(sweep_dir, sweep)  # again: it may have finished while this driver read its data
     storage.makedirs(sweep_dir)

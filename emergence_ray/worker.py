@@ -22,14 +22,14 @@ import ray.train.torch
 import torch
 import torch.distributed as dist
 
-from emergence_ray import checkpoint, storage
+from emergence_ray import checkpoint, recipe, storage
 from emergence_ray.data.augment import DeviceTransform
 from emergence_ray.config import JobConfig
 from emergence_ray.data.transforms import DataSpec
 from emergence_ray.engine import evaluate, train_epoch
 from emergence_ray.data.ingest import WorkerIngest, worker_source
 from emergence_ray.logs import setup_logging
-from emergence_ray.models import build_model
+from emergence_ray.models import build_for_job
 from emergence_ray.optim import build_optimizer, build_scheduler
 from emergence_ray.priority import apply_worker_niceness
 from emergence_ray.sweep.exploit import continue_with
@@ -114,15 +114,23 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> list[dict]:
     steps_per_epoch = math.ceil(loop_config["train_rows"] // ctx.get_world_size() / cfg.train.batch_size)
     device = ray.train.torch.get_device()
     _seed_everything(cfg.train.seed)  # identical initial weights on every rank (DDP also broadcasts)
-    model = build_model(cfg.model.name, spec.channels, spec.num_classes, spec.image_size,
-                        cfg.model.width, cfg.model.depth, cfg.model.dropout)
+    resumed = ray.train.get_checkpoint()
+    # model.pretrained weights and model.freeze (a resumed run loads its own weights instead)
+    model = build_for_job(cfg.model, spec.channels, spec.num_classes, spec.image_size,
+                          load_weights=resumed is None, class_names=spec.class_names)
     _seed_everything(cfg.train.seed + 1 + rank)  # then a stream of its own per rank (dropout)
-    if device.type == "cuda":  # before DDP wraps it, so its gradient buckets match the weights' strides
+    model = recipe.sync_batchnorm(model, cfg.train, device, ctx.get_world_size())
+    if recipe.channels_last(cfg.train, device):  # before DDP wraps it, so its gradient buckets match the strides
         model = model.to(memory_format=torch.channels_last)
     model = ray.train.torch.prepare_model(model)
     bare = model.module if hasattr(model, "module") else model
+    if cfg.train.compile:
+        model = torch.compile(model)
     optimizer = build_optimizer(bare, cfg.optim)
-    scheduler = build_scheduler(optimizer, cfg.optim, steps_per_epoch, cfg.train.epochs)
+    accum = cfg.train.grad_accum_steps
+    scheduler = build_scheduler(optimizer, cfg.optim, math.ceil(steps_per_epoch / accum), cfg.train.epochs)
+    ema = recipe.build_ema(bare, cfg.train.ema)
+    mix = recipe.build_mix(cfg.data.augment, spec.num_classes)
 
     start_epoch, history = 0, []
     resumed = ray.train.get_checkpoint()
@@ -138,6 +146,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> list[dict]:
         else:
             optimizer.load_state_dict(state["optimizer"])
             scheduler.load_state_dict(state["scheduler"])
+        if ema is not None and "ema" in state and not exploit:
+            recipe.load_ema(ema, state)
         start_epoch, history = state["epoch"], list(state["history"])
         if rank == 0:
             checkpoint.set_rng_state(state["rng"])  # rank 0 saved its own stream
@@ -166,8 +176,10 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> list[dict]:
         if epoch == start_epoch and loop_config.get("started"):
             batches = _time_first_step(batches, loop_config["started"], first_step)
         t = train_epoch(model, batches, optimizer, scheduler, device, cfg.train.label_smoothing,
-                        cfg.train.bf16, on_step=progress.step if progress else None)
-        v = evaluate(bare, val_data.epoch(epoch), device, cfg.train.bf16)
+                        cfg.train.bf16, on_step=progress.step if progress else None, grad_accum_steps=accum,
+                        grad_clip=cfg.train.grad_clip, mix=mix,
+                        after_update=(lambda: ema.update_parameters(bare)) if ema is not None else None)
+        v = evaluate(ema.module if ema is not None else bare, val_data.epoch(epoch), device, cfg.train.bf16)
         sums = _reduce([t.loss_sum, t.correct, t.count, v.loss_sum, v.correct, v.count], device)
         (seconds,) = _reduce([t.seconds], device, dist.ReduceOp.MAX)
         # every rank gets the same answer, so all stop together (a lone rank leaving would hang DDP)
@@ -200,6 +212,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> list[dict]:
                     "model": bare.state_dict(), "optimizer": optimizer.state_dict(),
                     "scheduler": scheduler.state_dict(), "epoch": epoch + 1, "history": history,
                     "rng": checkpoint.rng_state(), "spec": spec.to_dict(), "config": loop_config["job"],
+                    **(recipe.ema_state(ema) if ema is not None else {}),
                 })
                 ckpt = ray.train.Checkpoint.from_directory(tmp)
             ray.train.report(metrics, checkpoint=ckpt)

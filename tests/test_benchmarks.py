@@ -56,7 +56,7 @@ def test_time_to_accuracy_helpers_and_recorded_run():
 def test_gpu_script_runs_on_cpu(tmp_path, tiny_idx):
     out = tmp_path / "gpu.json"
     proc = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "gpu.py"), "--device", "cpu", "--models", "cnn,resnet18",
+        [sys.executable, str(ROOT / "benchmarks" / "gpu.py"), "--device", "cpu", "--models", "cnn,resnet18_small",
          "--data", "synthetic,fashion_mnist", "--fashion-mnist", str(tiny_idx), "--batch-size", "4",
          "--steps", "2", "--warmup", "1", "--repeats", "3", "--tta-epochs", "2", "--tta-limit", "256",
          "--tta-width", "8", "--threads", "1", "--out", str(out)],
@@ -66,7 +66,7 @@ def test_gpu_script_runs_on_cpu(tmp_path, tiny_idx):
     assert printed == json.loads(out.read_text())
     assert printed["device"] == "cpu" and printed["world"] == 1 and printed["skipped"] == []
     combos = {(t["model"], t["data"]) for t in printed["throughput"]}
-    assert combos == {(m, d) for m in ("cnn", "resnet18") for d in ("synthetic", "fashion_mnist")}
+    assert combos == {(m, d) for m in ("cnn", "resnet18_small") for d in ("synthetic", "fashion_mnist")}
     for t in printed["throughput"]:
         assert len(t["rates"]) == 3 and all(r > 0 for r in t["rates"]) and t["images_per_s"] > 0
     tta = printed["time_to_accuracy"]

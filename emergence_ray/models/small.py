@@ -1,28 +1,14 @@
-"""Model registry: `MODELS[name](in_channels, num_classes, image_size, cfg) -> nn.Module`.
+"""Our small models for tiny images (digits, Fashion-MNIST, CIFAR-sized): `mlp`, `cnn` and
+`resnet18_small` (torchvision's ResNet-18 with a 3x3 stride-1 stem and no max-pool).
 
-Input channels, class count and image size come from the data, never from the job file.
+Each builder takes `(in_channels, num_classes, image_size, width, depth, dropout)`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
-import torch
 from torch import nn
 
-Builder = Callable[..., nn.Module]
-MODELS: dict[str, Builder] = {}
 
-
-def register(name: str) -> Callable[[Builder], Builder]:
-    def wrap(fn: Builder) -> Builder:
-        MODELS[name] = fn
-        return fn
-
-    return wrap
-
-
-@register("mlp")
 def mlp(in_channels: int, num_classes: int, image_size: int, width: int = 256, depth: int = 2,
         dropout: float = 0.0) -> nn.Module:
     """A stack of sigma(Wx + b) layers (sigmoid units), then a linear classifier."""
@@ -39,7 +25,6 @@ def _conv_bn(c_in: int, c_out: int) -> list[nn.Module]:
     return [nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(inplace=True)]
 
 
-@register("cnn")
 def cnn(in_channels: int, num_classes: int, image_size: int, width: int = 32, depth: int = 2,
         dropout: float = 0.0) -> nn.Module:
     """Small conv net: two stages of two conv-BN-ReLU (width, then 2x width channels), each
@@ -61,10 +46,10 @@ def cnn(in_channels: int, num_classes: int, image_size: int, width: int = 32, de
     return nn.Sequential(*layers)
 
 
-@register("resnet18")
-def resnet18(in_channels: int, num_classes: int, image_size: int, width: int = 64, depth: int = 2,
-             dropout: float = 0.0) -> nn.Module:
-    """torchvision's ResNet-18 adapted to small images: 3x3 stride-1 stem, no max-pool."""
+def resnet18_small(in_channels: int, num_classes: int, image_size: int, width: int = 64, depth: int = 2,
+                   dropout: float = 0.0) -> nn.Module:
+    """torchvision's ResNet-18 adapted to small images: 3x3 stride-1 stem, no max-pool.
+    (`resnet18` is torchvision's own, with the ImageNet stem, and takes ImageNet weights.)"""
     from torchvision.models import resnet18 as tv_resnet18
 
     model = tv_resnet18(num_classes=num_classes)
@@ -75,17 +60,4 @@ def resnet18(in_channels: int, num_classes: int, image_size: int, width: int = 6
     return model
 
 
-def build_model(name: str, in_channels: int, num_classes: int, image_size: int, width: int,
-                depth: int = 2, dropout: float = 0.0) -> nn.Module:
-    if name not in MODELS:
-        raise KeyError(f"unknown model {name!r}; choose one of {sorted(MODELS)}")
-    return MODELS[name](in_channels, num_classes, image_size, width=width, depth=depth, dropout=dropout)
-
-
-def num_parameters(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
-
-
-@torch.no_grad()
-def smoke_forward(model: nn.Module, in_channels: int, image_size: int) -> torch.Tensor:
-    return model.eval()(torch.zeros(2, in_channels, image_size, image_size))
+SMALL = {"mlp": mlp, "cnn": cnn, "resnet18_small": resnet18_small}
