@@ -23,3 +23,7 @@ class RunExistsError(UserError):
 
 class CheckpointError(UserError):
     pass
+
+
+class TrackingError(UserError):
+    pass

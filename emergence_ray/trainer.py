@@ -32,6 +32,7 @@ from emergence_ray.data.pipeline import prepare, prepare_test
 from emergence_ray.errors import ResourceError, RunExistsError, UserError
 from emergence_ray.ingest import trainer_inputs, use_cache
 from emergence_ray.report import evaluate_checkpoint
+from emergence_ray.tracking import Tracker
 from emergence_ray.worker import train_loop_per_worker
 
 log = logging.getLogger("emergence_ray")
@@ -181,6 +182,7 @@ def train(cfg: JobConfig, address: str | None = None) -> str:
     name = run_name(cfg)
     run_dir = storage.join(storage.resolve(cfg.run.storage_path), name)
     check_run_dir(run_dir, name)
+    tracker = Tracker.connect(cfg)  # MLflow server checked (tracking.on_error) before any work
     cluster.connect(address)
     cluster.plan(cfg.scaling)  # fail fast, before reading any data
     cluster.skip_preemption_watcher(cfg.scaling)
@@ -194,6 +196,7 @@ def train(cfg: JobConfig, address: str | None = None) -> str:
     except OSError as err:
         raise UserError(f"run.storage_path: cannot write to {run_dir} ({err}); choose a writable "
                         "run.storage_path (shared storage for multi-node clusters)") from None
+    tracker.start(run_dir, name)  # the MLflow run, its id recorded in run_dir/mlflow.json for rank 0
     trainer = build_trainer(cfg, name, {"train": prepared.train, "val": prepared.val}, prepared.spec,
                             prepared.counts, run_dir)
     result = fit(trainer, run_dir)
@@ -224,6 +227,8 @@ def train(cfg: JobConfig, address: str | None = None) -> str:
         "bad_images_skipped": prepared.bad_images + bad_test,
     }
     storage.write_json(storage.join(run_dir, "summary.json"), summary)
+    with ckpt.as_directory() as local:  # TensorBoard's test scalars and image; MLflow's results and model
+        tracker.finish_run(run_dir, local, summary)
     log.info("test accuracy %.4f  best val accuracy %.4f  (%d epochs, %.0f img/s, %.0f s)",
              summary["test_accuracy"], summary["best_val_accuracy"], summary["epochs"],
              summary["train_images_per_s"], summary["wall_s"])

@@ -32,6 +32,7 @@ from emergence_ray.config import JobConfig, to_dict, validate
 from emergence_ray.data.pipeline import prepare
 from emergence_ray.errors import ConfigError, ResourceError, RunExistsError, UserError
 from emergence_ray.report import evaluate_checkpoint
+from emergence_ray.tracking import Tracker, start_trial
 from emergence_ray.trainer import build_trainer, storage_history, write_meta
 
 log = logging.getLogger("emergence_ray")
@@ -127,6 +128,7 @@ def _trial(config: dict, job: dict, sweep: str, sweep_dir: str, num_workers: int
     run_dir = storage.join(trials_dir, name)
     storage.makedirs(run_dir)
     cluster.skip_preemption_watcher(cfg.scaling)  # in this trial's process, as trainer.train does
+    start_trial(cfg, run_dir, name, sweep_dir)  # MLflow child run of the sweep's (if tracked)
     trainer = build_trainer(cfg, name, datasets, DataSpec.from_dict(spec_dict), counts, run_dir,
                             callbacks=[TuneReportCallback()])
     result = trainer.fit()
@@ -196,11 +198,13 @@ def tune_run(cfg: JobConfig, address: str | None = None) -> str:
     if storage.exists(storage.join(sweep_dir, "best.json")):
         raise RunExistsError(f"sweep {sweep!r} already finished ({sweep_dir}/best.json exists) and is never "
                              "overwritten; choose a new run.name")
+    tracker = Tracker.connect(cfg)  # MLflow server checked (tracking.on_error) before any work
     cluster.connect(address)
     concurrent, workers, cpw = plan_trials(cfg, section)
     prepared = prepare(cfg.data, keep_ids=False)
     storage.makedirs(sweep_dir)
     write_meta(sweep_dir, cfg, sweep)
+    tracker.start(sweep_dir, sweep, kind="sweep")  # the parent run; trials' runs are its children
     datasets = {"train": prepared.train, "val": prepared.val}
     trainable = tune.with_resources(
         tune.with_parameters(_trial, job=to_dict(cfg), sweep=sweep, sweep_dir=sweep_dir, num_workers=workers,
@@ -239,6 +243,7 @@ def tune_run(cfg: JobConfig, address: str | None = None) -> str:
         "wall_s": time.monotonic() - wall_start, "checkpoint": best["checkpoint"], "trials": len(rows),
     })
     storage.write_bytes(storage.join(sweep_dir, "sweep.png"), sweep_plot(rows, grid, section.metric))
+    tracker.finish_sweep(sweep_dir, rows, best["checkpoint"])  # closes the trials' runs and the parent
     print(results_table(rows, section))
     return sweep_dir
 
