@@ -224,8 +224,8 @@ class Tracker:
             _trouble(self.cfg, self.uri, err, f"after training (results are in {run_dir})")
 
     def _log_model(self, checkpoint_dir: str) -> None:
-        """The evaluated checkpoint as an MLflow PyTorch model (loads with mlflow.pytorch.load_model,
-        which unpickles: for trusted runs; `--checkpoint runs:/<id>` uses the weights-only checkpoint)."""
+        """The evaluated checkpoint as an MLflow PyTorch model in the pt2 (torch.export) format, dynamic
+        batch size: `mlflow.pytorch.load_model` / pyfunc serve it without unpickling any code."""
         import mlflow
         import mlflow.pytorch
         import torch
@@ -242,8 +242,10 @@ class Tracker:
         mlflow.set_tracking_uri(self.uri)  # log_model logs only to the fluent API's active run
         try:
             with mlflow.start_run(run_id=self.run_id):
-                # explicit requirements: inferring them starts a subprocess that loads the model
-                mlflow.pytorch.log_model(model, name="model", signature=signature,
+                # pt2 (torch.export): loads without unpickling code; explicit requirements, as
+                # inferring them starts a subprocess that loads the model
+                mlflow.pytorch.log_model(model, name="model", signature=signature, input_example=x.numpy(),
+                                         serialization_format="pt2",
                                          pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"])
         finally:
             mlflow.set_tracking_uri(previous)
