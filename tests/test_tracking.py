@@ -71,6 +71,29 @@ def tracked_run(ray_session, mlflow_server, tmp_path_factory) -> Path:
     return Path(train(cfg))
 
 
+def tensorboard_serves(logdir: Path) -> dict:
+    """Run README's `tensorboard --logdir DIR` (on a free port of 127.0.0.1) and return what it
+    serves: {run: [scalar tags]}."""
+    port = _free_port()
+    proc = subprocess.Popen(["tensorboard", "--logdir", str(logdir), "--host", "127.0.0.1", "--port", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/data/plugin/scalars/tags", timeout=5) as r:
+                    tags = json.loads(r.read())
+                if tags:
+                    return {run: sorted(t) for run, t in tags.items()}
+            except OSError:
+                pass
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()[-2000:]
+            time.sleep(0.5)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
 def _client(uri: str):
     from mlflow import MlflowClient
 
@@ -139,6 +162,10 @@ def test_tensorboard_events_hold_every_epoch(tracked_run):
         [(2, round(summary["test_accuracy"], 5))]
     images = acc.Images("test/confusion_matrix")
     assert len(images) == 1 and images[0].width > 100 and images[0].encoded_image_string[:4] == b"\x89PNG"
+    # README's command serves them
+    served = tensorboard_serves(tracked_run)
+    assert list(served) == ["tensorboard"]
+    assert {"loss/train", "accuracy/val", "test/accuracy"} <= set(served["tensorboard"])
 
 
 def test_evaluate_and_predict_take_runs_uri(tracked_run, mlflow_server, ray_session, tmp_path):
@@ -258,6 +285,9 @@ def test_sweep_through_the_cli_is_a_parent_run_with_a_child_per_trial(mlflow_ser
         assert child.data.params["optim.weight_decay"] in ("0.0", "0.001")
         # one TensorBoard folder per trial under the sweep folder
         assert list((sweep_dir / "trials" / child.info.run_name / "tensorboard").glob("events.out.tfevents.*"))
+    # README's `tensorboard --logdir SWEEP_DIR`: one run per trial, side by side
+    served = tensorboard_serves(sweep_dir)
+    assert sorted(served) == [f"trials/{t}/tensorboard" for t in trials], served
     top = client.get_run(parent)
     best = json.loads((sweep_dir / "best.json").read_text())
     assert top.info.status == "FINISHED" and top.data.metrics["test_accuracy"] == pytest.approx(best["test_accuracy"])
