@@ -307,3 +307,15 @@ def test_unreachable_server_with_on_error_warn_trains_untracked_through_the_cli(
     run_dir = tmp_path / "r"
     assert (run_dir / "summary.json").is_file() and not (run_dir / "mlflow.json").exists()
     assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))  # TensorBoard regardless
+
+
+def test_tracking_section_is_validated():
+    from emergence_ray.config import load_config
+    from emergence_ray.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="tracking.on_error"):
+        load_config(None, ["tracking.on_error=maybe"])
+    with pytest.raises(ConfigError, match="tracking.mlflow_urii: unknown key"):
+        load_config(None, ["tracking.mlflow_urii=http://x"])
+    cfg = load_config(None, [])
+    assert cfg.tracking.tensorboard and cfg.tracking.mlflow_uri is None and cfg.tracking.on_error == "warn"
