@@ -114,6 +114,9 @@ def main() -> None:
     p.add_argument("--fashion", default=common.FASHION_MNIST)
     p.add_argument("--out", default=str(common.ROOT / "benchmarks" / "TRACKING.md"))
     args = p.parse_args()
+    from emergence_ray.logs import setup_logging
+
+    setup_logging()  # the service's per-epoch lines, as the CLI prints them
     command = common.command_line("tracking_bench.py", p, args, ("rounds", "epochs", "limit", "out"))
     res: dict = {"command": command, "machine": {**common.machine_info(), "load_average": os.getloadavg()},
                  "epochs": args.epochs, "limit": args.limit, "runs": []}

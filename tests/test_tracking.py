@@ -168,24 +168,28 @@ def test_tensorboard_events_hold_every_epoch(tracked_run):
     assert {"loss/train", "accuracy/val", "test/accuracy"} <= set(served["tensorboard"])
 
 
-def test_evaluate_and_predict_take_runs_uri(tracked_run, mlflow_server, ray_session, tmp_path):
+def test_evaluate_and_predict_take_runs_uri(tracked_run, mlflow_server, ray_session, tmp_path, monkeypatch):
+    """The CLI's own dispatch (`cli.run` on parsed arguments), in this process on the session Ray;
+    the error paths through the CLI process are in test_unreachable_server_fails_..."""
+    from emergence_ray.cli import parser, run
+    from emergence_ray.errors import CheckpointError
+
     record = json.loads((tracked_run / "mlflow.json").read_text())
-    env = cli_env(RAY_ADDRESS=ray_session, MLFLOW_TRACKING_URI=mlflow_server, XDG_CACHE_HOME=str(tmp_path / "cache"))
-    proc = subprocess.run([*CLI, "evaluate", "--checkpoint", f"runs:/{record['run_id']}", "--output",
-                           str(tmp_path / "eval")], capture_output=True, text=True, env=env, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    report = json.loads((tmp_path / "eval" / "report.json").read_text())
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    out = run(parser().parse_args(["evaluate", "--checkpoint", f"runs:/{record['run_id']}", "--output",
+                                   str(tmp_path / "eval")]))
+    report = json.loads((Path(out) / "report.json").read_text())
     summary = json.loads((tracked_run / "summary.json").read_text())
     assert report["test_accuracy"] == summary["test_accuracy"]  # same weights, same test split
-    assert Path(report["checkpoint"]).is_relative_to(tmp_path / "cache")  # the downloaded copy
-    # predict resolves through the same place: an unknown run is one error line, exit 2, no output
-    out = tmp_path / "preds.parquet"
-    proc = subprocess.run([*CLI, "predict", "--checkpoint", "runs:/0123456789abcdef", "--output", str(out)],
-                          capture_output=True, text=True, env=env, timeout=300)
-    assert proc.returncode == 2, proc.stderr[-3000:]
-    assert proc.stderr.strip().splitlines() == [
-        f"error: --checkpoint runs:/0123456789abcdef: no MLflow run 0123456789abcdef at {mlflow_server}"]
-    assert not out.exists()
+    downloaded = Path(report["checkpoint"])
+    assert downloaded == tmp_path / "cache" / "emergence-ray" / "mlflow" / record["run_id"] / "checkpoint"
+    assert (downloaded / "checkpoint.pt").read_bytes() == (Path(summary["checkpoint"]) / "checkpoint.pt").read_bytes()
+    # predict resolves through the same place: an unknown run is refused before anything is written
+    preds = tmp_path / "preds.parquet"
+    with pytest.raises(CheckpointError, match=f"no MLflow run 0123456789abcdef at {mlflow_server}$"):
+        run(parser().parse_args(["predict", "--checkpoint", "runs:/0123456789abcdef", "--output", str(preds)]))
+    assert not preds.exists()
 
 
 def test_unreachable_server_fails_before_anything_with_on_error_fail(tmp_path):
@@ -200,10 +204,12 @@ def test_unreachable_server_fails_before_anything_with_on_error_fail(tmp_path):
     assert "tracking.on_error=warn" in lines[0] and "Traceback" not in proc.stdout
     assert list(tmp_path.iterdir()) == []  # no run directory, no Ray started
     # and a checkpoint from a server that cannot be reached: one error line too
-    proc = subprocess.run([*CLI, "evaluate", "--checkpoint", "runs:/abc"], capture_output=True, text=True,
-                          env=cli_env(MLFLOW_TRACKING_URI=f"http://127.0.0.1:{port}"), timeout=300)
+    proc = subprocess.run([*CLI, "predict", "--checkpoint", "runs:/abc", "--output", str(tmp_path / "p.csv")],
+                          capture_output=True, text=True, env=cli_env(MLFLOW_TRACKING_URI=f"http://127.0.0.1:{port}"),
+                          timeout=300)
     assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
     assert proc.stderr.startswith(f"error: --checkpoint runs:/abc: MLflow tracking server http://127.0.0.1:{port}")
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_unreachable_server_with_on_error_warn_warns_once_and_tracks_nothing(caplog):
