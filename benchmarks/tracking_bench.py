@@ -14,7 +14,7 @@ time (start-up, test evaluation and the MLflow uploads at the end included). Rat
 within the same round. Writes --out (markdown, with the command, git revision and machine) and
 the JSON beside it.
 
-    flock /tmp/er-bench.lock python benchmarks/tracking_bench.py [--rounds 2] [--epochs 4] [--limit 12000]
+    flock /tmp/er-bench.lock python benchmarks/tracking_bench.py [--rounds 3] [--epochs 3] [--limit 6000]
 """
 
 from __future__ import annotations
@@ -108,9 +108,9 @@ def render(res: dict) -> str:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--rounds", type=int, default=2)
-    p.add_argument("--epochs", type=int, default=4)
-    p.add_argument("--limit", type=int, default=12000)
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--limit", type=int, default=6000)
     p.add_argument("--fashion", default=common.FASHION_MNIST)
     p.add_argument("--out", default=str(common.ROOT / "benchmarks" / "TRACKING.md"))
     args = p.parse_args()
@@ -140,8 +140,12 @@ def main() -> None:
             import ray
 
             ray.shutdown()
-            os.killpg(server.pid, signal.SIGTERM)
-            server.wait(timeout=30)
+            os.killpg(server.pid, signal.SIGTERM)  # the server and its workers (its own session)
+            try:
+                server.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(server.pid, signal.SIGKILL)
+                server.wait()
     res["medians"] = {m: {k: common.median([r[f"{k}_ratio"] for r in res["runs"] if r["mode"] == m])
                           for k in ("loop", "train", "wall")} for m in MODES}
     out = Path(args.out)
