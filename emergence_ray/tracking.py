@@ -138,9 +138,10 @@ class Tracker:
             return cls(job.tracking)
         return cls(job.tracking, uri, client, exp_id)
 
-    def start(self, run_dir: str, name: str, kind: str = "train", parent_run_id: str | None = None) -> None:
+    def start(self, run_dir: str, name: str, kind: str = "train", parent_run_id: str | None = None,
+              resolved: dict | None = None) -> None:
         """Create (or, for a resumed run, reopen) the MLflow run and record its id in the run directory.
-        Params: the resolved config the driver wrote to config.yaml."""
+        Params: `resolved`, by default the resolved config the driver wrote to config.yaml."""
         if self.uri is None:
             return
         record = read_record(run_dir)
@@ -159,7 +160,8 @@ class Tracker:
             self.run_id = run.info.run_id
             from mlflow.entities import Param
 
-            resolved = yaml.safe_load(storage.read_text(storage.join(run_dir, "config.yaml"))) or {}
+            if resolved is None:
+                resolved = yaml.safe_load(storage.read_text(storage.join(run_dir, "config.yaml"))) or {}
             params = [Param(k, v) for k, v in flat_params(resolved).items()]
             for i in range(0, len(params), 100):  # MLflow takes at most 100 params per batch
                 self.client.log_batch(self.run_id, params=params[i:i + 100])
@@ -188,6 +190,7 @@ class Tracker:
             return
         status = {str(r["trial_id"]): r for r in rows}
         trials = storage.join(sweep_dir, "trials")
+        closed = []
         try:
             for child in sorted(Path(trials).iterdir()) if not storage.is_uri(trials) else []:
                 record = read_record(str(child))
@@ -196,8 +199,10 @@ class Tracker:
                     continue
                 self.client.set_tag(record["run_id"], "stopped_early", str(bool(row["stopped_early"])).lower())
                 self.client.set_terminated(record["run_id"], "FAILED" if row["status"] == "ERROR" else "FINISHED")
+                closed.append(child.name)
         except Exception as err:  # noqa: BLE001
             _trouble(self.cfg, self.uri, err, "after the sweep")
+        log.info("MLflow: closed the runs of %d of %d trials (%s)", len(closed), len(rows), ", ".join(closed))
         summary = _json_or_empty(storage.join(sweep_dir, "summary.json"))
         self._finish(sweep_dir, checkpoint_dir, summary, SWEEP_ARTIFACTS, step=summary.get("epochs", 0))
 
@@ -257,8 +262,12 @@ def start_trial(job: JobConfig, run_dir: str, name: str, sweep_dir: str) -> None
     parent = read_record(sweep_dir)
     if parent is None:
         return
+    from emergence_ray.config import to_dict
+
+    resolved = to_dict(job)  # the trial's own job (its lr, weight decay, workers); it writes no config.yaml
+    resolved["run"]["name"] = name
     tracker = Tracker(job.tracking, parent["tracking_uri"], _client(parent["tracking_uri"]), parent["experiment_id"])
-    tracker.start(run_dir, name, kind="trial", parent_run_id=parent["run_id"])
+    tracker.start(run_dir, name, kind="trial", parent_run_id=parent["run_id"], resolved=resolved)
 
 
 class EpochLogger:

@@ -245,8 +245,7 @@ def test_sweep_parent_and_child_runs(mlflow_server, tmp_path):
     parent = json.loads((sweep_dir / "mlflow.json").read_text())["run_id"]
     for trial in ("a_00000", "a_00001"):
         trial_dir = sweep_dir / "trials" / f"sw-{trial}"
-        trial_dir.mkdir(parents=True)
-        (trial_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg)))
+        trial_dir.mkdir(parents=True)  # as tune._trial makes it: no config.yaml in it
         start_trial(cfg, str(trial_dir), f"sw-{trial}", str(sweep_dir))
     ckpt = tmp_path / "ckpt"
     ckpt.mkdir()
@@ -264,6 +263,7 @@ def test_sweep_parent_and_child_runs(mlflow_server, tmp_path):
     top = client.get_run(parent)
     assert top.info.status == "FINISHED" and top.data.metrics["test_accuracy"] == 0.5
     assert top.data.params["tune.num_samples"] == "2"
+    assert {r.data.params["run.name"] for r in children} == {"sw-a_00000", "sw-a_00001"}
     assert {"summary.json", "checkpoint"} <= {a.path for a in client.list_artifacts(parent)}
 
 
@@ -278,6 +278,8 @@ def test_sweep_through_the_cli_is_a_parent_run_with_a_child_per_trial(mlflow_ser
                           capture_output=True, text=True, timeout=900,
                           env=cli_env(RAY_ADDRESS=ray_session, MLFLOW_TRACKING_URI=mlflow_server))
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    out = proc.stdout + proc.stderr
+    assert "warning: MLflow" not in out and "MLflow: closed the runs of 2 of 2 trials" in out, out[-3000:]
     sweep_dir = tmp_path / "sweep"
     parent = json.loads((sweep_dir / "mlflow.json").read_text())["run_id"]
     client = _client(mlflow_server)
@@ -286,7 +288,8 @@ def test_sweep_through_the_cli_is_a_parent_run_with_a_child_per_trial(mlflow_ser
     trials = sorted(d.name for d in (sweep_dir / "trials").iterdir())
     assert sorted(r.info.run_name for r in children) == trials and len(trials) == 2
     for child in children:
-        assert child.info.status == "FINISHED"
+        said = [line for line in (proc.stdout + proc.stderr).splitlines() if "MLflow" in line or "trial" in line]
+        assert child.info.status == "FINISHED", (child.info.run_name, said[-30:])
         assert [m.step for m in client.get_metric_history(child.info.run_id, "val_accuracy")] == [1, 2]
         assert child.data.params["optim.weight_decay"] in ("0.0", "0.001")
         # one TensorBoard folder per trial under the sweep folder
