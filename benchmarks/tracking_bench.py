@@ -81,6 +81,45 @@ def one_run(mode: str, name: str, storage: Path, uri: str, args) -> dict:
             "tracked": (run_dir / "mlflow.json").exists(), "tensorboard": (run_dir / "tensorboard").exists()}
 
 
+def call_cost(root: Path, uri: str, calls: int) -> dict:
+    """What rank 0 adds to every epoch, timed directly: `EpochLogger.log` (TensorBoard scalars plus
+    flush; plus one MLflow log_batch to the server) on a realistic metrics dict. Milliseconds."""
+    from emergence_ray import storage
+    from emergence_ray.config import TrackingConfig
+    from emergence_ray.tracking import RECORD, EpochLogger, Tracker
+
+    metrics = {"epoch": 1, "train_loss": 0.5, "train_accuracy": 0.8, "val_loss": 0.6, "val_accuracy": 0.78,
+               "train_images": 6000, "val_images": 600, "train_s": 9.1, "images_per_s": 659.0, "lr": 0.003,
+               "elapsed_s": 10.2}
+    out = {}
+    for mode in ("tensorboard", "tensorboard+mlflow"):
+        run_dir = root / f"calls-{mode.replace('+', '-')}"
+        run_dir.mkdir()
+        cfg = TrackingConfig(mlflow_uri=uri if mode != "tensorboard" else None, experiment="tracking-bench")
+        if cfg.mlflow_uri:
+            tracker = Tracker(cfg, uri, None)
+            from mlflow import MlflowClient
+
+            client = MlflowClient(uri)
+            exp = client.get_experiment_by_name(cfg.experiment)
+            tracker.client, tracker.experiment_id = client, exp.experiment_id if exp else client.create_experiment(
+                cfg.experiment)
+            (run_dir / "config.yaml").write_text("x: 1\n")
+            tracker.start(str(run_dir), f"calls-{mode}")
+            assert storage.exists(str(run_dir / RECORD))
+        logger = EpochLogger(str(run_dir), cfg, 0, 0, calls + 1)
+        times = []
+        for epoch in range(1, calls + 1):
+            t = time.perf_counter()
+            logger.log({**metrics, "epoch": epoch})
+            times.append((time.perf_counter() - t) * 1000)
+        t = time.perf_counter()
+        logger.flush()  # what the last epoch waits for (MLflow's queue drained)
+        out[mode] = {"median_ms": common.median(times), "max_ms": max(times), "calls": calls,
+                     "final_flush_ms": (time.perf_counter() - t) * 1000}
+    return out
+
+
 def render(res: dict) -> str:
     m = res["machine"]
     lines = [
@@ -99,10 +138,17 @@ def render(res: dict) -> str:
         lines.append(f"| {r['round']} | {r['mode']} | {r['loop_images_per_s']:.0f} | {r['loop_ratio']:.3f} | "
                      f"{r['train_images_per_s']:.0f} | {r['train_ratio']:.3f} | {r['wall_s']:.1f} | "
                      f"{r['test_accuracy']:.4f} |")
-    lines += ["", "Median ratio to `off` over the rounds:", "", "| mode | loop img/s | step img/s | wall |",
-              "|---|---|---|---|"]
-    for mode, med in res["medians"].items():
-        lines.append(f"| {mode} | {med['loop']:.3f} | {med['train']:.3f} | {med['wall']:.3f} |")
+    if res["runs"]:
+        lines += ["", "Median ratio to `off` over the rounds:", "", "| mode | loop img/s | step img/s | wall |",
+                  "|---|---|---|---|"]
+        for mode, med in res["medians"].items():
+            lines.append(f"| {mode} | {med['loop']:.3f} | {med['train']:.3f} | {med['wall']:.3f} |")
+    lines += ["", "What rank 0 adds to each epoch, timed directly (`EpochLogger.log`, after the report):", "",
+              "| mode | median ms per epoch | max ms | calls | then waiting for the MLflow queue, ms |",
+              "|---|---|---|---|---|"]
+    for mode, c in res["call_cost"].items():
+        lines.append(f"| {mode} | {c['median_ms']:.1f} | {c['max_ms']:.1f} | {c['calls']} | "
+                     f"{c['final_flush_ms']:.0f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -111,13 +157,14 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--limit", type=int, default=6000)
+    p.add_argument("--calls", type=int, default=30, help="EpochLogger.log calls timed per mode")
     p.add_argument("--fashion", default=common.FASHION_MNIST)
     p.add_argument("--out", default=str(common.ROOT / "benchmarks" / "TRACKING.md"))
     args = p.parse_args()
     from emergence_ray.logs import setup_logging
 
     setup_logging()  # the service's per-epoch lines, as the CLI prints them
-    command = common.command_line("tracking_bench.py", p, args, ("rounds", "epochs", "limit", "out"))
+    command = common.command_line("tracking_bench.py", p, args, ("rounds", "epochs", "limit", "calls", "out"))
     res: dict = {"command": command, "machine": {**common.machine_info(), "load_average": os.getloadavg()},
                  "epochs": args.epochs, "limit": args.limit, "runs": []}
     with tempfile.TemporaryDirectory(prefix="er-tracking-bench-") as tmp:
@@ -125,7 +172,10 @@ def main() -> None:
         (root / "mlflow").mkdir()
         server, uri = mlflow_server(root / "mlflow")
         try:
-            start_ray(_temp_dir=str(root / "ray"))
+            res["call_cost"] = call_cost(root, uri, args.calls)
+            print(json.dumps(res["call_cost"]), flush=True)
+            if args.rounds:
+                start_ray(_temp_dir=str(root / "ray"))
             for rnd in range(args.rounds):
                 order = MODES[rnd % 3:] + MODES[:rnd % 3]
                 runs = {m: one_run(m, f"r{rnd}-{m.replace('+', '-')}", root / "runs", uri, args) for m in order}

@@ -272,10 +272,12 @@ def start_trial(job: JobConfig, run_dir: str, name: str, sweep_dir: str) -> None
 
 class EpochLogger:
     """Rank 0's per-epoch tracking: TensorBoard scalars (flushed each epoch, so curves show while it
-    trains) and one MLflow `log_batch` per epoch. Other ranks get an instance that does nothing."""
+    trains) and one asynchronous MLflow `log_batch` per epoch, all confirmed after the last epoch.
+    Other ranks get an instance that does nothing."""
 
     def __init__(self, run_dir: str, cfg: TrackingConfig, rank: int, start_epoch: int, epochs: int):
         self.cfg, self.epochs, self.writer, self.client, self.run_id = cfg, epochs, None, None, None
+        self.pending: list = []
         if rank != 0:
             return
         if cfg.tensorboard and not storage.is_uri(run_dir):
@@ -307,9 +309,26 @@ class EpochLogger:
             batch = [Metric(k, float(v), now, step) for k, v in metrics.items()
                      if k != "epoch" and isinstance(v, int | float)]
             try:
-                self.client.log_batch(self.run_id, metrics=batch)
+                # asynchronous: MLflow's own background thread sends it, so a slow server never holds
+                # rank 0 (and with it every rank, at the next collective); the last epoch waits for all
+                self.pending.append((step, self.client.log_batch(self.run_id, metrics=batch, synchronous=False)))
             except Exception as err:  # noqa: BLE001
                 _trouble(self.cfg, self.uri, err, f"at epoch {step} (metrics.jsonl keeps it)")
+            if step >= self.epochs:
+                self.flush()
+
+    def flush(self) -> None:
+        """Wait until every queued epoch reached the server; a failure is reported (on_error) once."""
+        pending, self.pending = self.pending, []
+        failed = []
+        for step, operation in pending:
+            try:
+                operation.wait()
+            except Exception as err:  # noqa: BLE001
+                failed.append((step, err))
+        if failed:
+            steps = ", ".join(str(s) for s, _ in failed)
+            _trouble(self.cfg, self.uri, failed[0][1], f"for epoch(s) {steps} (metrics.jsonl keeps them)")
 
 
 def tensorboard_test(run_dir: str, summary: dict) -> None:
