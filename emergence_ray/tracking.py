@@ -231,7 +231,6 @@ class Tracker:
     def _log_model(self, checkpoint_dir: str) -> None:
         """The evaluated checkpoint as an MLflow PyTorch model in the pt2 (torch.export) format, dynamic
         batch size: `mlflow.pytorch.load_model` / pyfunc serve it without unpickling any code."""
-        import mlflow
         import mlflow.pytorch
         import torch
         from mlflow.models import infer_signature
@@ -243,17 +242,16 @@ class Tracker:
         x = torch.zeros(2, spec.channels, spec.image_size, spec.image_size)
         with torch.no_grad():
             signature = infer_signature(x.numpy(), model(x).numpy())
-        previous = mlflow.get_tracking_uri()
-        mlflow.set_tracking_uri(self.uri)  # log_model logs only to the fluent API's active run
-        try:
-            with mlflow.start_run(run_id=self.run_id):
-                # pt2 (torch.export): loads without unpickling code; explicit requirements, as
-                # inferring them starts a subprocess that loads the model
-                mlflow.pytorch.log_model(model, name="model", signature=signature, input_example=x.numpy(),
-                                         serialization_format="pt2",
-                                         pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"])
-        finally:
-            mlflow.set_tracking_uri(previous)
+        # saved locally, then logged as the run's `model` artifact through the client: the fluent
+        # log_model would need mlflow.set_tracking_uri, which also sets MLFLOW_TRACKING_URI in this
+        # process's environment (every later run in it would be tracked there).
+        with tempfile.TemporaryDirectory(prefix="er-mlflow-model-") as tmp:
+            # pt2 (torch.export): loads without unpickling code; explicit requirements, as
+            # inferring them starts a subprocess that loads the model
+            mlflow.pytorch.save_model(model, f"{tmp}/model", signature=signature, input_example=x.numpy(),
+                                      serialization_format="pt2",
+                                      pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"])
+            self.client.log_artifacts(self.run_id, f"{tmp}/model", "model")
 
 
 def start_trial(job: JobConfig, run_dir: str, name: str, sweep_dir: str) -> None:

@@ -109,6 +109,7 @@ def test_tracked_run_params_metrics_artifacts_and_model_read_back(tracked_run, m
 
     record = json.loads((tracked_run / "mlflow.json").read_text())
     assert record["tracking_uri"] == mlflow_server and record["experiment"] == "tests"
+    assert "MLFLOW_TRACKING_URI" not in os.environ  # tracking one run never turns it on for the next
     client = _client(mlflow_server)
     run = client.get_run(record["run_id"])
     assert run.info.status == "FINISHED" and run.info.run_name == "tracked"
@@ -304,6 +305,7 @@ def test_sweep_through_the_cli_is_a_parent_run_with_a_child_per_trial(mlflow_ser
     best = json.loads((sweep_dir / "best.json").read_text())
     assert top.info.status == "FINISHED" and top.data.metrics["test_accuracy"] == pytest.approx(best["test_accuracy"])
     assert {"trials.csv", "best.json", "model", "checkpoint"} <= {a.path for a in client.list_artifacts(parent)}
+    assert not (ROOT / "mlflow.db").exists() and not (ROOT / "mlruns").exists()
 
 
 @pytest.mark.slow
