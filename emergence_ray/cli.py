@@ -56,11 +56,13 @@ def parser() -> argparse.ArgumentParser:
     _common(train)
     ev = sub.add_parser("evaluate", help="evaluate a checkpoint on a test split")
     _common(ev)
-    ev.add_argument("--checkpoint", required=True, help="checkpoint directory (holds checkpoint.pt)")
+    ev.add_argument("--checkpoint", required=True, help="checkpoint directory (holds checkpoint.pt), "
+                                                        "or runs:/<MLflow run id>")
     ev.add_argument("--output", help="directory for report files (default: the checkpoint's run directory)")
     pr = sub.add_parser("predict", help="label a dataset with a checkpoint (Ray Data batch inference)")
     _common(pr)
-    pr.add_argument("--checkpoint", required=True, help="checkpoint directory (holds checkpoint.pt)")
+    pr.add_argument("--checkpoint", required=True, help="checkpoint directory (holds checkpoint.pt), "
+                                                        "or runs:/<MLflow run id>")
     pr.add_argument("--output", required=True, help="predictions file: .parquet or .csv (never overwritten)")
     pr.add_argument("--split", choices=["all", "train", "val", "test"], default="all",
                     help="which images of a labelled source (default: all)")
@@ -128,6 +130,10 @@ def run(args: argparse.Namespace) -> str | None:
         print_blocks(args.blocks) if args.blocks else print_models()
         return None
     _check_address_early(args.address)
+    if args.command in ("evaluate", "predict"):  # `runs:/<MLflow run id>`: its logged checkpoint
+        from emergence_ray.tracking import resolve_checkpoint
+
+        args.checkpoint = resolve_checkpoint(args.checkpoint, args.config, args.overrides)
     if args.command == "evaluate":  # the job is the checkpoint's own, with --config/--set on top
         from emergence_ray.evaluate import evaluate_command
 

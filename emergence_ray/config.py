@@ -233,6 +233,19 @@ class RunConfig(_Section):
         return v
 
 
+class TrackingConfig(_Section):
+    """Experiment tracking (emergence_ray/tracking.py): TensorBoard event files in every run directory,
+    and MLflow when a tracking URI is given here or in MLFLOW_TRACKING_URI."""
+
+    tensorboard: bool = Field(True, description="rank 0 writes TensorBoard event files to <run dir>/tensorboard")
+    mlflow_uri: str | None = Field(None, description="MLflow tracking URI (http://host:5000, sqlite:///...); "
+                                                     "None = $MLFLOW_TRACKING_URI, else no MLflow")
+    experiment: str = Field("emergence-ray", min_length=1, description="MLflow experiment name")
+    on_error: Literal["warn", "fail"] = Field(
+        "warn", description="MLflow unreachable: warn = train untracked, with a warning; fail = stop before training")
+    log_model: bool = Field(True, description="log the evaluated checkpoint as an MLflow model (mlflow.pytorch)")
+
+
 class JobConfig(_Section):
     data: DataConfig = Field(default_factory=DataConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
@@ -240,6 +253,7 @@ class JobConfig(_Section):
     train: TrainConfig = Field(default_factory=TrainConfig)
     scaling: ScalingConfig = Field(default_factory=ScalingConfig)
     run: RunConfig = Field(default_factory=RunConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     tune: dict[str, Any] | None = Field(None, description="sweep section, validated by emergence_ray.tune")
 
 

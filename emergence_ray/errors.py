@@ -35,3 +35,7 @@ class RunLockedError(UserError):
 
 class NonFiniteLossError(UserError):
     """The training loss became NaN or infinite."""
+
+
+class TrackingError(UserError):
+    pass

@@ -37,6 +37,7 @@ from emergence_ray.errors import NonFiniteLossError, ResourceError, RunExistsErr
 from emergence_ray.runlock import RunLock
 from emergence_ray.models import pretrained
 from emergence_ray.report import evaluate_checkpoint
+from emergence_ray.tracking import Tracker
 from emergence_ray.worker import train_loop_per_worker
 
 log = logging.getLogger("emergence_ray")
@@ -314,15 +315,16 @@ def train(cfg: JobConfig, address: str | None = None) -> str:
     run_dir = storage.join(storage.resolve(cfg.run.storage_path), name)
     check_run_dir(run_dir, name)
     pretrained.ensure_available(cfg.model)  # zoo: weights cached or downloadable, before starting Ray
+    tracker = Tracker.connect(cfg)  # MLflow server checked (tracking.on_error) before any work
     try:
         with interrupt.handling():
-            return _train(cfg, address, name, run_dir, wall_start, started)
+            return _train(cfg, address, name, run_dir, wall_start, started, tracker)
     except KeyboardInterrupt as err:
         raise interrupted(err, name, run_dir, cfg.run.name is not None) from None
 
 
 def _train(cfg: JobConfig, address: str | None, name: str, run_dir: str, wall_start: float,
-           started: float) -> str:
+           started: float, tracker: Tracker) -> str:
     cluster.connect(address)
     interrupt.install()  # ray.init replaced the SIGTERM handler
     cluster.plan(cfg.scaling)  # fail fast, before reading any data
@@ -350,10 +352,12 @@ def _train(cfg: JobConfig, address: str | None, name: str, run_dir: str, wall_st
         lock.release()
         raise
     with lock:
-        return _fit_and_test(cfg, name, run_dir, prepared, wall_start, started)
+        return _fit_and_test(cfg, name, run_dir, prepared, wall_start, started, tracker)
 
 
-def _fit_and_test(cfg: JobConfig, name: str, run_dir: str, prepared, wall_start: float, started: float) -> str:
+def _fit_and_test(cfg: JobConfig, name: str, run_dir: str, prepared, wall_start: float, started: float,
+                  tracker: Tracker) -> str:
+    tracker.start(run_dir, name)  # the MLflow run, its id recorded in run_dir/mlflow.json for rank 0
     trainer = build_trainer(cfg, name, {"train": prepared.train, "val": prepared.val}, prepared.spec,
                             prepared.counts, run_dir, started=started)
     result = fit(trainer, run_dir)
@@ -388,6 +392,8 @@ def _fit_and_test(cfg: JobConfig, name: str, run_dir: str, prepared, wall_start:
         "first_step_s": history[0].get("first_step_s"),
     }
     storage.write_json(storage.join(run_dir, "summary.json"), summary)
+    with ckpt.as_directory() as local:  # TensorBoard's test scalars and image; MLflow's results and model
+        tracker.finish_run(run_dir, local, summary)
     log.info("test accuracy %.4f  best val accuracy %.4f  (%d epochs, %.0f img/s, %.0f s)",
              summary["test_accuracy"], summary["best_val_accuracy"], summary["epochs"],
              summary["train_images_per_s"], summary["wall_s"])

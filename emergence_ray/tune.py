@@ -35,6 +35,7 @@ from emergence_ray.sweep.search import REPEAT, check_installed, trial_values, tu
 from emergence_ray.sweep.space import Space, TuneSection, trial_job, tune_section
 from emergence_ray.runlock import RunLock
 from emergence_ray.trainer import build_trainer, check_finite, storage_history, write_meta
+from emergence_ray.tracking import Tracker, start_trial
 
 log = logging.getLogger("emergence_ray")
 TRIAL_CPU = 0.01  # what a trial function itself reserves (0 is rejected by Tune)
@@ -57,6 +58,7 @@ def _trial(config: dict, job: dict, sweep: str, sweep_dir: str, num_workers: int
     run_dir = storage.join(trials_dir, name)
     storage.makedirs(run_dir)
     cluster.skip_preemption_watcher(cfg.scaling)  # in this trial's process, as trainer.train does
+    start_trial(cfg, run_dir, name, sweep_dir)  # MLflow child run of the sweep's (if tracked)
     reports = Queue(maxsize=1, actor_options={"num_cpus": 0})
     trainer = build_trainer(cfg, name, datasets, DataSpec.from_dict(spec_dict), counts, run_dir,
                             callbacks=[bridge.ToTune(reports)], start_from=start_from)
@@ -129,10 +131,11 @@ def tune_run(cfg: JobConfig, address: str | None = None) -> str:
     storage_path = storage.resolve(cfg.run.storage_path)
     sweep_dir = storage.join(storage_path, sweep)
     check_sweep_dir(sweep_dir, sweep)
+    tracker = Tracker.connect(cfg)  # MLflow server checked (tracking.on_error) before any work
     lock = RunLock(sweep_dir, "sweep", sweep)
     try:
         with interrupt.handling():
-            return _sweep(cfg, address, section, sweep, storage_path, sweep_dir, wall_start, lock)
+            return _sweep(cfg, address, section, sweep, storage_path, sweep_dir, wall_start, lock, tracker)
     except KeyboardInterrupt as err:
         out = err if isinstance(err, interrupt.Interrupted) else interrupt.Interrupted()
         rerun = "re-run the same command" + ("" if cfg.run.name else f" with --set run.name={sweep}")
@@ -151,7 +154,7 @@ def check_sweep_dir(sweep_dir: str, sweep: str) -> None:
 
 
 def _sweep(cfg: JobConfig, address: str | None, section: TuneSection, sweep: str, storage_path: str,
-           sweep_dir: str, wall_start: float, lock: RunLock) -> str:
+           sweep_dir: str, wall_start: float, lock: RunLock, tracker: Tracker) -> str:
     cluster.connect(address)
     interrupt.install()  # ray.init replaced the SIGTERM handler
     # Tune's own SIGINT handler would end the sweep early and return as if it had finished
@@ -165,6 +168,7 @@ def _sweep(cfg: JobConfig, address: str | None, section: TuneSection, sweep: str
     check_sweep_dir(sweep_dir, sweep)  # again: it may have finished while this driver read its data
     storage.makedirs(sweep_dir)
     write_meta(sweep_dir, cfg, sweep)
+    tracker.start(sweep_dir, sweep, kind="sweep")  # the parent run; trials' runs are its children
     datasets = {"train": prepared.train, "val": prepared.val}
     pbt = section.scheduler.name == "pbt"
     trainable = tune.with_resources(
@@ -206,5 +210,6 @@ def _sweep(cfg: JobConfig, address: str | None, section: TuneSection, sweep: str
     })
     storage.write_bytes(storage.join(sweep_dir, "sweep.png"), sweep_plot(rows, grid, section.metric, cfg.optim.lr,
                                                                         cfg.optim.weight_decay))
+    tracker.finish_sweep(sweep_dir, rows, best["checkpoint"])  # closes the trials' runs and the parent
     print(results_table(rows, section))
     return sweep_dir

@@ -33,6 +33,7 @@ from emergence_ray.models import build_for_job
 from emergence_ray.optim import build_optimizer, build_scheduler
 from emergence_ray.priority import apply_worker_niceness
 from emergence_ray.sweep.exploit import continue_with
+from emergence_ray.tracking import EpochLogger
 
 log = logging.getLogger("emergence_ray")
 
@@ -168,6 +169,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> list[dict]:
     first_step: dict[str, float] = {}
     progress = _Progress(run_dir, cfg.train.epochs, steps_per_epoch, cfg.train.log_every_s) if rank == 0 else None
     run_start = time.monotonic() - (history[-1]["elapsed_s"] if history else 0.0)
+    tracked = EpochLogger(run_dir, cfg.tracking, rank, start_epoch, cfg.train.epochs)  # a no-op off rank 0
 
     for epoch in range(start_epoch, cfg.train.epochs):
         if progress:
@@ -216,6 +218,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> list[dict]:
                 })
                 ckpt = ray.train.Checkpoint.from_directory(tmp)
             ray.train.report(metrics, checkpoint=ckpt)
+        tracked.log(metrics)  # TensorBoard + MLflow, once per epoch (rank 0)
         if rank == 0:
             storage.write_text(storage.join(run_dir, "metrics.jsonl"),
                                "".join(json.dumps(m) + "\n" for m in history))
