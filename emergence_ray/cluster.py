@@ -24,6 +24,7 @@ DATA_CPU_RESERVE = 1.0  # CPUs left free for Ray Data tasks (a full cluster dead
 
 
 def connect(address: str | None = None) -> None:
+    train_env_defaults()
     if ray.is_initialized():
         return
     address = address or os.environ.get("RAY_ADDRESS")
@@ -48,6 +49,25 @@ def connect(address: str | None = None) -> None:
             else:
                 os.environ["RAY_worker_niceness"] = user
     ray_data.DataContext.get_current().enable_progress_bars = False
+
+
+HEALTH_CHECK_INTERVAL = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
+POLL_S = "0.1"  # benchmarks/EPOCH_OVERHEAD.md: what it saves per short epoch and what it costs in CPU
+
+
+def train_env_defaults() -> None:
+    """Environment defaults for Ray Train, set in this process unless the user set them.
+
+    `RAY_TRAIN_HEALTH_CHECK_INTERVAL_S`: each Train worker hands its `ray.train.report` to the
+    controller through a queue of size one that the controller drains once per interval (2 s by
+    default), so a loop reporting every epoch waits for the poll whenever an epoch is shorter than
+    that: a 0.2 s digits epoch took 2 s. The controller reads the variable when it is created, at
+    `TorchTrainer.fit()`, from the environment Train propagates from the process that calls
+    `fit()` (the driver, or a Tune trial: `build_trainer` calls this too); set here, before an
+    embedded Ray starts, every process of that Ray inherits it as well. The shipped cluster
+    configs set it on every node.
+    """
+    os.environ.setdefault(HEALTH_CHECK_INTERVAL, POLL_S)
 
 
 PREEMPTION_WATCHER = "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"  # read by Train's controller, from the driver's env

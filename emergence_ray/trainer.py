@@ -14,7 +14,6 @@ import logging
 import os
 import subprocess
 import sys
-import threading
 import time
 from datetime import datetime, UTC
 from pathlib import Path
@@ -26,7 +25,7 @@ import yaml
 from ray.train.torch import TorchTrainer
 from ray.train.v2._internal.callbacks import DatasetsCallback  # Trainer drops it when there are no datasets
 
-from emergence_ray import __version__, cluster, storage
+from emergence_ray import __version__, cluster, progress, storage
 from emergence_ray.config import JobConfig, to_dict
 from emergence_ray.data.pipeline import prepare, prepare_test
 from emergence_ray.errors import ResourceError, RunExistsError, UserError
@@ -76,37 +75,9 @@ def write_meta(run_dir: str, cfg: JobConfig, name: str) -> None:
     })
 
 
-class ProgressBar:
-    """Epoch/step bar drawn from rank 0's progress.json, only when a person watches a terminal."""
-
-    def __init__(self, run_dir: str):
-        self.path = storage.join(run_dir, "progress.json")
-        self.enabled = sys.stderr.isatty() and not storage.is_uri(run_dir)
-
-    def watch(self, done: threading.Event) -> None:
-        while self.enabled and not done.wait(0.5):
-            try:
-                p = storage.read_json(self.path)
-            except (OSError, ValueError):
-                continue
-            frac = (p["epoch"] + p["step"] / max(1, p["steps"])) / max(1, p["epochs"])
-            bar = "#" * int(30 * frac)
-            sys.stderr.write(f"\r[{bar:<30}] epoch {p['epoch'] + 1}/{p['epochs']} step {p['step']}/{p['steps']}")
-            sys.stderr.flush()
-        if self.enabled:
-            sys.stderr.write("\n")
-
-
 def fit(trainer: TorchTrainer, run_dir: str) -> ray.train.Result:
-    bar = ProgressBar(run_dir)
-    done = threading.Event()
-    watcher = threading.Thread(target=bar.watch, args=(done,), daemon=True)
-    watcher.start()
-    try:
+    with progress.display(run_dir):
         return trainer.fit()
-    finally:
-        done.set()
-        watcher.join(timeout=2)
 
 
 def check_batch(cfg: JobConfig, counts: dict) -> None:
@@ -134,6 +105,7 @@ class Trainer(TorchTrainer):
 def build_trainer(cfg: JobConfig, name: str, datasets: dict, spec, counts: dict, run_dir: str,
                   callbacks: list | None = None) -> TorchTrainer:
     placement = cluster.plan(cfg.scaling)
+    cluster.train_env_defaults()  # Train's controller reads it from the process calling fit(): here, or a Tune trial
     check_batch(cfg, counts)
     resources = {"CPU": placement.cpus_per_worker}
     if placement.gpus_per_worker:
