@@ -177,6 +177,11 @@ def main(argv: list[str] | None = None) -> int:
 
     workdir = Path(tempfile.mkdtemp(prefix="er-epoch-overhead-"))
     res: dict = {"command": cmd, "machine": common.machine_info(), "runs": [], "idle": [], "first_step": []}
+
+    def save() -> None:  # after every measurement: a run cut short still leaves what it measured
+        Path(args.out + ".json").write_text(json.dumps(res, indent=2, default=str) + "\n")
+        Path(args.out + ".md").write_text(render(res))
+
     try:
         start_ray(include_dashboard=False)
         import ray
@@ -189,17 +194,19 @@ def main(argv: list[str] | None = None) -> int:
                          (BEFORE, AFTER)))
         else:
             log(f"no Fashion-MNIST at {args.fashion_mnist}: skipped")
-        for job, config, overrides, polls in jobs:
+        for job, config, overrides, polls in jobs[:1]:
             for i, poll in enumerate(polls):
                 r = cli_run(address, poll, config, overrides, workdir, f"{job}-{i}")
                 r["command"] = r["command"].replace(str(common.ROOT) + "/", "")
                 r["job"] = job
                 res["runs"].append(r)
+                save()
                 log(f"{job} poll {r['poll_s']}: median overhead {r['median_overhead_s']:.3f} s/epoch, "
                     f"{r['images_per_s']:.0f} img/s, {r['cpu_s']:.1f} CPU-s, {r['command_s']:.1f} s")
         for poll in (BEFORE, _service_default()):
             r = idle_poll_cost(poll, args.idle_s, workdir)
             res["idle"].append(r)
+            save()
             log(f"idle poll {poll}: {r['cpu_per_s']:.3f} CPU-s/s")
         for poll in (BEFORE, AFTER):
             old = os.environ.pop(VAR, None)
@@ -213,14 +220,23 @@ def main(argv: list[str] | None = None) -> int:
                     os.environ[VAR] = old
             fs["poll_s"] = poll or _service_default()
             res["first_step"].append(fs)
+            save()
             log(f"first step, poll {fs['poll_s']}: {fs['to_first_step_s']:.1f} s")
+        for job, config, overrides, polls in jobs[1:]:  # longest last
+            for i, poll in enumerate(polls):
+                r = cli_run(address, poll, config, overrides, workdir, f"{job}-{i}")
+                r["command"] = r["command"].replace(str(common.ROOT) + "/", "")
+                r["job"] = job
+                res["runs"].append(r)
+                save()
+                log(f"{job} poll {r['poll_s']}: median overhead {r['median_overhead_s']:.3f} s/epoch, "
+                    f"{r['images_per_s']:.0f} img/s, {r['cpu_s']:.1f} CPU-s, {r['command_s']:.1f} s")
     finally:
         import ray
 
         ray.shutdown()
         shutil.rmtree(workdir, ignore_errors=True)
-    Path(args.out + ".json").write_text(json.dumps(res, indent=2, default=str) + "\n")
-    Path(args.out + ".md").write_text(render(res))
+    save()
     log(f"wrote {args.out}.md")
     return 0
 
@@ -249,7 +265,8 @@ def render(res: dict) -> str:
             f"{r['cpu_s']:.1f} | {r['test_accuracy']:.4f} |")
     lines += ["", "## CPU cost of the shorter poll", "",
               f"2 Train workers whose loop only sleeps; CPU-seconds per second used by every process of this "
-              f"Ray (from /proc, a window of {res['idle'][0]['window_s']:.0f} s inside the sleep) if any.", "",
+              f"Ray (from /proc, a window of {res['idle'][0]['window_s'] if res['idle'] else 0:.0f} s inside the "
+              "sleep).", "",
               "| poll (s) | CPU-s per s, all Ray processes | top processes (CPU-s per s) |", "|---|---|---|"]
     for r in res["idle"]:
         top = ", ".join(f"`{k}` {v:.3f}" for k, v in list(r["by_process_cpu_per_s"].items())[:6])
