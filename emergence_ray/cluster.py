@@ -32,6 +32,7 @@ LOOPBACK = "127.0.0.1"
 
 
 def connect(address: str | None = None) -> None:
+    train_env_defaults()
     if ray.is_initialized():
         return
     address, source = given_address(address)
@@ -133,6 +134,25 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind((LOOPBACK, 0))
         return s.getsockname()[1]
+
+
+HEALTH_CHECK_INTERVAL = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
+POLL_S = "0.1"  # benchmarks/EPOCH_OVERHEAD.md: what it saves per short epoch and what it costs in CPU
+
+
+def train_env_defaults() -> None:
+    """Environment defaults for Ray Train, set in this process unless the user set them.
+
+    `RAY_TRAIN_HEALTH_CHECK_INTERVAL_S`: each Train worker hands its `ray.train.report` to the
+    controller through a queue of size one that the controller drains once per interval (2 s by
+    default), so a loop reporting every epoch waits for the poll whenever an epoch is shorter than
+    that: a 0.2 s digits epoch took 2 s. The controller reads the variable when it is created, at
+    `TorchTrainer.fit()`, from the environment Train propagates from the process that calls
+    `fit()` (the driver, or a Tune trial: `build_trainer` calls this too); set here, before an
+    embedded Ray starts, every process of that Ray inherits it as well. The shipped cluster
+    configs set it on every node.
+    """
+    os.environ.setdefault(HEALTH_CHECK_INTERVAL, POLL_S)
 
 
 PREEMPTION_WATCHER = "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"  # read by Train's controller, from the driver's env

@@ -29,7 +29,7 @@ import yaml
 from ray.data.dataset import MaterializedDataset
 from ray.train.torch import TorchTrainer
 
-from emergence_ray import __version__, cluster, interrupt, storage
+from emergence_ray import __version__, cluster, interrupt, progress, storage
 from emergence_ray.config import JobConfig, to_dict
 from emergence_ray.data.pipeline import prepare, prepare_test
 from emergence_ray.data.ingest import record_ids, trainer_inputs
@@ -80,27 +80,6 @@ def write_meta(run_dir: str, cfg: JobConfig, name: str) -> None:
         "torch_version": torch.__version__, "python": sys.version.split()[0],
         "command": sys.argv, "started_at": datetime.now(UTC).isoformat(timespec="seconds"),
     })
-
-
-class ProgressBar:
-    """Epoch/step bar drawn from rank 0's progress.json, only when a person watches a terminal."""
-
-    def __init__(self, run_dir: str):
-        self.path = storage.join(run_dir, "progress.json")
-        self.enabled = sys.stderr.isatty() and not storage.is_uri(run_dir)
-
-    def watch(self, done: threading.Event) -> None:
-        while self.enabled and not done.wait(0.5):
-            try:
-                p = storage.read_json(self.path)
-            except (OSError, ValueError):
-                continue
-            frac = (p["epoch"] + p["step"] / max(1, p["steps"])) / max(1, p["epochs"])
-            bar = "#" * int(30 * frac)
-            sys.stderr.write(f"\r[{bar:<30}] epoch {p['epoch'] + 1}/{p['epochs']} step {p['step']}/{p['steps']}")
-            sys.stderr.flush()
-        if self.enabled:
-            sys.stderr.write("\n")
 
 
 COMMITTED = "committed.json"  # the last checkpoint Train's controller has committed (CommitRecorder)
@@ -167,10 +146,6 @@ def fit(trainer: TorchTrainer, run_dir: str) -> ray.train.Result:
     and loses a checkpoint reported but not yet picked up. Here a signal first waits, briefly,
     for that checkpoint to be committed; then the driver exits and its controller and workers
     end with it."""
-    bar = ProgressBar(run_dir)
-    done = threading.Event()
-    watcher = threading.Thread(target=bar.watch, args=(done,), daemon=True)
-    watcher.start()
     outcome: dict = {}
 
     def run() -> None:
@@ -180,18 +155,14 @@ def fit(trainer: TorchTrainer, run_dir: str) -> ray.train.Result:
             outcome["error"] = err
 
     fitting = threading.Thread(target=run, name="trainer-fit", daemon=True)
-    try:
-        with interrupt.handling():
-            fitting.start()
-            try:
-                while fitting.is_alive():
-                    fitting.join(0.2)  # a timed join lets the signal handler run
-            except interrupt.Interrupted:
-                wait_for_commit(run_dir, commit_wait_s())
-                raise
-    finally:
-        done.set()
-        watcher.join(timeout=2)
+    with progress.display(run_dir), interrupt.handling():
+        fitting.start()
+        try:
+            while fitting.is_alive():
+                fitting.join(0.2)  # a timed join lets the signal handler run
+        except interrupt.Interrupted:
+            wait_for_commit(run_dir, commit_wait_s())
+            raise
     if "error" in outcome:
         raise outcome["error"]
     return outcome["result"]
@@ -263,6 +234,7 @@ def build_trainer(cfg: JobConfig, name: str, datasets: dict, spec, counts: dict,
     directory a fresh run starts from (a PBT trial taking over a better trial's weights,
     `emergence_ray.sweep.bridge`); a run with checkpoints of its own resumes."""
     placement = cluster.plan(cfg.scaling)
+    cluster.train_env_defaults()  # Train's controller reads it from the process calling fit(): here, or a Tune trial
     check_batch(cfg, counts)
     resources = {"CPU": placement.cpus_per_worker}
     if placement.gpus_per_worker:

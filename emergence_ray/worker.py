@@ -34,6 +34,7 @@ from emergence_ray.optim import build_optimizer, build_scheduler
 from emergence_ray.priority import apply_worker_niceness
 from emergence_ray.sweep.exploit import continue_with
 from emergence_ray.tracking import EpochLogger
+from emergence_ray.progress import RankProgress
 
 log = logging.getLogger("emergence_ray")
 
@@ -50,27 +51,6 @@ def _seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
-
-
-class _Progress:
-    """Rank 0's progress file, polled by the driver to draw a bar; written at most once a second."""
-
-    def __init__(self, run_dir: str, total_epochs: int, steps_per_epoch: int, log_every_s: float):
-        self.path = storage.join(run_dir, "progress.json")
-        self.local = not storage.is_uri(run_dir)
-        self.total_epochs, self.steps = total_epochs, steps_per_epoch
-        self.log_every_s = log_every_s
-        self.epoch, self.last_write, self.last_log = 0, 0.0, time.monotonic()
-
-    def step(self, step: int) -> None:
-        now = time.monotonic()
-        if self.local and now - self.last_write >= 1.0:
-            self.last_write = now
-            storage.write_json(self.path, {"epoch": self.epoch, "epochs": self.total_epochs,
-                                           "step": step + 1, "steps": self.steps})
-        if now - self.last_log >= self.log_every_s:
-            self.last_log = now
-            log.info("epoch %d/%d  step %d/%d", self.epoch + 1, self.total_epochs, step + 1, self.steps)
 
 
 def _record_workers(run_dir: str, rank: int, device: torch.device) -> None:
@@ -167,7 +147,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> list[dict]:
     val_data = WorkerIngest(worker_source(loop_config, "val"), max(bs, 256), device, rank=rank, world=world,
                             name="val", equal=False, transform=DeviceTransform(spec), record=record)
     first_step: dict[str, float] = {}
-    progress = _Progress(run_dir, cfg.train.epochs, steps_per_epoch, cfg.train.log_every_s) if rank == 0 else None
+    progress = RankProgress(run_dir, cfg.train.epochs, steps_per_epoch, cfg.train.log_every_s) if rank == 0 else None
     run_start = time.monotonic() - (history[-1]["elapsed_s"] if history else 0.0)
     tracked = EpochLogger(run_dir, cfg.tracking, rank, start_epoch, cfg.train.epochs)  # a no-op off rank 0
 
@@ -201,6 +181,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> list[dict]:
             "train_images": int(sums[2]),
             "val_images": int(sums[5]),
             "train_s": seconds,
+            "val_s": v.seconds,  # rank 0's; with train_s, what elapsed_s spent outside the loop's own work
             "images_per_s": sums[2] / max(1e-9, seconds),
             "lr": scheduler.get_last_lr()[0],
             "elapsed_s": time.monotonic() - run_start,

@@ -317,3 +317,43 @@ def test_command_line_names_only_the_options_that_differ_from_their_defaults():
     args = p.parse_args(["--rounds", "1", "--out", "/tmp/a b.md"])
     assert common.command_line("floor.py", p, args, ("rounds", "out")) == \
         "python benchmarks/floor.py --rounds 1 --out '/tmp/a b.md'"
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="the process tree is read from Linux /proc")
+def test_epoch_overhead_counts_the_cpu_of_its_child_processes():
+    from benchmarks import epoch_overhead
+
+    start = epoch_overhead.tree_cpu()
+    busy = subprocess.Popen([sys.executable, "-c", "import time\nt = time.process_time()\n"
+                             "while time.process_time() - t < 0.5: pass\ntime.sleep(30)"])
+    try:
+        import time
+
+        deadline = time.time() + 30
+        while time.time() < deadline and epoch_overhead._tree().get(busy.pid, (0.0, ""))[0] < 0.5:
+            time.sleep(0.1)
+        assert busy.pid in epoch_overhead._tree()
+        assert epoch_overhead.tree_cpu() - start >= 0.45
+    finally:
+        busy.kill()
+        busy.wait()
+    assert epoch_overhead.tree_cpu() - start >= 0.45  # still counted once waited for
+
+
+def test_epoch_overhead_renders_runs_idle_cost_and_first_step():
+    from benchmarks import epoch_overhead
+
+    run = {"job": "digits", "poll_s": "2.0", "epochs": 3, "epoch_wall_s": [2.0, 2.1], "overhead_s": [1.8, 1.9],
+           "median_overhead_s": 1.85, "median_train_s": 0.15, "median_val_s": 0.02, "images_per_s": 4000.0,
+           "command_s": 30.0, "cpu_s": 40.0, "test_accuracy": 0.97}
+    fs = {"poll_s": "0.1", "to_first_step_s": 9.5, "command_s": 15.0,
+          "stages_s": {"a": 4.0, "b": 5.4, "c": 0.1}, "probe_s": {"imports": 2.5},
+          "processes": [{"process": "raylet", "count": 1, "first_start_s": None, "cpu_s": 0.2}]}
+    res = {"command": "python benchmarks/epoch_overhead.py", "machine": common.machine_info(), "runs": [run],
+           "idle": [{"poll_s": "0.1", "window_s": 17.0, "cpu_per_s": 0.12, "by_process_cpu_per_s": {"raylet": 0.05}}],
+           "first_step": [fs]}
+    text = epoch_overhead.render(res)
+    assert "| digits | 2.0 | 3 | 2.050 | 0.170 | **1.850** | 1.80, 1.90 | 4,000 | 30.0 | 40.0 | 0.9700 |" in text
+    assert "| 0.1 | **0.120** | `raylet` 0.050 |" in text
+    assert "| 0.1 | **9.5** | 4.0 | 5.4 | 0.1 | 15.0 |" in text
+    assert "flock /tmp/er-bench.lock python benchmarks/epoch_overhead.py" in text
