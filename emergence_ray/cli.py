@@ -77,6 +77,15 @@ def _user_error(err: BaseException) -> UserError | None:
     return UserError(match.group(1).strip()) if match else None
 
 
+def _check_address_early(address: str | None) -> None:
+    """A bad cluster address fails in seconds, before Ray and torch are even imported (address.py)."""
+    from emergence_ray.address import check_address, given_address
+
+    address, source = given_address(address)
+    if address and address != "local":
+        check_address(address, source)
+
+
 def run(args: argparse.Namespace) -> str | None:
     from emergence_ray.config import load_config
 
@@ -94,6 +103,7 @@ def run(args: argparse.Namespace) -> str | None:
 
         print_blocks(args.blocks) if args.blocks else print_models()
         return None
+    _check_address_early(args.address)
     if args.command == "evaluate":  # the job is the checkpoint's own, with --config/--set on top
         from emergence_ray.evaluate import evaluate_command
 

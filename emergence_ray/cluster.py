@@ -1,7 +1,10 @@
 """Connecting to Ray and sizing the request to the cluster.
 
-`RAY_ADDRESS` (or `--address`) set means that cluster; otherwise an embedded local Ray sized
-to this machine starts (no dashboard: nothing listens beyond what training needs). A request
+`RAY_ADDRESS` (or `--address`) set means that cluster, checked with a plain socket first (an address
+with nothing behind it fails in seconds with one `error:` line, not after minutes of Ray's GCS
+time-outs); otherwise an embedded local Ray sized to this machine starts, reachable only from this
+machine: every Ray process listens on 127.0.0.1, and the metrics export that would answer without
+the auth token is off. A running local cluster is ignored unless its address is given. A request
 the cluster can never satisfy fails fast instead of waiting forever.
 """
 
@@ -10,44 +13,126 @@ from __future__ import annotations
 import logging
 import math
 import os
+import socket
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import ray
 import ray.data as ray_data
 
+from emergence_ray.address import check_address, given_address
 from emergence_ray.config import ScalingConfig
-from emergence_ray.errors import ResourceError
+from emergence_ray.errors import AddressError, ResourceError
 
 log = logging.getLogger(__name__)
 DATA_CPU_RESERVE = 1.0  # CPUs left free for Ray Data tasks (a full cluster deadlocks ingest)
+LOOPBACK = "127.0.0.1"
 
 
 def connect(address: str | None = None) -> None:
     if ray.is_initialized():
         return
-    address = address or os.environ.get("RAY_ADDRESS")
+    address, source = given_address(address)
     # Quiet Ray Data's per-dataset INFO lines in every process; our per-epoch lines stay.
     quiet = {"RAY_DATA_LOG_LEVEL": os.environ.get("RAY_DATA_LOG_LEVEL", "WARNING")}
     os.environ.update(quiet)
-    common = dict(logging_level=logging.WARNING, log_to_driver=True, runtime_env={"env_vars": quiet})
-    if address:
-        ray.init(address=address, **common)
-    else:
-        # The dashboard process also serves the state API that Ray Train's cleanup uses; it binds
-        # to 127.0.0.1 and requires the auth token. Workers start at nice 0, not Ray's 15: a
-        # non-root user's training workers could not move back up themselves (priority.py). The
-        # raylet reads RAY_worker_niceness when it starts; this process's environment is restored.
-        user = os.environ.get("RAY_worker_niceness")
-        os.environ["RAY_worker_niceness"] = user or "0"
+    common = dict(logging_level=logging.WARNING, log_to_driver=True)
+    if address and address != "local":
+        checked = check_address(address, source)
         try:
-            ray.init(num_cpus=os.cpu_count() or 1, **common)
-        finally:
-            if user is None:
-                del os.environ["RAY_worker_niceness"]
-            else:
-                os.environ["RAY_worker_niceness"] = user
+            ray.init(address=checked, runtime_env={"env_vars": quiet}, **common)
+        except ConnectionError as err:  # "auto" finding nothing, a Ray Client time-out
+            raise AddressError(f"{source}={address}: {err}") from None
+    else:
+        start_embedded(quiet, common)
     ray_data.DataContext.get_current().enable_progress_bars = False
+
+
+# ------------------------------------------------------------------------- the embedded Ray
+
+
+def start_embedded(env_vars: dict[str, str], init_kwargs: dict) -> None:
+    """Start a Ray on this machine for this process, reachable from nowhere else.
+
+    - Node IP 127.0.0.1: Ray's GCS, raylet, object manager, workers, agents and dashboard then bind
+      127.0.0.1 instead of every interface (they choose by the node IP; `_loopback_node`).
+    - Metrics collection off (`enable_metrics_collection`): the dashboard agent's Prometheus export
+      would answer without the auth token; a single-machine run does not need it. The dashboard and
+      autoscaler-monitor metrics ports have no switch; with this node IP they bind 127.0.0.1.
+    - The dashboard stays (127.0.0.1, token required): it serves the state API that Ray Train's
+      placement-group cleaner asks whether the controller is alive.
+    - `address="local"`: always a new Ray, never one a `ray start` left in /tmp/ray (Ray would
+      connect to that, and then refuse num_cpus). `RAY_ADDRESS` in every worker's environment pins
+      Ray's own in-cluster look-ups (Train's state-API calls) to this Ray: without them they search
+      the machine and find several Rays (tracebacks: "Found multiple active Ray instances"), or the
+      one a `ray start` recorded, which knows nothing of this run.
+    """
+    gcs_port = free_port()
+    runtime_env = {"env_vars": {**env_vars, "RAY_ADDRESS": f"{LOOPBACK}:{gcs_port}"}}
+    with environ(embedded_env(gcs_port)), _loopback_node():
+        ray.init(address="local", num_cpus=os.cpu_count() or 1, _node_ip_address=LOOPBACK,
+                 dashboard_host=LOOPBACK, _system_config={"enable_metrics_collection": False},
+                 runtime_env=runtime_env, **init_kwargs)
+    if ray.util.get_node_ip_address() != LOOPBACK:
+        log.warning("the embedded Ray did not bind to %s (node IP %s): its ports are reachable from the "
+                    "network; check this Ray version's RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", LOOPBACK,
+                    ray.util.get_node_ip_address())
+
+
+def embedded_env(gcs_port: int) -> dict[str, str]:
+    """Environment the embedded Ray's processes read as they start (restored here after ray.init).
+
+    RAY_worker_niceness: workers start at nice 0, not Ray's 15: a non-root user's training workers
+    could not move back up themselves (priority.py); a value the user set wins.
+    RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0: Ray's own switch for a loopback-only node (its default on
+    macOS and Windows), so its processes agree on node IP 127.0.0.1.
+    RAY_GCS_SERVER_PORT: the GCS port chosen here, so the workers' RAY_ADDRESS can name it."""
+    return {"RAY_worker_niceness": os.environ.get("RAY_worker_niceness") or "0",
+            "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+            "RAY_GCS_SERVER_PORT": str(gcs_port)}
+
+
+@contextmanager
+def environ(values: dict[str, str]) -> Iterator[None]:
+    """Set environment variables for the duration; restore the previous values (or absence)."""
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+@contextmanager
+def _loopback_node() -> Iterator[None]:
+    """Make ray.init choose node IP 127.0.0.1 (the one private Ray name this module touches).
+
+    Ray decides "loopback node or not" from RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER read once, when ray
+    is imported, and maps a `_node_ip_address` of 127.0.0.1 back to the machine's address unless
+    that switch is off. The CLI imports ray before it knows whether a cluster address was given, so
+    the switch is flipped here for the one ray.init call. tests/test_connect.py checks that
+    `ray.util.get_node_ip_address()` gives 127.0.0.1 inside this and the machine's address outside,
+    and fails loudly if Ray renames or drops the constant."""
+    from ray._private import ray_constants
+
+    saved = ray_constants.ENABLE_RAY_CLUSTER
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    try:
+        yield
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = saved
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind((LOOPBACK, 0))
+        return s.getsockname()[1]
 
 
 PREEMPTION_WATCHER = "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"  # read by Train's controller, from the driver's env

@@ -23,3 +23,7 @@ class RunExistsError(UserError):
 
 class CheckpointError(UserError):
     pass
+
+
+class AddressError(UserError):
+    """A cluster address (--address, RAY_ADDRESS) that is malformed or has no Ray cluster behind it."""

@@ -493,3 +493,48 @@ def test_kuberay_ray_nodes_start_workers_at_normal_priority(item):
 def test_launcher_nodes_start_workers_at_normal_priority(path):
     options = _launcher(path)["docker"]["run_options"]
     assert "--env RAY_worker_niceness=0" in options, f"{path.name}: docker run_options lack RAY_worker_niceness=0"
+
+
+# ------------------------------------------------------------------- NetworkPolicy (issue 23)
+
+TOKEN_PORTS = {8265, 6379, 10001}  # dashboard / Jobs API, GCS, Ray Client: Ray's token required
+UNAUTHENTICATED_PORTS = {8080, 44217, 44227}  # Prometheus: agent export (KubeRay's), monitor, dashboard
+
+
+def _matches(selector: dict, labels: dict) -> bool:
+    assert set(selector) <= {"matchLabels"}, f"selector {selector}: only matchLabels is checked here"
+    wanted = selector.get("matchLabels") or {}
+    return bool(wanted) and all(labels.get(k) == v for k, v in wanted.items())
+
+
+@pytest.mark.parametrize("path", KUBERAY_FILES, ids=lambda p: p.name)
+def test_kuberay_network_policy_keeps_ray_ports_inside_the_cluster(path):
+    """Every KubeRay manifest ships a NetworkPolicy that selects all its Ray Pods and admits, on any
+    port, only those Pods; anything wider is limited to token-protected ports (never the metrics
+    ports, which answer without the token)."""
+    docs = [d for d in yaml.safe_load_all(path.read_text()) if d]
+    ray_docs = [d for d in docs if d.get("apiVersion", "").startswith("ray.io/")]
+    policies = [d for d in docs if d.get("kind") == "NetworkPolicy"]
+    assert policies, f"{path.name}: no NetworkPolicy"
+    for policy in policies:
+        assert policy["apiVersion"] == "networking.k8s.io/v1", policy["apiVersion"]
+        spec = policy["spec"]
+        assert "Ingress" in spec.get("policyTypes", []), f"{path.name}: policyTypes lacks Ingress"
+        own = spec["podSelector"]
+        for rule in spec.get("ingress", []):
+            peers = rule.get("from")
+            assert peers, f"{path.name}: an ingress rule without `from` admits every source"
+            ports = {p.get("port") for p in rule.get("ports", [])}
+            only_own_pods = all(set(peer) == {"podSelector"} and peer["podSelector"] == own for peer in peers)
+            if not only_own_pods:
+                assert ports, f"{path.name}: a rule admits other sources on every port: {rule}"
+                assert ports <= TOKEN_PORTS and not ports & UNAUTHENTICATED_PORTS, (
+                    f"{path.name}: other sources reach ports {sorted(ports)}; only {sorted(TOKEN_PORTS)} "
+                    "(token-protected) may be opened wider than the cluster's own Pods")
+                for peer in peers:
+                    assert "cidr" not in (peer.get("ipBlock") or {}), f"{path.name}: ipBlock {peer}"
+    for doc in ray_docs:
+        for where, template in _pod_templates(doc):
+            labels = template.get("metadata", {}).get("labels", {})
+            assert any(_matches(p["spec"]["podSelector"], labels) for p in policies), (
+                f"{path.name} {where}: labels {labels} are selected by no NetworkPolicy")
