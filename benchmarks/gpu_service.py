@@ -60,10 +60,10 @@ from emergence_ray.optim import build_optimizer  # noqa: E402
 JOB = ROOT / "jobs" / "fashion_mnist_gpu.yaml"
 # case: model:px:batch per worker:train images. resnet18_small is ours (CIFAR-style stem, for 32 px)
 DEFAULTS = {
-    "cuda": dict(cases="resnet50:224:256:8192,resnet18_small:32:512:50000", width=64, epochs=4, warmup_epochs=1,
-                 stream_images=6144, jpeg_px=288, stage_images=256),
-    "cpu": dict(cases="resnet18_small:16:16:192", width=8, epochs=3, warmup_epochs=1,
-                stream_images=96, jpeg_px=40, stage_images=16),
+    "cuda": dict(cases="resnet50:224:256:4096,resnet18_small:32:512:50000", width=64, epochs=5, warmup_epochs=1,
+                 stream_images=4096, jpeg_px=288, stage_images=256),
+    "cpu": dict(cases="cnn:16:16:64", width=8, epochs=2, warmup_epochs=1,
+                stream_images=64, jpeg_px=40, stage_images=16),
 }
 # the cpu test's tiny Fashion-MNIST-shaped run: a few images, a narrow model, two epochs
 CPU_TTA = ["data.limit=512", "model.width=8", "train.epochs=2", "train.batch_size=32", "scaling.use_gpu=false"]
@@ -94,6 +94,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
             setattr(args, k, v)
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: no CUDA device here; use --device cpu")
+    args.fashion_mnist = str(Path(args.fashion_mnist).resolve())  # Ray's workers run elsewhere
+    args.workdir = args.workdir.resolve() if args.workdir else None
     args.parts = args.parts.split(",")
     unknown = set(args.parts) - {"throughput", "stream", "tta"}
     if unknown:
