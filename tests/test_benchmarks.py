@@ -344,7 +344,7 @@ def test_gpu_service_script_runs_on_cpu_through_the_real_service(ray_session, tm
     assert len(tta["bare_gpu_py"]["test_accuracy"]) == 2
     text = md.read_text()
     assert "a CPU smoke run (no GPU figures here)" in text and res["command"] in text
-    assert f"`service / bare = {t['service_over_bare']:.2f}`" in text
+    assert f"`service / bare = {int(t['service_over_bare'] * 100) / 100:.2f}` ({t['service_over_bare']:.3f})" in text
     assert "emergence-ray train --config" in text and "fashion_mnist_gpu.yaml" in text
     again = tmp_path / "again.md"
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "results.py"), "gpu-service", "--from", str(out),
