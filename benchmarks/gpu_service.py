@@ -484,6 +484,8 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse(argv)
     t0 = time.monotonic()
     device = torch.device("cuda" if args.device == "cuda" else "cpu")
+    if args.device == "cpu":  # the bare loop like the service's one-CPU worker (Ray sets OMP_NUM_THREADS=1)
+        torch.set_num_threads(1)
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="er-gpu-service-"))
     workdir.mkdir(parents=True, exist_ok=True)
     result = {"device": args.device, **gpu_facts(), "machine": common.machine_info(),
