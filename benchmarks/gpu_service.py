@@ -484,6 +484,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse(argv)
     t0 = time.monotonic()
     device = torch.device("cuda" if args.device == "cuda" else "cpu")
+    threads = torch.get_num_threads()
     if args.device == "cpu":  # the bare loop like the service's one-CPU worker (Ray sets OMP_NUM_THREADS=1)
         torch.set_num_threads(1)
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="er-gpu-service-"))
@@ -508,6 +509,7 @@ def main(argv: list[str] | None = None) -> dict:
             if "stream" in args.parts:
                 result["stream"] = stream(args, workdir, device, result["throughput"])
     finally:
+        torch.set_num_threads(threads)  # main() may run inside a caller's process (the tests)
         if args.workdir is None:
             shutil.rmtree(workdir, ignore_errors=True)
     result["total_s"] = time.monotonic() - t0
