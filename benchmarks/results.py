@@ -4,6 +4,7 @@ benchmarks/gpu.py runs into RESULTS-gpu.md:
     python benchmarks/results.py gpu --run eager=eager.json --run torch.compile=compile.json
         --command "python benchmarks/gpu.py --out eager.json" ... --machine "one H200, ..." --notes notes.md
     python benchmarks/results.py gpu --from benchmarks/RESULTS-gpu.json     # regenerate the markdown
+    python benchmarks/results.py gpu-service --from gpu-service.json        # RESULTS-gpu-service.md
 
 The first form writes RESULTS-gpu.json (every input: the runs' JSON, commands, machine, notes) and then
 the markdown from it; the second re-renders the markdown from that JSON.
@@ -462,9 +463,126 @@ def gpu_record(args: argparse.Namespace) -> dict:
             "notes": Path(args.notes).read_text() if args.notes else None, "runs": runs}
 
 
+# ------------------------------------------------------------- benchmarks/gpu_service.py -> RESULTS-gpu-service.md
+
+
+def _down(x: float) -> str:
+    """A ratio to two places, rounded down: 0.966 shows as 0.96, never as a 0.97 target met."""
+    import math
+
+    return f"{math.floor(x * 100) / 100:.2f}"
+
+
+def _pct(x) -> str:
+    return "-" if x is None else f"{100 * x:.0f}%"
+
+
+def gpu_service_page(res: dict) -> str:
+    """RESULTS-gpu-service.md from gpu_service.py's JSON: the command, revision, machine, every figure."""
+    m = res["machine"]
+    dev = res.get("device_name", res["device"])
+    out = [f"# The service on one GPU: {dev}" if res["device"] == "cuda" else
+           "# The service on one GPU: a CPU smoke run (no GPU figures here)", "",
+           f"Run {m['date']} at git {m['git_revision']}, {res['total_s']:.0f} s in all. Generated from the JSON "
+           "by `python benchmarks/results.py gpu-service --from FILE.json`.", "",
+           f"Machine: {dev}" + (f" ({res['memory_mib']:,} MiB, CUDA {res['cuda']}, cuDNN {res['cudnn']})"
+                                if res["device"] == "cuda" else "") +
+           f"; {m['nproc']} CPUs ({m['cpu']}), {m['ram_gib']} GiB; Python {m['python']}, torch {m['torch']}, "
+           f"Ray {m['ray']}; load average at start {m['load_average']}.", "",
+           "Command:", "", f"- `{res['command']}`", "",
+           f"Every service figure is the service's own per-epoch `images_per_s` (metrics.jsonl), median over "
+           f"epochs {res['warmup_epochs'] + 1}-{res['epochs']} (the first {res['warmup_epochs']} left out as "
+           "warm-up); every bare figure is the same median of a torch loop in the benchmark's process on the "
+           "same device. torch.compile: " + ("on" if res["compile"] else "off") + ".", ""]
+    if res["throughput"]:
+        out += ["## Throughput: the service (cached synthetic data) against a bare torch loop", "",
+                "| model | px | batch | train images | service img/s (epochs) | bare img/s (epochs) | "
+                "service / bare | bare, cudnn.benchmark | service / that | service incl. epoch ends |",
+                "|---|---|---|---|---|---|---|---|---|---|"]
+        for t in res["throughput"]:
+            s, b = t["service"], t["bare"]
+            bench = b[1] if len(b) > 1 else None
+            out.append(
+                f"| {t['model']} | {t['px']} | {t['batch_size']} | {t['train_images']:,} | "
+                f"**{_f(s['images_per_s'])}** ({', '.join(_f(x) for x in s['epoch_rates'])}) | "
+                f"**{_f(b[0]['images_per_s'])}** ({', '.join(_f(x) for x in b[0]['epoch_rates'])}) | "
+                f"{_down(t['service_over_bare'])} | {_f(bench['images_per_s']) if bench else '-'} | "
+                f"{_down(t['service_over_bare_cudnn_benchmark']) if bench else '-'} | "
+                f"{_f(s['images_per_s_with_epoch_ends'])} |")
+        out.append("")
+        out += [f"- {t['model']} at {t['px']} px: `service / bare = {_down(t['service_over_bare'])}` "
+                f"({t['service_over_bare']:.3f})"
+                for t in res["throughput"]]
+        out += ["", "*service incl. epoch ends*: timed epochs' images over the time from the end of the last "
+                "warm-up epoch to the end of the last (validation, checkpoint and `ray.train.report` included).", ""]
+    st = res.get("stream")
+    if st:
+        s, g = st["service"], st["stages"]
+        util = s.get("gpu_utilization") or {}
+        out += ["## Streamed photo-like JPEGs (`data.ingest=stream`)", "",
+                f"{st['model']} at {st['px']} px, batch {st['batch_size']}, an ImageFolder of {st['jpegs']:,} "
+                f"{st['jpeg_px']} px JPEG crops of scikit-learn's sample photos"
+                + (f"; passed because the config has them: {', '.join(st['keys_passed_because_they_exist'])}"
+                   if st["keys_passed_because_they_exist"] else "") + ".", "",
+                "How the streamed path reads the JPEGs (decoded every epoch, or once before training) is the "
+                "code's at the revision above (`emergence_ray/ingest.py`, `emergence_ray/data/`).", "",
+                "| | img/s (epochs) |", "|---|---|",
+                f"| streamed JPEGs | **{_f(s['images_per_s'])}** ({', '.join(_f(x) for x in s['epoch_rates'])}) |",
+                f"| synthetic, cached (above) | {_f(st['synthetic_cached_images_per_s'])} |", "",
+                f"- GPU busy (streamed / cached img/s): **{_pct(st['gpu_busy_fraction'])}**"
+                + (f"; nvidia-smi utilization over the fit: median {_f(util.get('median_nonzero_pct'))}% of "
+                   f"{util.get('samples')} samples (non-zero ones), "
+                   f"{_pct(util.get('share_of_nonzero_at_least_90_pct'))}"
+                   " of them >= 90%" if util else ""),
+                f"- CPU stages, per core, {g['images']} JPEGs (mean {_f(g['jpeg_bytes_mean'])} bytes): "
+                + ", ".join(f"{k} {_f(v)}/s" for k, v in g["per_core_images_per_s"].items())
+                + f"; the chain {_f(g['cpu_chain_per_core'])}/s per core, {_f(g['cpu_chain_all_cores'])}/s on "
+                f"{g['cores']} cores; slowest stage: {g['slowest_cpu_stage']}"]
+        if "h2d_images_per_s" in g:
+            h = g["h2d_images_per_s"]
+            out.append(f"- host to device, pinned: float32 {_f(h['float32_pinned'])}/s, "
+                       f"uint8 {_f(h['uint8_pinned'])}/s")
+            out.append(f"- GPU decode + resize (`torchvision.io.decode_jpeg(device=\"cuda\")`): "
+                       f"{_f(g.get('gpu_decode_resize_images_per_s'))}/s" +
+                       (f" ({g['gpu_decode_error']})" if g.get("gpu_decode_error") else ""))
+        out.append("")
+    ta = res.get("tta")
+    if ta:
+        s, b = ta["service"], ta["bare_gpu_py"]
+        r = ta["recipe"]
+        out += [f"## Time to {ta['target']:.0%} Fashion-MNIST test accuracy from the command line", "",
+                f"Job `{ta['job']}`: {r['model']} width {r['width']}, {r['optimizer']} lr {r['lr']:g} "
+                f"{r['schedule']}, wd {r['weight_decay']:g}, batch {r['batch_size']}, {r['epochs']} epochs, "
+                f"label smoothing {r['label_smoothing']:g}, crop {r['crop_padding']} + flip {r['flip']}"
+                + (f"; differs from gpu.py's recipe in {ta['recipe_differs_from_gpu_py']}"
+                   if ta["recipe_differs_from_gpu_py"] else "; gpu.py runs the same recipe") + ".", "",
+                "| | command | reached | wall s | training-only s | test accuracy |", "|---|---|---|---|---|---|",
+                f"| the service | `{s['command']}` | {'yes' if s['reached'] else 'no'} | launch to exit "
+                f"{_f(s['launch_to_exit_s'], 1)} ({'Ray start included' if s['embedded_ray'] else 'on a running Ray'})"
+                f" | {_f(s['training_only_s'], 1)} (all {s['epochs']} epochs) | "
+                f"{s['test_accuracy']:.4f} (end of run) |",
+                f"| bare loop, gpu.py | `{b['command']}` | "
+                f"{'epoch ' + str(b['epoch_reached']) if b['epoch_reached'] else 'no'} | "
+                f"{_f(b['time_to_target_s'], 1, none='not reached')} from the first step | "
+                f"{_f(b['train_time_to_target_s'], 1, none='-')} (to the target) | "
+                f"best {b['best_test_accuracy']:.4f} |",
+                "",
+                "The service scores the test set once, at the end (its per-epoch figure is validation accuracy); "
+                f"validation first reached the target at epoch {s['first_epoch_val_at_target'] or '-'}, "
+                f"{_f(s['elapsed_at_first_val_target_s'], 1)} s into the training loop, after "
+                f"{_f(s['train_s_to_first_val_target'], 1)} s of training. gpu.py trains on {b['train_images']:,} "
+                f"images (the service holds {r['val_fraction']:.0%} of them out for validation).", "",
+                "- service validation accuracy per epoch: " + " ".join(f"{x:.4f}" for x in s["val_accuracy"]),
+                "- gpu.py test accuracy per epoch: " + " ".join(f"{x:.4f}" for x in b["test_accuracy"]), ""]
+    if res["skipped"]:
+        out += ["Skipped: " + "; ".join(res["skipped"]), ""]
+    return "\n".join(out).rstrip() + "\n"
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description="Write RESULTS-gpu.md (+ .json) from benchmarks/gpu.py's JSON.")
-    p.add_argument("what", choices=["gpu"])
+    p.add_argument("what", choices=["gpu", "gpu-service"],
+                   help="gpu-service: RESULTS-gpu-service.md from benchmarks/gpu_service.py's JSON (--from)")
     p.add_argument("--from", dest="source", type=Path, help="re-render from a RESULTS-gpu.json; no other input")
     p.add_argument("--run", action="append", default=[], metavar="LABEL=PATH", help="a gpu.py JSON (repeat)")
     p.add_argument("--command", action="append", default=[], help="the command behind a run (repeat, in order)")
@@ -476,6 +594,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--git-revision", help="code the runs used (default: git rev-parse --short HEAD)")
     p.add_argument("--out", type=Path, help="markdown to write (default: benchmarks/RESULTS-gpu.md, or beside --from)")
     args = p.parse_args(argv)
+    if args.what == "gpu-service":
+        if not args.source:
+            p.error("gpu-service: give --from the JSON gpu_service.py wrote (--out)")
+        out = args.out or Path(__file__).parent / "RESULTS-gpu-service.md"
+        out.write_text(gpu_service_page(json.loads(args.source.read_text())))
+        print(f"wrote {out}")
+        return
     if bool(args.source) == bool(args.run):
         p.error("give either --run LABEL=PATH (one or more) or --from RESULTS-gpu.json")
     if args.source:

@@ -357,3 +357,37 @@ def test_epoch_overhead_renders_runs_idle_cost_and_first_step():
     assert "| 0.1 | **0.120** | `raylet` 0.050 |" in text
     assert "| 0.1 | **9.5** | 4.0 | 5.4 | 0.1 | 15.0 |" in text
     assert "flock /tmp/er-bench.lock python benchmarks/epoch_overhead.py" in text
+
+
+def test_gpu_service_script_runs_on_cpu_through_the_real_service(ray_session, tmp_path, tiny_idx):
+    """benchmarks/gpu_service.py --device cpu: the bare loop and the service (`trainer.train` on the
+    session Ray, cached IDX and streamed JPEGs) side by side, the CLI job of jobs/fashion_mnist_gpu.yaml
+    (tiny overrides) beside gpu.py's bare loop, and the markdown renderer; figures exist, none is asserted."""
+    from benchmarks import gpu_service
+
+    out, md = tmp_path / "gpu-service.json", tmp_path / "RESULTS-gpu-service.md"
+    res = gpu_service.main(["--device", "cpu", "--fashion-mnist", str(tiny_idx), "--address", ray_session,
+                            "--workdir", str(tmp_path / "work"), "--out", str(out), "--md", str(md)])
+    assert json.loads(out.read_text()) == json.loads(json.dumps(res)) and res["skipped"] == []
+    (t,) = res["throughput"]
+    assert t["model"] == "cnn" and len(t["service"]["epoch_rates"]) == 2
+    assert t["service"]["images_per_s"] > 0 and t["bare"][0]["images_per_s"] > 0 and len(t["bare"]) == 1
+    assert t["service_over_bare"] == t["service"]["images_per_s"] / t["bare"][0]["images_per_s"]
+    assert Path(t["service"]["run_dir"], "summary.json").is_file()  # a whole service run, test set included
+    s = res["stream"]
+    assert s["service"]["images_per_s"] > 0 and s["gpu_busy_fraction"] > 0
+    assert "data.ingest=stream" in s["service"]["overrides"] and s["stages"]["cpu_chain_per_core"] > 0
+    assert s["service"]["gpu_utilization"] is None and "h2d_images_per_s" not in s["stages"]  # no GPU here
+    tta = res["tta"]
+    assert tta["recipe_differs_from_gpu_py"] == {} and tta["recipe"]["epochs"] == 2
+    assert tta["service"]["epochs"] == 2 and tta["service"]["launch_to_exit_s"] > tta["service"]["training_only_s"] > 0
+    assert len(tta["bare_gpu_py"]["test_accuracy"]) == 2
+    text = md.read_text()
+    assert "a CPU smoke run (no GPU figures here)" in text and res["command"] in text
+    assert f"`service / bare = {int(t['service_over_bare'] * 100) / 100:.2f}` ({t['service_over_bare']:.3f})" in text
+    assert "emergence-ray train --config" in text and "fashion_mnist_gpu.yaml" in text
+    again = tmp_path / "again.md"
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "results.py"), "gpu-service", "--from", str(out),
+                           "--out", str(again)], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert again.read_text() == text
