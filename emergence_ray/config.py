@@ -134,8 +134,8 @@ class ModelConfig(_Section):
     @field_validator("freeze")
     @classmethod
     def _freeze(cls, v: str | int) -> str | int:
-        if isinstance(v, int) and v < 0:
-            raise ValueError("must be none, backbone or a number of blocks >= 0")
+        if isinstance(v, int) and not 0 <= v <= 1000:  # the deepest torchvision model has far fewer blocks
+            raise ValueError("must be none, backbone or a number of blocks in 0..1000")
         return v
 
     @model_validator(mode="after")
