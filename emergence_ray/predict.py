@@ -14,6 +14,8 @@ present, the evaluation report is written too (`<output>.report/`).
 
 from __future__ import annotations
 
+import logging
+
 import os
 import posixpath
 from pathlib import Path
@@ -35,6 +37,8 @@ from emergence_ray.data.transforms import IMAGE_EXTENSIONS, DataSpec, Decode, ke
 from emergence_ray.errors import CheckpointError, DataError, RunExistsError, UserError
 from emergence_ray.evaluate import job_for
 from emergence_ray.report import build_report, model_from_state, write_report
+
+log = logging.getLogger("emergence_ray")
 
 TOP_K = 5
 
@@ -202,6 +206,7 @@ def predict_command(ckpt_dir: str, output: str, address: str | None, explicit_co
         Predictor, fn_constructor_kwargs={"ckpt_dir": ckpt_dir, "top_k": top_k, "use_gpu": use_gpu},
         batch_format="numpy", batch_size=256, concurrency=actors,
         num_gpus=1 if use_gpu else 0, num_cpus=0 if use_gpu else ACTOR_CPUS)
+    log.info("predicting with %d model replica(s); writing %s as the batches come", actors, output)
     labels, predicted, rows = _write(preds.iter_batches(batch_size=1024, batch_format="numpy"), output, fmt)
     if labels.size:
         report = build_report(labels, predicted, spec.class_names, None)

@@ -162,6 +162,10 @@ def fit(trainer: TorchTrainer, run_dir: str) -> ray.train.Result:
                 fitting.join(0.2)  # a timed join lets the signal handler run
         except interrupt.Interrupted:
             wait_for_commit(run_dir, commit_wait_s())
+            # Stop the run here: its controller and workers belong to this driver and go with it.
+            # Otherwise they train on (and commit more epochs) until the process is gone, and the
+            # "resume from epoch N" message would name an older epoch than the re-run resumes from.
+            ray.shutdown()
             raise
     if "error" in outcome:
         raise outcome["error"]

@@ -136,8 +136,8 @@ def test_sigterm_to_predict_leaves_no_output(interrupted_run, ray_session, tmp_p
     proc = subprocess.Popen([*CLI, "predict", "--checkpoint", ckpt, "--output", str(out_dir / "preds.parquet"),
                              "--actors", "1"], stdout=open(log, "w"), stderr=subprocess.STDOUT,
                             env=cli_env(RAY_ADDRESS=ray_session))
-    # Ray Data's first words when the inference starts executing; the signal lands mid-way
-    wait_for(lambda: "Progress bars disabled" in log.read_text(), proc, 300, "the inference to start", log)
+    # predict's own line just before the inference starts executing; the signal lands mid-way
+    wait_for(lambda: "predicting with 1 model replica" in log.read_text(), proc, 300, "the inference to start", log)
     proc.send_signal(signal.SIGTERM)
     proc.wait(timeout=120)
     text = log.read_text()
