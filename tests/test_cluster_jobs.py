@@ -130,6 +130,7 @@ def _rows(sweep_dir: Path) -> list[dict]:
         return list(csv.DictReader(f))
 
 
+@pytest.mark.slow  # multi-minute: deselected by default (README: -m slow)
 def test_submit_asha_sweep_and_resnet_jobs(head_cluster, tmp_path, digits_imagefolder):
     """jobs/sweep_digits.yaml as submitted: 4 trials, 2 at a time on 2 CPUs; ASHA stops some early and
     best.json names the best trial. Then the ResNet-18 job file, pointed at small digits PNGs."""

@@ -17,6 +17,7 @@ import pytest
 from conftest import CLI, ROOT, cli_env, error_lines, own_traceback, run_epochs, wait_for
 
 
+@pytest.mark.slow  # multi-minute: deselected by default (README: -m slow)
 @pytest.mark.parametrize("scenario", ["node-failure", "elastic"])
 def test_node_removed_mid_run(scenario, tmp_path):
     proc = subprocess.run([sys.executable, str(ROOT / "tests" / "cluster_scenarios.py"), scenario, str(tmp_path)],
@@ -36,6 +37,7 @@ def test_node_removed_mid_run(scenario, tmp_path):
         assert len(after) == 2
 
 
+@pytest.mark.slow  # multi-minute: deselected by default (README: -m slow)
 def test_killed_worker_then_killed_driver_resume_within_noise_of_uninterrupted(ray_session, tmp_path):
     """One run loses a training worker (SIGKILL by pid, from outside, like an OOM kill): the group
     restarts and resumes from the last committed checkpoint. The same run then loses its driver;

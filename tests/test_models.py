@@ -436,6 +436,7 @@ def three_digit_classes(tmp_path_factory) -> Path:
     return root
 
 
+@pytest.mark.slow  # multi-minute: deselected by default (README: -m slow)
 def test_finetune_job_runs_from_the_torch_hub_cache(tmp_path, three_digit_classes):
     """jobs/finetune_imagefolder.yaml through the real CLI on an embedded Ray, made small (one CPU
     worker, 200 images of 16 px, one epoch): without the weights file, exit 2 naming it before Ray starts; with

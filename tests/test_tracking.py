@@ -213,16 +213,31 @@ def test_unreachable_server_fails_before_anything_with_on_error_fail(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_unreachable_server_with_on_error_warn_warns_once_and_tracks_nothing(caplog):
+def test_unreachable_server_with_on_error_warn_warns_once_and_tracks_nothing():
+    import logging
+
     from emergence_ray.config import load_config
     from emergence_ray.tracking import Tracker
+
+    class Records(logging.Handler):
+        def __init__(self):
+            super().__init__(logging.WARNING)
+            self.records: list[logging.LogRecord] = []
+
+        def emit(self, record: logging.LogRecord) -> None:
+            self.records.append(record)
 
     port = _free_port()
     cfg = load_config(None, [f"tracking.mlflow_uri=http://127.0.0.1:{port}"])
     assert cfg.tracking.on_error == "warn"  # the default
-    with caplog.at_level("WARNING", logger="emergence_ray"):
+    # on the logger itself: an earlier in-process CLI run (setup_logging) may stop it propagating to root
+    logger, records = logging.getLogger("emergence_ray"), Records()
+    logger.addHandler(records)
+    try:
         tracker = Tracker.connect(cfg)
-    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    finally:
+        logger.removeHandler(records)
+    warnings = [r.getMessage() for r in records.records if r.levelname == "WARNING"]
     assert len(warnings) == 1 and warnings[0].startswith(f"warning: MLflow tracking server http://127.0.0.1:{port}")
     assert "misses this run" in warnings[0]
     assert tracker.uri is None  # the run trains untracked
