@@ -269,3 +269,14 @@ def _git_revision() -> str:
         return out.stdout.strip() or "unknown"
     except (OSError, subprocess.TimeoutExpired):
         return "unknown"
+
+
+def device_defaults(p, args, defaults: dict) -> None:
+    """Fill the options left unset from `defaults[args.device]`; refuse --device cuda without a GPU."""
+    import torch
+
+    for k, v in defaults[args.device].items():
+        if getattr(args, k) is None:
+            setattr(args, k, v)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: no CUDA device here; use --device cpu")

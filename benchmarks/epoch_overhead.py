@@ -194,7 +194,8 @@ def main(argv: list[str] | None = None) -> int:
                          (BEFORE, AFTER)))
         else:
             log(f"no Fashion-MNIST at {args.fashion_mnist}: skipped")
-        for job, config, overrides, polls in jobs[:1]:
+
+        def run_job(job: str, config: list[str], overrides: list[str], polls: tuple) -> None:
             for i, poll in enumerate(polls):
                 r = cli_run(address, poll, config, overrides, workdir, f"{job}-{i}")
                 r["command"] = r["command"].replace(str(common.ROOT) + "/", "")
@@ -203,6 +204,8 @@ def main(argv: list[str] | None = None) -> int:
                 save()
                 log(f"{job} poll {r['poll_s']}: median overhead {r['median_overhead_s']:.3f} s/epoch, "
                     f"{r['images_per_s']:.0f} img/s, {r['cpu_s']:.1f} CPU-s, {r['command_s']:.1f} s")
+
+        run_job(*jobs[0])
         for poll in (BEFORE, _service_default()):
             r = idle_poll_cost(poll, args.idle_s, workdir)
             res["idle"].append(r)
@@ -222,15 +225,8 @@ def main(argv: list[str] | None = None) -> int:
             res["first_step"].append(fs)
             save()
             log(f"first step, poll {fs['poll_s']}: {fs['to_first_step_s']:.1f} s")
-        for job, config, overrides, polls in jobs[1:]:  # longest last
-            for i, poll in enumerate(polls):
-                r = cli_run(address, poll, config, overrides, workdir, f"{job}-{i}")
-                r["command"] = r["command"].replace(str(common.ROOT) + "/", "")
-                r["job"] = job
-                res["runs"].append(r)
-                save()
-                log(f"{job} poll {r['poll_s']}: median overhead {r['median_overhead_s']:.3f} s/epoch, "
-                    f"{r['images_per_s']:.0f} img/s, {r['cpu_s']:.1f} CPU-s, {r['command_s']:.1f} s")
+        for job in jobs[1:]:  # longest last
+            run_job(*job)
     finally:
         import ray
 

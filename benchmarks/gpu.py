@@ -67,11 +67,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, help="CPU only: torch threads per process (default: cores / processes)")
     p.add_argument("--out", type=Path, help="also write the JSON here")
     args = p.parse_args(argv)
-    for k, v in DEFAULTS[args.device].items():
-        if getattr(args, k) is None:
-            setattr(args, k, v)
-    if args.device == "cuda" and not torch.cuda.is_available():
-        p.error("--device cuda: no CUDA device here; use --device cpu")
+    common.device_defaults(p, args, DEFAULTS)
     return args
 
 

@@ -89,11 +89,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, help="also write the JSON here")
     p.add_argument("--md", type=Path, help="render the markdown here (results.py gpu-service)")
     args = p.parse_args(argv)
-    for k, v in DEFAULTS[args.device].items():
-        if getattr(args, k) is None:
-            setattr(args, k, v)
-    if args.device == "cuda" and not torch.cuda.is_available():
-        p.error("--device cuda: no CUDA device here; use --device cpu")
+    common.device_defaults(p, args, DEFAULTS)
     args.fashion_mnist = str(Path(args.fashion_mnist).resolve())  # Ray's workers run elsewhere
     args.workdir = args.workdir.resolve() if args.workdir else None
     args.parts = args.parts.split(",")
