@@ -30,6 +30,7 @@ from ray.data.dataset import MaterializedDataset
 from ray.train.torch import TorchTrainer
 
 from emergence_ray import __version__, cluster, interrupt, progress, storage
+from emergence_ray.commit import CommitRecorder, committed
 from emergence_ray.config import JobConfig, to_dict
 from emergence_ray.data.pipeline import prepare, prepare_test
 from emergence_ray.data.ingest import record_ids, trainer_inputs
@@ -80,31 +81,6 @@ def write_meta(run_dir: str, cfg: JobConfig, name: str) -> None:
         "torch_version": torch.__version__, "python": sys.version.split()[0],
         "command": sys.argv, "started_at": datetime.now(UTC).isoformat(timespec="seconds"),
     })
-
-
-COMMITTED = "committed.json"  # the last checkpoint Train's controller has committed (CommitRecorder)
-
-
-class CommitRecorder(ray.train.UserCallback):
-    """Runs in Train's controller after each report has been registered: the checkpoint manager
-    handles a report first (it saves its snapshot, the state a re-run resumes from), then user
-    callbacks. So what this writes is committed, and a driver that is asked to stop can wait for
-    the epoch in flight to get here (`wait_for_commit`)."""
-
-    def __init__(self, run_dir: str):
-        self.run_dir = run_dir
-
-    def after_report(self, run_context, metrics: list[dict], checkpoint: ray.train.Checkpoint | None) -> None:
-        if checkpoint is not None:
-            storage.write_json(storage.join(self.run_dir, COMMITTED),
-                               {"epoch": metrics[0].get("epoch"), "checkpoint": checkpoint.path})
-
-
-def committed(run_dir: str) -> dict | None:
-    try:
-        return storage.read_json(storage.join(run_dir, COMMITTED))
-    except (OSError, ValueError):
-        return None
 
 
 def newest_checkpoint_dir(run_dir: str) -> str | None:

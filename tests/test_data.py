@@ -35,6 +35,40 @@ def test_digits():
     assert counts["test"] == pytest.approx(0.2 * 1797, abs=2)
 
 
+def test_in_memory_splits_skip_ray_data_tasks_and_match_the_decoded_path(digits_idx):
+    """Digits and IDX at their own size are put in the object store by the driver (no Ray Data
+    task on the way to the first step); the blocks equal what the Decode tasks make, row for row."""
+    from emergence_ray.data.pipeline import decoded, load_raw
+    from emergence_ray.data.shards import BlockShards
+
+    for cfg in (DataConfig(), DataConfig(source="idx", path=str(digits_idx), val_fraction=0.1)):
+        p = prepare(cfg, with_test=False)
+        raw = load_raw(cfg)
+        for name, split in (("train", raw.train), ("val", raw.val)):
+            fast = getattr(p, name).take_all()
+            slow = decoded(split, p.spec, cfg).take_all()
+            assert len(fast) == len(slow) == p.counts[name] == split.count
+            for a, b in zip(fast, slow):
+                assert a["id"] == b["id"] and a["label"] == b["label"]
+                assert a["image"].dtype == np.uint8 and np.array_equal(a["image"], b["image"])
+        shards = BlockShards.of(p.train)  # what the workers read
+        rows = [shards.read(2, r, ("label", "id")) for r in (0, 1)]
+        assert sum(len(r["id"]) for r in rows) == 2 * (p.counts["train"] // 2)
+
+
+def test_controller_side_module_stays_light():
+    """Train's controller unpickles the CommitRecorder callback, so it imports its module before
+    it starts the workers: that module must not pull in the data pipeline or scikit-learn."""
+    import subprocess
+    import sys
+
+    code = ("import sys, emergence_ray.commit; heavy = [m for m in sys.modules if m.split('.')[0] in "
+            "('sklearn', 'scipy', 'torchvision', 'mlflow', 'tensorboard', 'PIL') or m.startswith('emergence_ray.data')]; "
+            "print(heavy); sys.exit(1 if heavy else 0)")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
 def test_imagefolder_single_tree(digits_imagefolder):
     p = prepare(DataConfig(source="imagefolder", path=str(digits_imagefolder)))
     _check(p, 1797, 1, 8)

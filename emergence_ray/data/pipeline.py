@@ -25,11 +25,13 @@ from dataclasses import dataclass
 
 import numpy as np
 import ray.data
+from ray.data.block import BlockAccessor
 
 from emergence_ray.config import DataConfig
 from emergence_ray.data.ingest import use_cache
-from emergence_ray.data.sources import SOURCES, RawSplits, Split
-from emergence_ray.data.transforms import DataSpec, Decode, channel_stats, decode, image_stats, keep_ok
+from emergence_ray.data.sources import SOURCES, ArraySplit, RawSplits, Split
+from emergence_ray.data.transforms import (DataSpec, Decode, at_wire_size, channel_stats, decode, image_stats,
+                                          keep_ok)
 from emergence_ray.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -52,7 +54,7 @@ class Prepared:
 
 def resolve_spec(raw: RawSplits, cfg: DataConfig) -> DataSpec:
     """Channels, size and per-channel mean/std from a sample of the train split."""
-    batch = raw.train.sample(SAMPLE).take_batch(SAMPLE, batch_format="numpy")
+    batch = raw.train.sample_batch(SAMPLE)
     images, ids = batch["image"], batch["id"]
     gray, sizes = [], Counter()
     for value, ident in zip(images, ids):
@@ -96,6 +98,8 @@ def decoded(split: Split, spec: DataSpec, cfg: DataConfig, shuffle_seed: int | N
 
 def _materialized(split: Split, spec: DataSpec, cfg: DataConfig, keep_ids: bool) -> tuple[ray.data.Dataset, int]:
     """-> (decoded split materialized in the object store, unreadable images skipped)."""
+    if isinstance(split, ArraySplit) and at_wire_size(split.images, spec):
+        return _from_memory(split, spec, keep_ids), 0
     ds = decoded(split, spec, cfg, keep_ids=keep_ids)
     if not split.ordered:
         # cached workers take contiguous rows: rows in file order (a Parquet file sorted by class)
@@ -103,6 +107,15 @@ def _materialized(split: Split, spec: DataSpec, cfg: DataConfig, keep_ids: bool)
         ds = ds.random_shuffle(seed=cfg.split_seed)
     ds = ds.materialize()
     return ds, split.count - ds.count()
+
+
+def _from_memory(split: ArraySplit, spec: DataSpec, keep_ids: bool) -> ray.data.Dataset:
+    """In-memory images already at the wire size (digits, IDX at their own size) need no decode:
+    the driver puts them in the object store as blocks itself, the same blocks `Decode` would
+    make, so Ray Data runs no task for them. On a running cluster such a task costs a worker
+    process start, ~1.5 CPU-seconds on the way to the first step (benchmarks/FIRST_STEP.md)."""
+    decode = Decode(spec, keep_ids=keep_ids)
+    return ray.data.from_blocks([BlockAccessor.batch_to_block(decode(b)) for b in split.batches()])
 
 
 def load_raw(cfg: DataConfig) -> RawSplits:

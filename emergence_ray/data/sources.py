@@ -55,6 +55,10 @@ class Split:
         """At most n rows, reading as little as possible (resolving the DataSpec)."""
         return self.dataset().limit(n)
 
+    def sample_batch(self, n: int) -> dict[str, np.ndarray]:
+        """`sample(n)` as one numpy batch (image, label, id)."""
+        return self.sample(n).take_batch(n, batch_format="numpy")
+
 
 @dataclass
 class ArraySplit(Split):
@@ -77,6 +81,17 @@ class ArraySplit(Split):
 
     def head(self, n: int) -> ArraySplit:
         return ArraySplit(self.images[:n], self.labels[:n], self.ids[:n])
+
+    def sample_batch(self, n: int) -> dict[str, np.ndarray]:
+        """Straight from memory: no Ray Data task (they would start a worker process for it)."""
+        return {"image": self.images[:n], "label": self.labels[:n].astype(np.int64),
+                "id": np.asarray(self.ids[:n], dtype=object)}
+
+    def batches(self, rows: int = BLOCK_ROWS):
+        """The rows in order as numpy batches (image, label, id) of at most `rows`."""
+        for s in range(0, self.count, rows):
+            yield {"image": self.images[s:s + rows], "label": self.labels[s:s + rows].astype(np.int64),
+                   "id": np.asarray(self.ids[s:s + rows], dtype=object)}
 
 
 @dataclass

@@ -148,6 +148,11 @@ class Decode:
         return result
 
 
+def at_wire_size(images: object, spec: DataSpec) -> bool:
+    """In-memory uint8 images that need no decode or resize for `spec` (digits, IDX at their own size)."""
+    return isinstance(images, np.ndarray) and _fast_path(images[:1], spec.channels, spec.wire_size) is not None
+
+
 def _fast_path(images: object, channels: int, size: int) -> np.ndarray | None:
     """A batch of uint8 arrays already at the wire size (IDX, digits at native size): no PIL."""
     if not isinstance(images, np.ndarray) or images.dtype != np.uint8:
