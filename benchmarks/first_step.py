@@ -11,7 +11,12 @@ start. Where the machine's CPU went until the first step is a census of every pr
 snapshots before the launch and at the first step): on 2 cores start-up is CPU-bound, and every
 Ray actor is a Python process that pays its own imports.
 
+    flock /tmp/er-bench.lock python benchmarks/first_step.py [--compare before=/path/to/other/checkout] [--rounds 3]
     python benchmarks/first_step.py --probe 127.0.0.1:6379 --storage /tmp/probe   # prints JSON
+
+The first command starts a local cluster (`cluster/local_cluster.py`, 2 CPUs), launches the
+built-in job once to start Ray's once-per-cluster actors, then launches each version in turn
+for `--rounds` rounds, and writes benchmarks/FIRST_STEP.md (+ .json).
 """
 
 from __future__ import annotations
@@ -28,7 +33,8 @@ import subprocess  # noqa: E402
 import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 MILESTONES = ("meta.json", "workers.json", "progress.json")
 
 
@@ -37,8 +43,13 @@ def _cli() -> list[str]:
     return [exe] if exe else [sys.executable, "-m", "emergence_ray"]
 
 
-def _env(address: str) -> dict:
-    return dict(os.environ, RAY_ADDRESS=address)
+def _env(address: str, code: Path | None = None) -> dict:
+    """The CLI's environment: the cluster's address, token auth on (as `ray start` requires), and
+    `code` (a checkout of this repository) first on the path when comparing two versions."""
+    env = dict(os.environ, RAY_ADDRESS=address, RAY_AUTH_MODE="token")
+    if code is not None:
+        env["PYTHONPATH"] = os.pathsep.join([str(code), *filter(None, [env.get("PYTHONPATH")])])
+    return env
 
 
 def processes() -> dict[int, tuple[float, float, str]]:
@@ -96,7 +107,7 @@ def census(before: dict, at_step: dict, t0: float) -> list[dict]:
     return sorted(groups.values(), key=lambda g: (g["first_start_s"] is not None, g["first_start_s"] or 0.0))
 
 
-def measure(address: str, workdir: Path, timeout_s: float = 600) -> dict:
+def measure(address: str, workdir: Path, timeout_s: float = 600, code: Path | None = None) -> dict:
     storage, name = workdir / "first_step", f"first-step-{int(time.time())}"
     run_dir = storage / name
     storage.mkdir(parents=True, exist_ok=True)
@@ -106,7 +117,7 @@ def measure(address: str, workdir: Path, timeout_s: float = 600) -> dict:
     before, at_step = processes(), {}
     t0 = time.time()
     with open(storage / "cli.log", "w") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, text=True, env=_env(address))
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, text=True, env=_env(address, code))
         while proc.poll() is None and time.time() - t0 < timeout_s:
             for f in MILESTONES:
                 if f not in seen and (run_dir / f).exists():
@@ -121,7 +132,7 @@ def measure(address: str, workdir: Path, timeout_s: float = 600) -> dict:
     if proc.returncode != 0 or "progress.json" not in seen:
         tail = (storage / "cli.log").read_text()[-3000:]
         raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}) or never stepped:\n{tail}")
-    probe = _probe_subprocess(address, storage)
+    probe = _probe_subprocess(address, storage, code)
     shown = ["emergence-ray", *cmd[cmd.index("train"):]]
     shown[shown.index("--address") + 1] = "ADDRESS"
     shown[shown.index(f"run.storage_path={storage}")] = "run.storage_path=SCRATCH"
@@ -140,11 +151,11 @@ def measure(address: str, workdir: Path, timeout_s: float = 600) -> dict:
     }
 
 
-def _probe_subprocess(address: str, storage: Path) -> dict:
+def _probe_subprocess(address: str, storage: Path, code: Path | None = None) -> dict:
     t = time.time()
     proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--probe", address, "--storage",
                            str(storage)], capture_output=True, text=True, timeout=300,
-                          env={**_env(address), "BENCH_LAUNCH_T": repr(t)})
+                          env={**_env(address, code), "BENCH_LAUNCH_T": repr(t)})
     if proc.returncode != 0:
         raise RuntimeError(f"first_step --probe failed:\n{proc.stderr[-3000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -205,10 +216,109 @@ def probe(address: str, storage: str) -> dict:
     return marks
 
 
-if __name__ == "__main__":
+def compare(address: str, codes: dict[str, Path | None], rounds: int, workdir: Path) -> dict:
+    """`rounds` rounds, each launching every version once in turn (the order rotates), all
+    against the same running cluster: ratios within a round hold on a machine whose speed drifts."""
+    names = list(codes)
+    runs: dict[str, list[dict]] = {n: [] for n in names}
+    for r in range(rounds):
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            res = measure(address, workdir, code=codes[name])
+            runs[name].append(res)
+            print(f"round {r + 1} {name}: {res['to_first_step_s']:.1f} s", flush=True)
+    return runs
+
+
+def render(results: dict) -> str:
+    from benchmarks import common
+
+    m = results["machine"]
+    names = list(results["runs"])
+    lines = ["# `emergence-ray train` to the first training step, on a running cluster", "",
+             f"Command: `{results['command']}`  ", f"Git revision: `{m['git_revision']}`  ",
+             f"Machine: {m['nproc']} CPUs ({m['cpu']}), {m['ram_gib']} GiB; torch {m['torch']}, Ray {m['ray']}; "
+             f"load average at start {m['load_average']}  ", f"Date: {m['date']}  ", "",
+             f"Cluster: `python cluster/local_cluster.py start --cpus {results['cpus']}` (a `ray start --head`, the "
+             "development set-up), started once; every launch is the built-in digits job, 2 workers, 1 epoch: "
+             f"`{results['runs'][names[0]][0]['command']}`. Versions: "
+             + "; ".join(f"**{n}** = {results['codes'][n]}" for n in names) + ". "
+             "Launches alternate between the versions, the order rotating every round.", "",
+             "| version | launch -> first step, s (median) | each round | whole command s (median) |",
+             "|---|---|---|---|"]
+    for n in names:
+        runs = results["runs"][n]
+        firsts = [r["to_first_step_s"] for r in runs]
+        lines.append(f"| {n} | **{common.median(firsts):.1f}** | {', '.join(f'{x:.1f}' for x in firsts)} | "
+                     f"{common.median([r['command_s'] for r in runs]):.1f} |")
+    for n in names:
+        runs = results["runs"][n]
+        lines += ["", f"### {n}: where the time goes (median of the rounds)", "",
+                  "Stages, from the files the run writes on its way (meta.json, workers.json, progress.json):", "",
+                  "| stage | s |", "|---|---|"]
+        for stage in runs[0]["stages_s"]:
+            lines.append(f"| {stage} | {common.median([r['stages_s'][stage] for r in runs]):.1f} |")
+        lines += ["", "The first stage split by `--probe` (the real `trainer.train` in a new process, a timer "
+                  "around each driver step, stopped where `fit` starts):", "", "| driver step | s |", "|---|---|"]
+        for step in runs[0]["probe_s"]:
+            lines.append(f"| {step} | {common.median([r['probe_s'][step] for r in runs]):.2f} |")
+        last = runs[-1]["processes"]
+        fresh = [p for p in last if p["first_start_s"] is not None]
+        used = sum(p["cpu_s"] for p in last)
+        lines += ["", f"CPU from the launch to the first step, per process, last round (`/proc` snapshots): "
+                  f"{used:.1f} CPU-s in {runs[-1]['to_first_step_s']:.1f} s on {m['nproc']} cores. Processes "
+                  "started by the launch:", "", "| process | count | started at (s after launch) | CPU s |",
+                  "|---|---|---|---|"]
+        for p in fresh:
+            lines.append(f"| `{p['process']}` | {p['count']} | {p['first_start_s']:.1f} | {p['cpu_s']:.1f} |")
+        rest = used - sum(p["cpu_s"] for p in fresh)
+        lines.append(f"| everything already running (Ray's daemons, idle actors) | | before | {rest:.1f} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    from benchmarks import common
+
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--probe", metavar="ADDRESS", required=True, help="time the driver's stages against ADDRESS")
+    p.add_argument("--probe", metavar="ADDRESS", help="only time the driver's stages against ADDRESS (prints JSON)")
     p.add_argument("--storage", default=os.path.join(os.getcwd(), "first-step-probe"),
                    help="run.storage_path for the probe's run directory")
-    a = p.parse_args()
-    print(json.dumps(probe(a.probe, a.storage)))
+    p.add_argument("--compare", nargs="*", default=[], metavar="NAME=DIR",
+                   help="other checkouts of this repository to launch in turn with this one (e.g. "
+                        "before=/path/to/worktree)")
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--cpus", type=int, default=2, help="CPUs of the local cluster")
+    p.add_argument("--out", type=Path, default=ROOT / "benchmarks")
+    a = p.parse_args(argv)
+    if a.probe:
+        print(json.dumps(probe(a.probe, a.storage)))
+        return 0
+    import tempfile
+
+    codes: dict[str, Path | None] = {"this": None}
+    for item in a.compare:
+        name, _, path = item.partition("=")
+        codes[name] = Path(path).resolve()
+    results = {"command": common.command_line("first_step.py", p, a, ("compare", "rounds", "cpus")),
+               "machine": common.machine_info(), "cpus": a.cpus,
+               "codes": {n: (str(c) if c else f"this checkout ({common.machine_info()['git_revision']})")
+                         for n, c in codes.items()}}
+    work = Path(tempfile.mkdtemp(prefix="erfs-", dir="/tmp"))  # short: Ray's socket paths
+    local = [sys.executable, str(ROOT / "cluster" / "local_cluster.py")]
+    subprocess.run([*local, "start", "--dir", str(work / "c"), "--cpus", str(a.cpus)], check=True,
+                   capture_output=True, timeout=300)
+    try:
+        state = json.loads(subprocess.run([*local, "status", "--dir", str(work / "c")], check=True,
+                                          capture_output=True, text=True).stdout)
+        measure(state["gcs_address"], work)  # the cluster's first job starts Ray's once-per-cluster actors
+        results["runs"] = compare(state["gcs_address"], codes, a.rounds, work)
+    finally:
+        subprocess.run([*local, "stop", "--dir", str(work / "c")], capture_output=True, timeout=300)
+    a.out.mkdir(parents=True, exist_ok=True)
+    (a.out / "FIRST_STEP.json").write_text(json.dumps(results, indent=2))
+    (a.out / "FIRST_STEP.md").write_text(render(results))
+    print((a.out / "FIRST_STEP.md").read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -39,14 +39,20 @@ from benchmarks.run import start_ray  # noqa: E402
 MODES = ("off", "tensorboard", "tensorboard+mlflow")
 
 
-def mlflow_server(root: Path) -> tuple[subprocess.Popen, str]:
+def mlflow_server(root: Path, nice: int = 0, jobs: bool = True) -> tuple[subprocess.Popen, str]:
+    """A real `mlflow server` (SQLite store, 1 uvicorn worker) on 127.0.0.1. `nice`: its CPU
+    priority (19: it gets a core only when training leaves one idle, as a server on another host
+    never competes); `jobs=False` turns off MLflow's job runner (a second process, for its GenAI
+    jobs, that experiment tracking does not use) with MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--backend-store-uri",
+    env = dict(os.environ, MLFLOW_SERVER_ENABLE_JOB_EXECUTION="true" if jobs else "false")
+    proc = subprocess.Popen(["nice", "-n", str(nice), sys.executable, "-m", "mlflow", "server", "--backend-store-uri",
                              f"sqlite:///{root}/mlflow.db", "--artifacts-destination", str(root / "artifacts"),
                              "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True, cwd=root)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True, cwd=root,
+                            env=env)
     uri = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 180
     while time.monotonic() < deadline:
@@ -130,7 +136,8 @@ def render(res: dict) -> str:
         f"{', '.join(str(x) for x in m['load_average'])}. The machine was shared with other work (other engineers' "
         "tests): absolute figures are noisy; compare the ratios within a round.", "",
         f"Job: `jobs/fashion_mnist.yaml` (cnn width 16, batch 128 per worker, 2 workers), {res['limit']} training "
-        f"images, {res['epochs']} epochs; MLflow: a local `mlflow server` (SQLite store) on 127.0.0.1.", "",
+        f"images, {res['epochs']} epochs; MLflow: a local `mlflow server` (SQLite store, 1 worker) on 127.0.0.1, "
+        f"at nice {res.get('server_nice', 0)}, its job runner {'on' if res.get('server_jobs', True) else 'off'}.", "",
         "| round | mode | loop img/s (epochs 2+) | x off | step img/s | x off | wall s | test acc |",
         "|---|---|---|---|---|---|---|---|",
     ]
@@ -158,19 +165,25 @@ def main() -> None:
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--limit", type=int, default=6000)
     p.add_argument("--calls", type=int, default=30, help="EpochLogger.log calls timed per mode")
+    p.add_argument("--server-nice", type=int, default=0, help="the mlflow server's nice value (19: lowest priority)")
+    p.add_argument("--server-jobs", choices=("on", "off"), default="on",
+                   help="MLflow's job runner (MLFLOW_SERVER_ENABLE_JOB_EXECUTION), a second server process")
     p.add_argument("--fashion", default=common.FASHION_MNIST)
     p.add_argument("--out", default=str(common.ROOT / "benchmarks" / "TRACKING.md"))
     args = p.parse_args()
     from emergence_ray.logs import setup_logging
 
     setup_logging()  # the service's per-epoch lines, as the CLI prints them
-    command = common.command_line("tracking_bench.py", p, args, ("rounds", "epochs", "limit", "calls", "out"))
+    command = common.command_line("tracking_bench.py", p, args, ("rounds", "epochs", "limit", "calls", "server_nice",
+                                                                  "server_jobs", "out"))
+    args.server_jobs = args.server_jobs == "on"
     res: dict = {"command": command, "machine": {**common.machine_info(), "load_average": os.getloadavg()},
-                 "epochs": args.epochs, "limit": args.limit, "runs": []}
+                 "epochs": args.epochs, "limit": args.limit, "runs": [], "server_nice": args.server_nice,
+                 "server_jobs": args.server_jobs}
     with tempfile.TemporaryDirectory(prefix="er-tracking-bench-") as tmp:
         root = Path(tmp)
         (root / "mlflow").mkdir()
-        server, uri = mlflow_server(root / "mlflow")
+        server, uri = mlflow_server(root / "mlflow", nice=args.server_nice, jobs=args.server_jobs)
         try:
             res["call_cost"] = call_cost(root, uri, args.calls)
             print(json.dumps(res["call_cost"]), flush=True)
