@@ -298,16 +298,19 @@ def thread_sched(row: dict) -> list[str]:
     return out
 
 
+FIRST_STEP_TARGET_S = 10.0  # issue 22: launch to the first step on a running cluster, 2 cores
+
+
 def first_step(res: dict) -> list[str]:
     fs = res.get("first_step")
     if not fs:
         return []
     cores = res["machine"]["nproc"]
-    verdict = "within" if fs["to_first_step_s"] <= 20 else "over"
+    verdict = "within" if fs["to_first_step_s"] <= FIRST_STEP_TARGET_S else "over"
     out = [
         "## `emergence-ray train` to the first training step, on a running local cluster", "",
         f"`{fs['command']}` against the 2-CPU Ray started by `run.py` (built-in digits job, 2 workers). "
-        f"Launch to rank 0's first step: **{fs['to_first_step_s']:.1f} s** ({verdict} the 20 s target); the "
+        f"Launch to rank 0's first step: **{fs['to_first_step_s']:.1f} s** ({verdict} the {FIRST_STEP_TARGET_S:.0f} s target); the "
         f"whole command (1 epoch, test report) took {fs['command_s']:.1f} s. Stages, from the files the run "
         "writes on its way (meta.json, workers.json, progress.json):", "",
         "| stage | s |", "|---|---|",
