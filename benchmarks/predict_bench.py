@@ -1,57 +1,57 @@
-"""Batch inference throughput: `emergence-ray predict` (Ray Data, a pool of model actors) next to a
-plain single-process torch loop over the same PNG files and the same checkpoint.
+"""Batch inference throughput on photo-like JPEGs: `emergence-ray predict` (Ray Data decode tasks
+streaming to a pool of model actors) next to a plain torch loop fed by a torch `DataLoader` with
+the same decode, the same checkpoint and the same CPUs.
 
-    python benchmarks/predict_bench.py [--images 4000] [--repeats 2]
+    flock /tmp/er-bench.lock python benchmarks/predict_bench.py [--images 16000] [--repeats 2]
 
-Writes benchmarks/PREDICT.md (machine, date, command, table); re-running regenerates it. Both
-paths decode the PNGs, normalize, run the model and take top-5 probabilities; Ray's figure is
-the whole command (dataset listing, decode tasks, actor start-up, writing Parquet), so it
-includes its start-up cost, reported separately as the first-batch-free rate is not observable
-from outside.
+The images are `stream.make_folder`'s: random crops of scikit-learn's sample photos, 256 px JPEGs
+in 10 class folders (real decode cost, not flat noise), shared with benchmarks/stream.py. The
+checkpoint is a `cnn` (width 8, random weights: speed does not depend on them) for 224 px RGB
+under the imagenet policy, so both paths decode each JPEG to 256 px (`transforms.Decode`) and
+centre-crop 224 + normalize (`augment.DeviceTransform`), run the model and take the top-5
+probabilities. Plain torch: a DataLoader with `--procs` decode processes (collate = the service's
+Decode) feeding one process that runs the model; Ray: `predict_command` on a local
+`ray.init(num_cpus=procs)`, the whole command timed (listing, decode tasks, actor start-up,
+Parquet written under a temporary name and renamed). The two paths alternate, repeat by repeat.
+Writes benchmarks/PREDICT.md (+ PREDICT.json).
 """
 
 from __future__ import annotations
 
 import argparse
-import io
-import os
-import platform
+import json
 import sys
 import tempfile
 import time
-from datetime import datetime, UTC
 from pathlib import Path
 
-import numpy as np
 import torch
-from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks import common, stream  # noqa: E402
 from emergence_ray import checkpoint  # noqa: E402
 from emergence_ray.config import load_config, to_dict  # noqa: E402
 from emergence_ray.data.transforms import DataSpec  # noqa: E402
 from emergence_ray.models import build_model  # noqa: E402
 
-
-def make_data(root: Path, n: int) -> list[Path]:
-    rng = np.random.default_rng(0)
-    paths = []
-    for i in range(n):
-        d = root / "images" / f"c{i % 10}"
-        d.mkdir(parents=True, exist_ok=True)
-        p = d / f"{i:06d}.png"
-        Image.fromarray(rng.integers(0, 255, (28, 28), dtype=np.uint8)).save(p)
-        paths.append(p)
-    return paths
+WIDTH = 8
+BATCH = 256
 
 
-def make_checkpoint(root: Path, data: Path) -> Path:
-    spec = DataSpec(1, 28, [f"c{i}" for i in range(10)], mean=[0.5], std=[0.29])
-    cfg = load_config(None, ["data.source=imagefolder", f"data.path={data}"])
+def _overrides(folder: Path) -> list[str]:
+    return ["data.source=imagefolder", f"data.path={folder}", f"data.image_size={stream.SIZE}",
+            "data.augment.policy=imagenet", "model.name=cnn", f"model.width={WIDTH}"]
+
+
+def make_checkpoint(root: Path, folder: Path) -> Path:
+    classes = sorted(p.name for p in folder.iterdir() if p.is_dir())
+    spec = DataSpec(3, stream.SIZE, classes, mean=[0.45, 0.45, 0.45], std=[0.25, 0.25, 0.25], policy="imagenet",
+                    load_size=256)
+    cfg = load_config(None, _overrides(folder))
     torch.manual_seed(0)
-    model = build_model("cnn", 1, 10, 28, cfg.model.width)
+    model = build_model("cnn", 3, len(classes), stream.SIZE, WIDTH)
     ckpt = root / "checkpoint"
     ckpt.mkdir()
     checkpoint.save(ckpt, {"model": model.state_dict(), "epoch": 0, "history": [], "spec": spec.to_dict(),
@@ -59,77 +59,97 @@ def make_checkpoint(root: Path, data: Path) -> Path:
     return ckpt
 
 
-def plain_torch(ckpt: Path, paths: list[Path], batch: int = 256) -> float:
-    """images/s of decode + normalize + forward + top-5 in one process (2 threads)."""
-    torch.set_num_threads(2)
-    state = torch.load(ckpt / "checkpoint.pt", map_location="cpu", weights_only=True)
-    model = build_model("cnn", 1, 10, 28, state["config"]["model"]["width"])
+def plain_torch(ckpt: Path, folder: Path, procs: int) -> float:
+    """images/s: DataLoader (`procs` processes: read + Decode) -> centre crop, normalize, forward,
+    top-5 in this process, every image of the folder once."""
+    from torch.utils.data import DataLoader
+
+    from emergence_ray.data.augment import DeviceTransform
+
+    state = checkpoint.load(str(ckpt))
+    spec = DataSpec.from_dict(state["spec"])
+    model = build_model("cnn", 3, spec.num_classes, spec.image_size, state["config"]["model"]["width"])
     model.load_state_dict(state["model"])
     model.eval()
-    mean, std = state["spec"]["mean"][0], state["spec"]["std"][0]
+    to_model = DeviceTransform(spec)
+    paths = sorted(str(p) for p in folder.rglob("*.jpg"))
+    names = {c: i for i, c in enumerate(spec.class_names)}
+    labels = [names[Path(p).parent.name] for p in paths]
     start = time.perf_counter()
+    loader = DataLoader(stream._Files(paths, labels), batch_size=BATCH, num_workers=procs,
+                        collate_fn=stream._DecodeCollate(spec), prefetch_factor=2)
+    n = 0
     with torch.no_grad():
-        for i in range(0, len(paths), batch):
-            x = np.stack([np.asarray(Image.open(io.BytesIO(p.read_bytes())).convert("L"), np.float32)
-                          for p in paths[i:i + batch]])[:, None] / 255.0
-            probs = model(torch.from_numpy((x - mean) / std)).softmax(1)
+        for batch in loader:
+            probs = model(to_model(batch["image"])).softmax(1)
             probs.topk(5, dim=1)
-    return len(paths) / (time.perf_counter() - start)
+            n += len(probs)
+    assert n == len(paths)
+    return n / (time.perf_counter() - start)
 
 
-def ray_predict(ckpt: Path, data: Path, out: Path) -> float:
+def ray_predict(ckpt: Path, folder: Path, out: Path) -> float:
     from emergence_ray.predict import predict_command
 
     start = time.perf_counter()
-    predict_command(str(ckpt), str(out), None, None, ["data.source=imagefolder", f"data.path={data}"])
+    predict_command(str(ckpt), str(out), None, None, _overrides(folder))
     return time.perf_counter() - start
 
 
-def main() -> None:
+def render(res: dict) -> str:
+    m = res["machine"]
+    ratio = res["ray_median"] / res["torch_median"]
+    return "\n".join([
+        "# Batch inference: `emergence-ray predict` vs a torch DataLoader loop", "",
+        f"Command: `{res['command']}`  ", f"Git revision: `{m['git_revision']}`  ",
+        f"Machine: {m['nproc']} CPUs ({m['cpu']}), {m['ram_gib']} GiB; torch {m['torch']}, Ray {m['ray']}; "
+        f"load average at start {m['load_average']}  ", f"Date: {m['date']}  ", "",
+        f"{res['images']:,} photo-like 256 px JPEGs (random crops of scikit-learn's sample photos, "
+        "`benchmarks/stream.py`'s set) in 10 class folders; a `cnn` checkpoint (width 8) for 224 px RGB, imagenet "
+        "policy: each JPEG decoded to 256 px, centre crop 224, normalized, top-5 probabilities. "
+        f"Plain torch: a DataLoader with {res['procs']} decode processes (collate = the service's `Decode`) feeding "
+        "the model in the main process. emergence-ray: `predict_command` on a local "
+        f"`ray.init(num_cpus={res['procs']})`, Ray Data decode tasks streaming to 2 model actors (0.5 CPU each), "
+        "Parquet written as it goes; the whole command timed, start-up included. Alternated repeat by repeat.", "",
+        "| path | images/s (each repeat) | median | ratio to the DataLoader loop |", "|---|---|---|---|",
+        f"| torch DataLoader loop | {', '.join(f'{r:,.0f}' for r in res['torch'])} | {res['torch_median']:,.0f} "
+        "| 1.00 |",
+        f"| emergence-ray predict | {', '.join(f'{r:,.0f}' for r in res['ray'])} | {res['ray_median']:,.0f} | "
+        f"{ratio:.2f} |", ""])
+
+
+def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--images", type=int, default=4000)
+    p.add_argument("--images", type=int, default=16000)
     p.add_argument("--repeats", type=int, default=2)
-    p.add_argument("--out", default=str(ROOT / "benchmarks" / "PREDICT.md"))
-    args = p.parse_args()
+    p.add_argument("--procs", type=int, default=2, help="CPU processes of each path")
+    p.add_argument("--data", type=Path, default=Path(tempfile.gettempdir()) / "er-stream-bench")
+    p.add_argument("--out", type=Path, default=ROOT / "benchmarks")
+    args = p.parse_args(argv)
     import ray
 
+    folder = stream.make_folder(args.data / f"jpeg-{args.images}", args.images)
+    res = {"command": common.command_line("predict_bench.py", p, args, ("images", "repeats", "procs")),
+           "machine": common.machine_info(), "images": args.images, "procs": args.procs, "torch": [], "ray": []}
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        paths = make_data(root, args.images)
-        ckpt = make_checkpoint(root, root / "images")
-        torch_rates = [plain_torch(ckpt, paths) for _ in range(args.repeats)]
-        ray.init(num_cpus=2, logging_level="WARNING")
-        ray_secs = [ray_predict(ckpt, root / "images", root / f"preds{r}.parquet") for r in range(args.repeats)]
-        ray.shutdown()
-    ray_rates = [args.images / s for s in ray_secs]
-    cmd = "python benchmarks/predict_bench.py " + " ".join(sys.argv[1:])
-    lines = [
-        "# Batch inference: `emergence-ray predict` vs a plain torch loop",
-        "",
-        f"Generated {datetime.now(UTC).isoformat(timespec='seconds')} by `{cmd.strip()}`; "
-        "re-running it regenerates this file.",
-        "",
-        f"Machine: {os.cpu_count()} CPUs, {platform.platform()}, Python {platform.python_version()}, "
-        f"torch {torch.__version__}, ray {ray.__version__}. Load average at the end: "
-        f"{', '.join(f'{x:.1f}' for x in os.getloadavg())} (other work on the machine makes figures noisy).",
-        "",
-        f"{args.images} synthetic 28x28 grayscale PNGs in an ImageFolder, the `cnn` model (width 32, random "
-        "weights: speed does not depend on them), top-5 probabilities per image. Plain torch: one process, "
-        "2 threads, PIL decode in the loop. Ray: `predict_command` on a local `ray.init(num_cpus=2)`: "
-        "listing, decode/normalize tasks, 2 model actors (0.5 CPU each), Parquet written under a temporary "
-        "name; the whole command is timed, start-up included.",
-        "",
-        "| path | images/s (each repeat) | ratio to plain torch (median) |",
-        "|---|---|---|",
-        f"| plain torch loop | {', '.join(f'{r:,.0f}' for r in torch_rates)} | 1.00 |",
-        f"| emergence-ray predict | {', '.join(f'{r:,.0f}' for r in ray_rates)} | "
-        f"{np.median(ray_rates) / np.median(torch_rates):.2f} |",
-        "",
-    ]
-    Path(args.out).write_text("\n".join(lines))
-    print("\n".join(lines))
-    print(f"ratio_predict_vs_torch={np.median(ray_rates) / np.median(torch_rates):.3f}")
+        ckpt = make_checkpoint(root, folder)
+        for r in range(args.repeats):
+            res["torch"].append(plain_torch(ckpt, folder, args.procs))
+            ray.init(num_cpus=args.procs, include_dashboard=False, logging_level="WARNING")
+            try:
+                res["ray"].append(args.images / ray_predict(ckpt, folder, root / f"preds{r}.parquet"))
+            finally:
+                ray.shutdown()
+            print("torch", res["torch"][-1], "ray", res["ray"][-1], flush=True)
+    res["torch_median"], res["ray_median"] = common.median(res["torch"]), common.median(res["ray"])
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "PREDICT.json").write_text(json.dumps(res, indent=2))
+    (args.out / "PREDICT.md").write_text(render(res))
+    print(render(res))
+    print(f"ratio_predict_vs_torch={res['ray_median'] / res['torch_median']:.3f}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

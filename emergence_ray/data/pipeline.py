@@ -29,7 +29,7 @@ from ray.data.block import BlockAccessor
 
 from emergence_ray.config import DataConfig
 from emergence_ray.data.ingest import use_cache
-from emergence_ray.data.sources import SOURCES, ArraySplit, RawSplits, Split
+from emergence_ray.data.sources import SOURCES, ArraySplit, FileSplit, RawSplits, Split
 from emergence_ray.data.transforms import (DataSpec, Decode, at_wire_size, channel_stats, decode, image_stats,
                                           keep_ok)
 from emergence_ray.errors import DataError
@@ -91,8 +91,15 @@ def decoded(split: Split, spec: DataSpec, cfg: DataConfig, shuffle_seed: int | N
     (data.on_bad_image=skip) or raising (fail)."""
     per_image = spec.channels * spec.wire_size ** 2
     batch = int(max(8, min(256, BLOCK_BYTES // per_image)))
-    ds = split.dataset(shuffle_seed).map_batches(Decode(spec, cfg.on_bad_image, keep_ids), batch_format="numpy",
-                                                 batch_size=batch)
+    decode = Decode(spec, cfg.on_bad_image, keep_ids)
+    if isinstance(split, FileSplit):
+        # blocks of `batch` files, decoded whole inside the read task: on 2 CPUs a separate read
+        # operator held one of the two task slots, and the stream ran at 0.78x of the fused one
+        # (benchmarks/STREAM.md)
+        ds = split.dataset(shuffle_seed, files_per_block=batch).map_batches(decode, batch_format="numpy",
+                                                                             batch_size=None)
+    else:
+        ds = split.dataset(shuffle_seed).map_batches(decode, batch_format="numpy", batch_size=batch)
     return ds.map_batches(keep_ok, batch_format="numpy") if cfg.on_bad_image == "skip" else ds
 
 

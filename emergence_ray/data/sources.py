@@ -108,9 +108,14 @@ class FileSplit(Split):
     def count(self) -> int:
         return len(self.paths)
 
-    def dataset(self, shuffle_seed: int | None = None) -> ray.data.Dataset:
+    def dataset(self, shuffle_seed: int | None = None, files_per_block: int | None = None) -> ray.data.Dataset:
+        """`files_per_block`: read tasks of about that many files (`override_num_blocks`), so that
+        maps after the read may take a whole block and fuse into the read task (decode next to
+        the read: no separate read tasks holding CPU slots, no hop through the object store)."""
         shuffle = ray.data.FileShuffleConfig(seed=shuffle_seed) if shuffle_seed is not None else None
-        ds = ray.data.read_binary_files(self.paths, filesystem=self.fs, include_paths=True, shuffle=shuffle)
+        blocks = -(-len(self.paths) // files_per_block) if files_per_block else None
+        ds = ray.data.read_binary_files(self.paths, filesystem=self.fs, include_paths=True, shuffle=shuffle,
+                                        override_num_blocks=blocks)
         return ds.map_batches(_LabelFromFolder(self.root, self.classes), batch_format="numpy")
 
     def head(self, n: int) -> FileSplit:
