@@ -179,12 +179,12 @@ def test_results_render_every_section():
         assert heading in text
     assert "not reached" in text and "within the 10 s target" in text
     assert "| `raylet` | 1 | before | 0.5 |" in text and "| `ray::RayTrainWorker` | 2 | 8.2 | 11.0 |" in text
-    assert "11.5 CPU-s of the 30.0" in text
+    assert "11.5 CPU-s of the 19.0" in text
     assert "the training workers 170%, everything else 4%" in text and "| `raylet` | 1 | 2.5 |" in text
     assert "of the 200% 2 cores have" in text
     assert "| (b) torchrun | 94 | 2 | 4 | 110 |" in text and "| (c) emergence-ray | 85 | 11 | 4 | 600 |" in text
     many = results.render({**res, "machine": {**res["machine"], "nproc": 16}})
-    assert "of the 1600% 16 cores have" in many and "11.5 CPU-s of the 240.0 the 16 cores had" in many
+    assert "of the 1600% 16 cores have" in many and "11.5 CPU-s of the 152.0 the 16 cores had" in many
     assert ("| cnn | synthetic | 100 | **100** (90, 100, 110) | **80** (90, 100, 110) | **125** (90, 100, 110) | "
             "1.00 | 0.80 | 1.25 | 0.80 |") in text
     assert "**100** (90, 100, 110; runs 95 / 105)" in text  # (b) before and after (c)
