@@ -310,7 +310,8 @@ def first_step(res: dict) -> list[str]:
     out = [
         "## `emergence-ray train` to the first training step, on a running local cluster", "",
         f"`{fs['command']}` against the 2-CPU Ray started by `run.py` (built-in digits job, 2 workers). "
-        f"Launch to rank 0's first step: **{fs['to_first_step_s']:.1f} s** ({verdict} the {FIRST_STEP_TARGET_S:.0f} s target); the "
+        f"Launch to rank 0's first step: **{fs['to_first_step_s']:.1f} s** "
+        f"({verdict} the {FIRST_STEP_TARGET_S:.0f} s target); the "
         f"whole command (1 epoch, test report) took {fs['command_s']:.1f} s. Stages, from the files the run "
         "writes on its way (meta.json, workers.json, progress.json):", "",
         "| stage | s |", "|---|---|",

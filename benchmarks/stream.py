@@ -87,15 +87,19 @@ def _consume(batches, transform, limit_s: float) -> dict:
 
 def ray_stream_rate(folder: Path, limit_s: float, batch: int = BATCH) -> dict:
     """The service's streamed train split (read_binary_files + Decode in Ray Data tasks) through
-    iter_torch_batches, on the Ray this process is connected to."""
+    iter_torch_batches, on the Ray this process is connected to, with the local shuffle buffer a
+    training worker uses for this source (`ingest.stream_shuffle_buffer`: none for an ImageFolder,
+    whose per-epoch file order already shuffles every image)."""
     from emergence_ray.data import pipeline
     from emergence_ray.data.augment import DeviceTransform
+    from emergence_ray.data.ingest import stream_shuffle_buffer
 
     cfg = _data_cfg(folder)
     raw = pipeline.load_raw(cfg)
     spec = pipeline.resolve_spec(raw, cfg)
     ds = pipeline.decoded(raw.train, spec, cfg, shuffle_seed=0, keep_ids=False)
-    batches = ds.iter_torch_batches(batch_size=batch, prefetch_batches=2, local_shuffle_buffer_size=4 * batch)
+    buffer = stream_shuffle_buffer(cfg.source, batch) or None
+    batches = ds.iter_torch_batches(batch_size=batch, prefetch_batches=2, local_shuffle_buffer_size=buffer)
     return _consume(batches, DeviceTransform(spec, cfg.augment, train=True), limit_s)
 
 

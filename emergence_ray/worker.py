@@ -27,7 +27,7 @@ from emergence_ray.data.augment import DeviceTransform
 from emergence_ray.config import JobConfig
 from emergence_ray.data.transforms import DataSpec
 from emergence_ray.engine import evaluate, train_epoch
-from emergence_ray.data.ingest import WorkerIngest, worker_source
+from emergence_ray.data.ingest import WorkerIngest, stream_shuffle_buffer, worker_source
 from emergence_ray.logs import setup_logging
 from emergence_ray.models import build_for_job
 from emergence_ray.optim import build_optimizer, build_scheduler
@@ -143,7 +143,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> list[dict]:
     record = loop_config.get("record_ids")
     train_data = WorkerIngest(worker_source(loop_config, "train"), bs, device, shuffle=True,
                               transform=DeviceTransform(spec, cfg.data.augment, train=True), seed=cfg.train.seed,
-                              rank=rank, world=world, record=record)
+                              rank=rank, world=world, record=record,
+                              shuffle_buffer=stream_shuffle_buffer(cfg.data.source, bs))
     val_data = WorkerIngest(worker_source(loop_config, "val"), max(bs, 256), device, rank=rank, world=world,
                             name="val", equal=False, transform=DeviceTransform(spec), record=record)
     first_step: dict[str, float] = {}

@@ -63,7 +63,8 @@ def test_controller_side_module_stays_light():
     import sys
 
     code = ("import sys, emergence_ray.commit; heavy = [m for m in sys.modules if m.split('.')[0] in "
-            "('sklearn', 'scipy', 'torchvision', 'mlflow', 'tensorboard', 'PIL') or m.startswith('emergence_ray.data')]; "
+            "('sklearn', 'scipy', 'torchvision', 'mlflow', 'tensorboard', 'PIL') "
+            "or m.startswith('emergence_ray.data')]; "
             "print(heavy); sys.exit(1 if heavy else 0)")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stdout + proc.stderr

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import signal
 import socket
 import subprocess
@@ -25,17 +26,33 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+# README's tracking-server command, run here as written but for the port and the folder
+README_SERVER = ("MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false nice -n 19 mlflow server --backend-store-uri "
+                 "sqlite:///mlflow.db --artifacts-destination ./mlartifacts --host 127.0.0.1 --port 5000 --workers 1")
+
+
+def readme_server_command(port: int) -> tuple[dict[str, str], list[str]]:
+    """README's server command split into its environment and argv, on `port`."""
+    assert README_SERVER in (ROOT / "README.md").read_text(), "README's mlflow server command changed"
+    words = shlex.split(README_SERVER)
+    env = dict(w.split("=", 1) for w in words[:1])
+    argv = words[1:]
+    argv[argv.index("--port") + 1] = str(port)
+    argv[argv.index("mlflow")] = f"{sys.executable} -m mlflow"  # the mlflow of this interpreter
+    return env, shlex.split(" ".join(argv))
+
+
 @pytest.fixture(scope="session")
 def mlflow_server(tmp_path_factory):
-    """One real `mlflow server` per test session: SQLite backend store, artifacts served by the server."""
+    """One real `mlflow server` per test session, started with README's command (SQLite backend
+    store, artifacts served by the server, niced, its job runner off) in a folder of its own."""
     root = tmp_path_factory.mktemp("mlflow_server")
     port = _free_port()
-    cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{root}/mlflow.db",
-           "--artifacts-destination", str(root / "artifacts"), "--host", "127.0.0.1", "--port", str(port),
-           "--workers", "1"]
+    extra_env, cmd = readme_server_command(port)
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
     log = open(root / "server.log", "w")
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=root,
-                            env={k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"})
+                            env={**env, **extra_env})
     uri = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 180
     while True:

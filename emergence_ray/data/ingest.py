@@ -41,6 +41,15 @@ from emergence_ray.errors import DataError
 
 log = logging.getLogger("emergence_ray")
 STREAM_SHUFFLE_BATCHES = 4  # stream mode: rows shuffled in a buffer of this many batches
+
+
+def stream_shuffle_buffer(source: str, batch_size: int) -> int:
+    """Rows of the local shuffle buffer a streamed training split needs (0: none). An
+    ImageFolder streams its files in a new seeded order every epoch, one image per file: that is
+    already a uniform shuffle of the images, and a buffer would only copy every image once more in
+    the worker (7% of the stream's rate on 2 cores, benchmarks/README.md). A Parquet file's rows
+    come in their stored order (a file sorted by class), so they are mixed in a buffer."""
+    return 0 if source == "imagefolder" else STREAM_SHUFFLE_BATCHES * batch_size
 RECORD_IDS_ENV = "EMERGENCE_RAY_RECORD_IDS"  # set (to 1) on the driver: workers log every image id they train on
 Batch = dict[str, torch.Tensor]
 Transform = Callable[[torch.Tensor, torch.Generator], torch.Tensor]
@@ -87,12 +96,16 @@ class WorkerIngest:
     `equal`: cached shards of floor(rows / world) each (training: DDP steps in lockstep); False
     for validation, so that every image is evaluated. `transform`: the device transform (uint8 ->
     normalized float, augmented for training). `record`: a folder; every epoch's image ids are
-    appended to `<name>-rank<r>-epoch<e>.txt` there (tests of exactly-once epochs)."""
+    appended to `<name>-rank<r>-epoch<e>.txt` there (tests of exactly-once epochs).
+    `shuffle_buffer`: rows of a streamed, shuffled split's local shuffle buffer (0: none; default
+    `STREAM_SHUFFLE_BATCHES` batches; `stream_shuffle_buffer` says what a source needs)."""
 
     def __init__(self, source, batch_size: int, device: torch.device, shuffle: bool = False,
                  transform: Transform | None = None, seed: int = 0, rank: int = 0, world: int = 1,
-                 name: str = "train", equal: bool = True, record: str | None = None):
+                 name: str = "train", equal: bool = True, record: str | None = None,
+                 shuffle_buffer: int | None = None):
         self.source, self.batch_size, self.device = source, batch_size, device
+        self.shuffle_buffer = STREAM_SHUFFLE_BATCHES * batch_size if shuffle_buffer is None else shuffle_buffer
         self.cache = isinstance(source, BlockShards)
         self.shuffle, self.transform, self.seed, self.rank, self.name = shuffle, transform, seed, rank, name
         self.world, self.equal, self.record = world, equal, record
@@ -163,8 +176,8 @@ class WorkerIngest:
         if not self.equal and self.rank != 0:  # an unsplit validation stream: rank 0 evaluates it all
             return
         shuffle = {}
-        if self.shuffle:
-            shuffle = {"local_shuffle_buffer_size": STREAM_SHUFFLE_BATCHES * self.batch_size,
+        if self.shuffle and self.shuffle_buffer:
+            shuffle = {"local_shuffle_buffer_size": self.shuffle_buffer,
                        "local_shuffle_seed": int(torch.randint(0, 2**31 - 1, (1,), generator=gen))}
         if not self.record:
             for b in self.source.iter_torch_batches(batch_size=self.batch_size, device=self.device,
