@@ -414,3 +414,25 @@ def test_gpu_service_script_runs_on_cpu_through_the_real_service(ray_session, tm
                            "--out", str(again)], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert again.read_text() == text
+
+
+def test_cache_ab_renders_ratios_to_this_checkout_round_by_round():
+    from benchmarks import cache_ab, common
+
+    def run(rnd: int, version: str, loop: float, step: float, first_step: float | None) -> dict:
+        return {"round": rnd, "version": version, "loop_images_per_s": loop, "train_images_per_s": step,
+                "wall_s": 40.0, "test_accuracy": 0.8, "first_step_s": first_step}
+
+    runs = [run(1, "this", 1000.0, 2000.0, 9.0), run(1, "before", 900.0, 2100.0, None),
+            run(2, "before", 1100.0, 2000.0, None), run(2, "this", 1000.0, 2000.0, 8.0)]
+    for r in runs:
+        this = next(t for t in runs if t["round"] == r["round"] and t["version"] == "this")
+        r.update(loop_ratio=r["loop_images_per_s"] / this["loop_images_per_s"],
+                 train_ratio=r["train_images_per_s"] / this["train_images_per_s"])
+    res = {"command": "python benchmarks/cache_ab.py --compare before=/tmp/wt", "machine": common.machine_info(),
+           "versions": {"this": "/work/main", "before": "/tmp/wt"}, "limit": 12000, "epochs": 3, "runs": runs}
+    text = cache_ab.render(res)
+    assert "| 1 | before | 900 | 0.900 | 2100 | 1.050 | - | 40.0 | 0.8000 |" in text
+    assert "| 2 | this | 1000 | 1.000 | 2000 | 1.000 | 8.0 | 40.0 | 0.8000 |" in text
+    assert "| before | 1.000 | 1.025 |" in text and "| this | 1.000 | 1.000 |" in text
+    assert "**before** = /tmp/wt" in text
