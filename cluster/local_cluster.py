@@ -41,8 +41,10 @@ def _ray(args: list[str], env: dict) -> None:
 
 
 def _node_ports() -> list[str]:
-    # Worker ports below the kernel's ephemeral range (32768+), where every free_port() lands
-    lo = random.randrange(10000, 30000, 200)
+    # Worker ports below the kernel's ephemeral range (32768+), where every free_port() lands, and
+    # above the ports `ray start` takes by default on every node (client server 10001, dashboard 8265):
+    # a range over 10001 makes a worker node's start fail
+    lo = random.randrange(10400, 30000, 200)
     return ["--node-manager-port", str(free_port()), "--object-manager-port", str(free_port()),
             "--metrics-export-port", str(free_port()), "--dashboard-agent-listen-port", str(free_port()),
             "--dashboard-agent-grpc-port", str(free_port()), "--runtime-env-agent-port", str(free_port()),
