@@ -175,14 +175,24 @@ def steady_rates(step_ends: list[float], batch_size: int, world: int, warmup: in
 
 def command_line(script: str, parser, args, options: tuple[str, ...]) -> str:
     """How the run was started, for the results file: `python benchmarks/<script>` plus each of
-    `options` whose value differs from the parser's default."""
+    `options` whose value differs from the parser's default. A repeatable option (a list) is
+    written once per value; a flag (True) without a value."""
     import shlex
 
     cmd = f"python benchmarks/{script}"
     for name in options:
         value = getattr(args, name)
-        if value != parser.get_default(name):
-            cmd += f" --{name.replace('_', '-')} {shlex.quote(str(value))}"
+        if value == parser.get_default(name):
+            continue
+        flag = f" --{name.replace('_', '-')}"
+        if value is True:
+            cmd += flag
+        elif isinstance(value, list) and parser._option_string_actions[flag.strip()].nargs is None:
+            cmd += "".join(f"{flag} {shlex.quote(str(v))}" for v in value)
+        elif isinstance(value, list):
+            cmd += flag + "".join(f" {shlex.quote(str(v))}" for v in value)
+        else:
+            cmd += f"{flag} {shlex.quote(str(value))}"
     return cmd
 
 

@@ -68,13 +68,14 @@ def _data_cfg(folder: Path):
 
 
 def _consume(batches, transform, limit_s: float) -> dict:
-    """Apply the device transform to every batch (as a worker does); -> images/s after the first batch."""
+    """Apply the device transform to every batch (as a CPU worker does; None: leave it to a GPU)
+    -> images/s after the first batch."""
     import torch
 
     gen = torch.Generator().manual_seed(0)
     n, t0, t_first = 0, time.perf_counter(), None
     for b in batches:
-        x = transform(b["image"], gen)
+        x = transform(b["image"], gen) if transform is not None else b["image"]
         if t_first is None:
             t_first = time.perf_counter()
         else:
@@ -85,22 +86,32 @@ def _consume(batches, transform, limit_s: float) -> dict:
     return {"images": n, "seconds": dt, "images_per_s": n / max(1e-9, dt), "first_batch_s": (t_first or t0) - t0}
 
 
-def ray_stream_rate(folder: Path, limit_s: float, batch: int = BATCH) -> dict:
+def ray_stream_rate(folder: Path, limit_s: float, batch: int = BATCH, transform: bool = True,
+                    reservation: bool = True) -> dict:
     """The service's streamed train split (read_binary_files + Decode in Ray Data tasks) through
     iter_torch_batches, on the Ray this process is connected to, with the local shuffle buffer a
     training worker uses for this source (`ingest.stream_shuffle_buffer`: none for an ImageFolder,
-    whose per-epoch file order already shuffles every image)."""
+    whose per-epoch file order already shuffles every image). `reservation=False`: Ray Data's
+    per-operator resource reservation switched off (`DataContext.op_resource_reservation_enabled`),
+    to measure what it costs the decode tasks' concurrency."""
+    import ray.data
+
     from emergence_ray.data import pipeline
     from emergence_ray.data.augment import DeviceTransform
     from emergence_ray.data.ingest import stream_shuffle_buffer
 
-    cfg = _data_cfg(folder)
-    raw = pipeline.load_raw(cfg)
-    spec = pipeline.resolve_spec(raw, cfg)
-    ds = pipeline.decoded(raw.train, spec, cfg, shuffle_seed=0, keep_ids=False)
-    buffer = stream_shuffle_buffer(cfg.source, batch) or None
-    batches = ds.iter_torch_batches(batch_size=batch, prefetch_batches=2, local_shuffle_buffer_size=buffer)
-    return _consume(batches, DeviceTransform(spec, cfg.augment, train=True), limit_s)
+    ctx = ray.data.DataContext.get_current()
+    before, ctx.op_resource_reservation_enabled = ctx.op_resource_reservation_enabled, reservation
+    try:
+        cfg = _data_cfg(folder)
+        raw = pipeline.load_raw(cfg)
+        spec = pipeline.resolve_spec(raw, cfg)
+        ds = pipeline.decoded(raw.train, spec, cfg, shuffle_seed=0, keep_ids=False)
+        buffer = stream_shuffle_buffer(cfg.source, batch) or None
+        batches = ds.iter_torch_batches(batch_size=batch, prefetch_batches=2, local_shuffle_buffer_size=buffer)
+        return _consume(batches, DeviceTransform(spec, cfg.augment, train=True) if transform else None, limit_s)
+    finally:
+        ctx.op_resource_reservation_enabled = before
 
 
 class _Files:
@@ -130,7 +141,8 @@ class _DecodeCollate:
         return {"image": torch.from_numpy(out["image"]), "label": torch.from_numpy(out["label"])}
 
 
-def dataloader_rate(folder: Path, procs: int, limit_s: float, spec=None, batch: int = BATCH) -> dict:
+def dataloader_rate(folder: Path, procs: int, limit_s: float, spec=None, batch: int = BATCH,
+                    transform: bool = True) -> dict:
     """torch DataLoader, `procs` worker processes, the same files, decode and device transform."""
     import torch
     from torch.utils.data import DataLoader
@@ -147,7 +159,7 @@ def dataloader_rate(folder: Path, procs: int, limit_s: float, spec=None, batch: 
     loader = DataLoader(_Files(split.paths, labels), batch_size=batch, shuffle=True, num_workers=procs,
                         collate_fn=_DecodeCollate(spec), prefetch_factor=2, persistent_workers=False,
                         generator=torch.Generator().manual_seed(0))
-    return _consume(loader, DeviceTransform(spec, cfg.augment, train=True), limit_s)
+    return _consume(loader, DeviceTransform(spec, cfg.augment, train=True) if transform else None, limit_s)
 
 
 def first_step(folder: Path, runs: Path, name: str, epochs: int = 1) -> dict:
@@ -180,7 +192,11 @@ def render(results: dict) -> str:
              "Data: photo-like 256 px JPEGs (random crops of scikit-learn's sample photos), 10 classes; "
              f"`image_size={SIZE}`, `data.augment.policy=imagenet`, `data.ingest=stream`.", ""]
     if results.get("first_step"):
-        lines += ["## Time to the first training step, and epoch time (`emergence-ray train`, embedded Ray)", "",
+        lines += ["## Time to the first training step, and epoch time (`emergence-ray train`, embedded Ray)", ""]
+        if results.get("first_step_from"):
+            f = results["first_step_from"]
+            lines += [f"From an earlier run: `{f['command']}` at git `{f['git_revision']}`, {f['date']}.", ""]
+        lines += [
                   "| images | first_step_s | epoch train_s | train images | whole command s |", "|---|---|---|---|---|"]
         for n, r in sorted(results["first_step"].items(), key=lambda kv: int(kv[0])):
             lines.append(f"| {n} | {r['first_step_s']:.1f} | {r['epoch_train_s']:.1f} | {r['train_images']} | "
@@ -193,11 +209,30 @@ def render(results: dict) -> str:
         r = results["ingest"]
         lines += [f"## Ingest rate ({r['images']} images, {r['procs']} CPU processes each)", "",
                   "| path | images/s (median) | runs |", "|---|---|---|",
-                  f"| Ray Data stream (read_binary_files + Decode tasks, iter_torch_batches) | "
+                  f"| Ray Data stream (read_binary_files, Decode fused into the read tasks, iter_torch_batches) | "
                   f"{r['ray_median']:.0f} | {', '.join(f'{x:.0f}' for x in r['ray'])} |",
                   f"| torch DataLoader (num_workers={r['procs']}, same Decode in collate) | "
                   f"{r['loader_median']:.0f} | {', '.join(f'{x:.0f}' for x in r['loader'])} |", "",
-                  f"Ratio Ray Data / DataLoader: {r['ratio']:.2f} (target >= 1.0).", ""]
+                  f"Ratio Ray Data / DataLoader: {r['ratio']:.2f} (target >= 1.0)."]
+        if r.get("pair_ratios"):
+            pairs = r["pair_ratios"]
+            lines.append(f"Within each back-to-back pair: {', '.join(f'{x:.2f}' for x in pairs)} "
+                         f"(median {common.median(pairs):.2f}); the pairs follow the host's drifting speed.")
+        lines.append("")
+    if results.get("decode_only"):
+        d = results["decode_only"]
+        med = {k: common.median(d[k]) for k in ("ray", "ray_no_reservation", "loader")}
+        lines += [f"## Decode alone ({d['images']} images, {d['procs']} CPU processes each, no device transform)", "",
+                  "What a GPU worker's CPUs do: the device transform runs on the GPU there, so decode is the "
+                  "CPU side's whole job. Rounds alternate the three paths.", "",
+                  "| path | images/s (median) | x DataLoader | runs |", "|---|---|---|---|"]
+        names = {"ray": "Ray Data stream (as shipped)",
+                 "ray_no_reservation": "Ray Data stream, `op_resource_reservation_enabled=False`",
+                 "loader": f"torch DataLoader (num_workers={d['procs']})"}
+        for k, label in names.items():
+            lines.append(f"| {label} | {med[k]:.0f} | {med[k] / max(1e-9, med['loader']):.2f} | "
+                         f"{', '.join(f'{x:.0f}' for x in d[k])} |")
+        lines.append("")
     return "\n".join(lines) + "\n"
 
 
@@ -210,11 +245,24 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--limit-s", type=float, default=60.0, help="longest pass of one ingest measurement")
     p.add_argument("--data", type=Path, default=Path(tempfile.gettempdir()) / "er-stream-bench")
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks")
-    p.add_argument("--skip-first-step", action="store_true")
+    p.add_argument("--decode-repeats", type=int, default=0,
+                   help="also measure decode alone (no device transform: a GPU worker's CPU side), "
+                        "with Ray Data's resource reservation on and off, this many rounds")
+    p.add_argument("--skip-first-step", action="store_true",
+                   help="measure ingest only; keep the first-step rows of --out/STREAM.json, with their command")
     args = p.parse_args(argv)
     results = {"command": common.command_line("stream.py", p, args, ("sizes", "procs", "ingest_images", "repeats",
-                                                                      "limit_s", "skip_first_step")),
+                                                                      "limit_s", "decode_repeats",
+                                                                      "skip_first_step")),
                "machine": common.machine_info(), "first_step": {}, "ingest": None}
+    earlier = args.out / "STREAM.json"
+    if args.skip_first_step and earlier.exists():
+        old = json.loads(earlier.read_text())
+        if old.get("first_step"):
+            results["first_step"] = old["first_step"]
+            m = old["machine"]
+            results["first_step_from"] = old.get("first_step_from") or {
+                "command": old["command"], "git_revision": m["git_revision"], "date": m["date"]}
     if not args.skip_first_step:
         for n in args.sizes:
             folder = make_folder(args.data / f"jpeg-{n}", n)
@@ -234,11 +282,21 @@ def main(argv: list[str] | None = None) -> int:
             ray_runs.append(ray_stream_rate(folder, args.limit_s)["images_per_s"])
             loader_runs.append(dataloader_rate(folder, args.procs, args.limit_s)["images_per_s"])
             print("ray", ray_runs[-1], "loader", loader_runs[-1], flush=True)
+        decode = {"ray": [], "ray_no_reservation": [], "loader": []}
+        for _ in range(args.decode_repeats):
+            decode["ray"].append(ray_stream_rate(folder, args.limit_s, transform=False)["images_per_s"])
+            decode["ray_no_reservation"].append(
+                ray_stream_rate(folder, args.limit_s, transform=False, reservation=False)["images_per_s"])
+            decode["loader"].append(dataloader_rate(folder, args.procs, args.limit_s, transform=False)["images_per_s"])
+            print("decode", {k: v[-1] for k, v in decode.items()}, flush=True)
+        if args.decode_repeats:
+            results["decode_only"] = {"images": args.ingest_images, "procs": args.procs, **decode}
         ray.shutdown()
         results["ingest"] = {"images": args.ingest_images, "procs": args.procs, "ray": ray_runs,
                              "loader": loader_runs, "ray_median": common.median(ray_runs),
                              "loader_median": common.median(loader_runs),
-                             "ratio": common.median(ray_runs) / max(1e-9, common.median(loader_runs))}
+                             "ratio": common.median(ray_runs) / max(1e-9, common.median(loader_runs)),
+                             "pair_ratios": [r / max(1e-9, d) for r, d in zip(ray_runs, loader_runs)]}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "STREAM.json").write_text(json.dumps(results, indent=2))
     (args.out / "STREAM.md").write_text(render(results))

@@ -338,6 +338,19 @@ def test_command_line_names_only_the_options_that_differ_from_their_defaults():
         "python benchmarks/floor.py --rounds 1 --out '/tmp/a b.md'"
 
 
+def test_command_line_writes_lists_and_flags_as_they_were_given():
+    import argparse
+
+    p = argparse.ArgumentParser()
+    p.add_argument("--compare", action="append", default=[])
+    p.add_argument("--sizes", type=int, nargs="+", default=[1000])
+    p.add_argument("--skip", action="store_true")
+    argv = ["--compare", "a=/x", "--compare", "b=/y z", "--sizes", "1", "2", "--skip"]
+    line = common.command_line("s.py", p, p.parse_args(argv), ("compare", "sizes", "skip"))
+    assert line == "python benchmarks/s.py --compare a=/x --compare 'b=/y z' --sizes 1 2 --skip"
+    assert p.parse_args(__import__("shlex").split(line)[2:]) == p.parse_args(argv)
+
+
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="the process tree is read from Linux /proc")
 def test_epoch_overhead_counts_the_cpu_of_its_child_processes():
     """A busy child is counted while it runs (from /proc) and once waited for (RUSAGE_CHILDREN).
@@ -436,3 +449,36 @@ def test_cache_ab_renders_ratios_to_this_checkout_round_by_round():
     assert "| 2 | this | 1000 | 1.000 | 2000 | 1.000 | 8.0 | 40.0 | 0.8000 |" in text
     assert "| before | 1.000 | 1.025 |" in text and "| this | 1.000 | 1.000 |" in text
     assert "**before** = /tmp/wt" in text
+
+
+def test_stream_bench_measures_both_paths_on_real_jpegs_and_renders_them(ray_session, tmp_path):
+    """stream.py's ingest passes on a small photo-like JPEG folder, on the session Ray: the stream
+    with and without Ray Data's resource reservation (the context is restored after), the
+    DataLoader with and without the device transform; then the tables they fill."""
+    import ray.data
+
+    from benchmarks import common, stream
+
+    folder = stream.make_folder(tmp_path / "jpegs", 120)
+    ctx = ray.data.DataContext.get_current()
+    reserved = ctx.op_resource_reservation_enabled  # fails loudly if Ray drops the setting
+    with_xf = stream.ray_stream_rate(folder, limit_s=20, batch=16)
+    bare = stream.ray_stream_rate(folder, limit_s=20, batch=16, transform=False, reservation=False)
+    assert ctx.op_resource_reservation_enabled == reserved
+    loader = stream.dataloader_rate(folder, procs=1, limit_s=20, batch=16, transform=False)
+    from emergence_ray.data import pipeline
+
+    train_images = pipeline.load_raw(stream._data_cfg(folder)).train.count  # 5% validation, 5% test held out
+    assert 100 <= train_images < 120
+    for r in (with_xf, bare, loader):
+        assert r["images"] == train_images - 16 and r["images_per_s"] > 0  # all but the first batch
+    res = {"command": "python benchmarks/stream.py --decode-repeats 1", "machine": common.machine_info(),
+           "first_step": {}, "ingest": {"images": 120, "procs": 1, "ray": [100.0], "loader": [125.0],
+                                         "ray_median": 100.0, "loader_median": 125.0, "ratio": 0.8,
+                                         "pair_ratios": [0.8]},
+           "decode_only": {"images": 120, "procs": 1, "ray": [50.0], "ray_no_reservation": [80.0],
+                           "loader": [100.0]}}
+    text = stream.render(res)
+    assert "Ratio Ray Data / DataLoader: 0.80 (target >= 1.0)." in text
+    assert "| Ray Data stream (as shipped) | 50 | 0.50 | 50 |" in text
+    assert "| Ray Data stream, `op_resource_reservation_enabled=False` | 80 | 0.80 | 80 |" in text
