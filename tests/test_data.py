@@ -262,3 +262,20 @@ def test_bad_labels_and_unlearnable_classes_are_refused(case, label_refusals):
     for fragment in LABEL_CASES[case][1]:
         assert fragment in errors[0], errors[0]
     assert written == []  # nothing written
+
+
+def test_streamed_blocks_follow_the_object_store_and_spread_small_splits(ray_session):
+    """Read tasks take up to 256 images, in blocks of at most 1/32 of the smallest object store
+    (never under 16 MB), and a small split still gets two tasks per CPU."""
+    import ray
+
+    from emergence_ray.data import pipeline
+
+    store = min(n["Resources"]["object_store_memory"] for n in ray.nodes() if n["Alive"])
+    want = min(pipeline.MAX_BLOCK_BYTES, max(pipeline.BLOCK_BYTES, int(store) // pipeline.STORE_SHARE))
+    assert pipeline.block_bytes() == want
+    per_image = 3 * 256 * 256
+    big = pipeline.files_per_task(100_000, per_image)
+    assert big == max(8, min(256, want // per_image)) and big * per_image <= max(want, 8 * per_image)
+    assert pipeline.files_per_task(200, per_image) == min(big, 50)  # 200 images over 2 CPUs: 4 tasks
+    assert pipeline.files_per_task(10, per_image) == 8  # never fewer than 8 images a task

@@ -36,7 +36,9 @@ from emergence_ray.errors import DataError
 
 log = logging.getLogger(__name__)
 SAMPLE = 512  # train images inspected to resolve channels, size and normalization
-BLOCK_BYTES = 16 * 2**20  # decoded bytes per map batch: blocks far below a small object store
+BLOCK_BYTES = 16 * 2**20  # decoded bytes per block, at least: far below a small object store
+MAX_BLOCK_BYTES = 64 * 2**20
+STORE_SHARE = 32  # a block is at most this fraction of the smallest node's object store
 
 __all__ = ["Prepared", "prepare", "prepare_test", "decoded", "keep_ok", "load_raw", "resolve_spec"]
 
@@ -85,20 +87,41 @@ def resolve_spec(raw: RawSplits, cfg: DataConfig) -> DataSpec:
                     policy=policy, load_size=load)
 
 
+def block_bytes() -> int:
+    """Decoded bytes per block of streamed images. Each Ray Data read task pays a fixed gap besides
+    its decode (reading its files, storing its block, Ray Data noticing it finished and sending the
+    next), so larger tasks decode more of the time: 256-image blocks (50 MB at 256 px) decoded 1.25x
+    the images/s of 85-image (16 MB) ones on 2 cores (benchmarks/STREAM.md). A block stays below
+    1/STORE_SHARE of the smallest node's object store, and never under BLOCK_BYTES: a 256 MiB store
+    keeps 16 MB blocks, which tests/test_streaming.py streams without spilling."""
+    stores = [n["Resources"].get("object_store_memory", 0) for n in ray.nodes() if n.get("Alive")]
+    smallest = min((s for s in stores if s > 0), default=0)
+    return int(min(MAX_BLOCK_BYTES, max(BLOCK_BYTES, smallest // STORE_SHARE)))
+
+
+def files_per_task(count: int, per_image: int) -> int:
+    """Images per read task: `block_bytes()` of them (8 to 256), but at least two tasks per CPU of
+    the cluster while the split has images for them, so that a small split still spreads over
+    every core."""
+    per_block = int(max(8, min(256, block_bytes() // per_image)))
+    cpus = int(ray.cluster_resources().get("CPU", 1))
+    return max(8, min(per_block, -(-count // (2 * max(1, cpus)))))
+
+
 def decoded(split: Split, spec: DataSpec, cfg: DataConfig, shuffle_seed: int | None = None,
             keep_ids: bool = True) -> ray.data.Dataset:
     """Lazy: read `split` and decode it to uint8 in Ray Data tasks; unreadable images dropped
     (data.on_bad_image=skip) or raising (fail)."""
     per_image = spec.channels * spec.wire_size ** 2
-    batch = int(max(8, min(256, BLOCK_BYTES // per_image)))
     decode = Decode(spec, cfg.on_bad_image, keep_ids)
     if isinstance(split, FileSplit):
-        # blocks of `batch` files, decoded whole inside the read task: on 2 CPUs a separate read
-        # operator held one of the two task slots, and the stream ran at 0.78x of the fused one
-        # (benchmarks/STREAM.md)
-        ds = split.dataset(shuffle_seed, files_per_block=batch).map_batches(decode, batch_format="numpy",
-                                                                             batch_size=None)
+        # blocks of `files_per_task` files, decoded whole inside the read task: on 2 CPUs a
+        # separate read operator held one of the two task slots, and the stream ran at 0.78x of
+        # the fused one (benchmarks/STREAM.md)
+        ds = split.dataset(shuffle_seed, files_per_block=files_per_task(split.count, per_image)).map_batches(
+            decode, batch_format="numpy", batch_size=None)
     else:
+        batch = int(max(8, min(256, BLOCK_BYTES // per_image)))
         ds = split.dataset(shuffle_seed).map_batches(decode, batch_format="numpy", batch_size=batch)
     return ds.map_batches(keep_ok, batch_format="numpy") if cfg.on_bad_image == "skip" else ds
 
