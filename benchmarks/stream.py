@@ -87,13 +87,14 @@ def _consume(batches, transform, limit_s: float) -> dict:
 
 
 def ray_stream_rate(folder: Path, limit_s: float, batch: int = BATCH, transform: bool = True,
-                    reservation: bool = True) -> dict:
+                    reservation: bool = True, max_block_mb: int | None = None) -> dict:
     """The service's streamed train split (read_binary_files + Decode in Ray Data tasks) through
     iter_torch_batches, on the Ray this process is connected to, with the local shuffle buffer a
     training worker uses for this source (`ingest.stream_shuffle_buffer`: none for an ImageFolder,
     whose per-epoch file order already shuffles every image). `reservation=False`: Ray Data's
     per-operator resource reservation switched off (`DataContext.op_resource_reservation_enabled`),
-    to measure what it costs the decode tasks' concurrency."""
+    to measure what it costs the decode tasks' concurrency. `max_block_mb`: cap the blocks of
+    decoded images at that size instead of `pipeline.MAX_BLOCK_BYTES`."""
     import ray.data
 
     from emergence_ray.data import pipeline
@@ -102,6 +103,9 @@ def ray_stream_rate(folder: Path, limit_s: float, batch: int = BATCH, transform:
 
     ctx = ray.data.DataContext.get_current()
     before, ctx.op_resource_reservation_enabled = ctx.op_resource_reservation_enabled, reservation
+    max_block = pipeline.MAX_BLOCK_BYTES
+    if max_block_mb is not None:
+        pipeline.MAX_BLOCK_BYTES = max_block_mb * 2**20
     try:
         cfg = _data_cfg(folder)
         raw = pipeline.load_raw(cfg)
@@ -112,6 +116,7 @@ def ray_stream_rate(folder: Path, limit_s: float, batch: int = BATCH, transform:
         return _consume(batches, DeviceTransform(spec, cfg.augment, train=True) if transform else None, limit_s)
     finally:
         ctx.op_resource_reservation_enabled = before
+        pipeline.MAX_BLOCK_BYTES = max_block
 
 
 class _Files:
@@ -221,14 +226,16 @@ def render(results: dict) -> str:
         lines.append("")
     if results.get("decode_only"):
         d = results["decode_only"]
-        med = {k: common.median(d[k]) for k in ("ray", "ray_no_reservation", "loader")}
-        lines += [f"## Decode alone ({d['images']} images, {d['procs']} CPU processes each, no device transform)", "",
-                  "What a GPU worker's CPUs do: the device transform runs on the GPU there, so decode is the "
-                  "CPU side's whole job. Rounds alternate the three paths.", "",
-                  "| path | images/s (median) | x DataLoader | runs |", "|---|---|---|---|"]
         names = {"ray": "Ray Data stream (as shipped)",
+                 "ray_16mb_blocks": "Ray Data stream, blocks of at most 16 MB (before 7af0804)",
                  "ray_no_reservation": "Ray Data stream, `op_resource_reservation_enabled=False`",
                  "loader": f"torch DataLoader (num_workers={d['procs']})"}
+        names = {k: v for k, v in names.items() if d.get(k)}
+        med = {k: common.median(d[k]) for k in names}
+        lines += [f"## Decode alone ({d['images']} images, {d['procs']} CPU processes each, no device transform)", "",
+                  "What a GPU worker's CPUs do: the device transform runs on the GPU there, so decode is the "
+                  "CPU side's whole job. Rounds alternate the paths.", "",
+                  "| path | images/s (median) | x DataLoader | runs |", "|---|---|---|---|"]
         for k, label in names.items():
             lines.append(f"| {label} | {med[k]:.0f} | {med[k] / max(1e-9, med['loader']):.2f} | "
                          f"{', '.join(f'{x:.0f}' for x in d[k])} |")
@@ -282,9 +289,11 @@ def main(argv: list[str] | None = None) -> int:
             ray_runs.append(ray_stream_rate(folder, args.limit_s)["images_per_s"])
             loader_runs.append(dataloader_rate(folder, args.procs, args.limit_s)["images_per_s"])
             print("ray", ray_runs[-1], "loader", loader_runs[-1], flush=True)
-        decode = {"ray": [], "ray_no_reservation": [], "loader": []}
+        decode = {"ray": [], "ray_16mb_blocks": [], "ray_no_reservation": [], "loader": []}
         for _ in range(args.decode_repeats):
             decode["ray"].append(ray_stream_rate(folder, args.limit_s, transform=False)["images_per_s"])
+            decode["ray_16mb_blocks"].append(
+                ray_stream_rate(folder, args.limit_s, transform=False, max_block_mb=16)["images_per_s"])
             decode["ray_no_reservation"].append(
                 ray_stream_rate(folder, args.limit_s, transform=False, reservation=False)["images_per_s"])
             decode["loader"].append(dataloader_rate(folder, args.procs, args.limit_s, transform=False)["images_per_s"])
