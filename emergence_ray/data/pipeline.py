@@ -90,8 +90,8 @@ def resolve_spec(raw: RawSplits, cfg: DataConfig) -> DataSpec:
 def block_bytes() -> int:
     """Decoded bytes per block of streamed images. Each Ray Data read task pays a fixed gap besides
     its decode (reading its files, storing its block, Ray Data noticing it finished and sending the
-    next), so larger tasks decode more of the time: 256-image blocks (50 MB at 256 px) decoded 1.25x
-    the images/s of 85-image (16 MB) ones on 2 cores (benchmarks/STREAM.md). A block stays below
+    next), so larger tasks decode more of the time: 256-image blocks (50 MB at 256 px) decoded 1.38x
+    the images/s of 85-image (16 MB) ones on 2 cores (benchmarks/STREAM.md, decode alone). A block stays below
     1/STORE_SHARE of the smallest node's object store, and never under BLOCK_BYTES: a 256 MiB store
     keeps 16 MB blocks, which tests/test_streaming.py streams without spilling."""
     stores = [n["Resources"].get("object_store_memory", 0) for n in ray.nodes() if n.get("Alive")]
