@@ -212,7 +212,12 @@ def render(results: dict) -> str:
         lines.append("")
     if results.get("ingest"):
         r = results["ingest"]
-        lines += [f"## Ingest rate ({r['images']} images, {r['procs']} CPU processes each)", "",
+        lines += [f"## Ingest rate ({r['images']} images, {r['procs']} CPU processes each)", ""]
+        if results.get("ingest_from"):
+            f = results["ingest_from"]
+            lines += [f"The ingest sections come from an earlier run: `{f['command']}` at git "
+                      f"`{f['git_revision']}`, {f['date']}.", ""]
+        lines += [
                   "| path | images/s (median) | runs |", "|---|---|---|",
                   f"| Ray Data stream (read_binary_files, Decode fused into the read tasks, iter_torch_batches) | "
                   f"{r['ray_median']:.0f} | {', '.join(f'{x:.0f}' for x in r['ray'])} |",
@@ -257,19 +262,23 @@ def main(argv: list[str] | None = None) -> int:
                         "with Ray Data's resource reservation on and off, this many rounds")
     p.add_argument("--skip-first-step", action="store_true",
                    help="measure ingest only; keep the first-step rows of --out/STREAM.json, with their command")
+    # --ingest-images 0: first step only; the ingest sections of --out/STREAM.json are kept, with their command
     args = p.parse_args(argv)
     results = {"command": common.command_line("stream.py", p, args, ("sizes", "procs", "ingest_images", "repeats",
                                                                       "limit_s", "decode_repeats",
                                                                       "skip_first_step")),
                "machine": common.machine_info(), "first_step": {}, "ingest": None}
     earlier = args.out / "STREAM.json"
-    if args.skip_first_step and earlier.exists():
-        old = json.loads(earlier.read_text())
-        if old.get("first_step"):
-            results["first_step"] = old["first_step"]
-            m = old["machine"]
-            results["first_step_from"] = old.get("first_step_from") or {
-                "command": old["command"], "git_revision": m["git_revision"], "date": m["date"]}
+    old = json.loads(earlier.read_text()) if earlier.exists() else {}
+    provenance = {"command": old.get("command"), "git_revision": old.get("machine", {}).get("git_revision"),
+                  "date": old.get("machine", {}).get("date")}
+    if args.skip_first_step and old.get("first_step"):
+        results["first_step"] = old["first_step"]
+        results["first_step_from"] = old.get("first_step_from") or provenance
+    if not args.ingest_images and old.get("ingest"):  # first step only: keep the ingest sections
+        results.update(ingest=old["ingest"], ingest_from=old.get("ingest_from") or provenance)
+        if old.get("decode_only"):
+            results["decode_only"] = old["decode_only"]
     if not args.skip_first_step:
         for n in args.sizes:
             folder = make_folder(args.data / f"jpeg-{n}", n)

@@ -482,3 +482,7 @@ def test_stream_bench_measures_both_paths_on_real_jpegs_and_renders_them(ray_ses
     assert "Ratio Ray Data / DataLoader: 0.80 (target >= 1.0)." in text
     assert "| Ray Data stream (as shipped) | 50 | 0.50 | 50 |" in text
     assert "| Ray Data stream, `op_resource_reservation_enabled=False` | 80 | 0.80 | 80 |" in text
+    res["ingest_from"] = {"command": "python benchmarks/stream.py --skip-first-step", "git_revision": "abc1234",
+                          "date": "2026-12-05"}
+    assert ("The ingest sections come from an earlier run: `python benchmarks/stream.py --skip-first-step` at git "
+            "`abc1234`, 2026-12-05.") in stream.render(res)
