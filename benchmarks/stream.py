@@ -74,49 +74,40 @@ def _consume(batches, transform, limit_s: float) -> dict:
 
     gen = torch.Generator().manual_seed(0)
     n, t0, t_first = 0, time.perf_counter(), None
+    first = 0
     for b in batches:
         x = transform(b["image"], gen) if transform is not None else b["image"]
         if t_first is None:
-            t_first = time.perf_counter()
+            t_first, first = time.perf_counter(), len(x)
         else:
             n += len(x)
         if time.perf_counter() - t0 > limit_s:
             break
-    dt = time.perf_counter() - (t_first or t0)
-    return {"images": n, "seconds": dt, "images_per_s": n / max(1e-9, dt), "first_batch_s": (t_first or t0) - t0}
+    end = time.perf_counter()
+    dt = end - (t_first or t0)
+    return {"images": n, "seconds": dt, "images_per_s": n / max(1e-9, dt), "first_batch_s": (t_first or t0) - t0,
+            "with_start_images_per_s": (n + first) / max(1e-9, end - t0)}
 
 
 def ray_stream_rate(folder: Path, limit_s: float, batch: int = BATCH, transform: bool = True,
-                    reservation: bool = True, max_block_mb: int | None = None) -> dict:
-    """The service's streamed train split (read_binary_files + Decode in Ray Data tasks) through
-    iter_torch_batches, on the Ray this process is connected to, with the local shuffle buffer a
-    training worker uses for this source (`ingest.stream_shuffle_buffer`: none for an ImageFolder,
-    whose per-epoch file order already shuffles every image). `reservation=False`: Ray Data's
-    per-operator resource reservation switched off (`DataContext.op_resource_reservation_enabled`),
-    to measure what it costs the decode tasks' concurrency. `max_block_mb`: cap the blocks of
-    decoded images at that size instead of `pipeline.MAX_BLOCK_BYTES`."""
-    import ray.data
-
+                    actors: bool = True) -> dict:
+    """The service's streamed train split through iter_torch_batches, on the Ray this process is
+    connected to, with the local shuffle buffer a training worker uses for this source
+    (`ingest.stream_shuffle_buffer`: none for an ImageFolder, whose per-epoch file order already
+    shuffles every image). `actors`: as shipped, the files read and decoded in a pool of decode
+    actors (`pipeline.decode_actors`); False: the read-task path used before (read_binary_files
+    with Decode fused into each read task)."""
     from emergence_ray.data import pipeline
     from emergence_ray.data.augment import DeviceTransform
     from emergence_ray.data.ingest import stream_shuffle_buffer
 
-    ctx = ray.data.DataContext.get_current()
-    before, ctx.op_resource_reservation_enabled = ctx.op_resource_reservation_enabled, reservation
-    max_block = pipeline.MAX_BLOCK_BYTES
-    if max_block_mb is not None:
-        pipeline.MAX_BLOCK_BYTES = max_block_mb * 2**20
-    try:
-        cfg = _data_cfg(folder)
-        raw = pipeline.load_raw(cfg)
-        spec = pipeline.resolve_spec(raw, cfg)
-        ds = pipeline.decoded(raw.train, spec, cfg, shuffle_seed=0, keep_ids=False)
-        buffer = stream_shuffle_buffer(cfg.source, batch) or None
-        batches = ds.iter_torch_batches(batch_size=batch, prefetch_batches=2, local_shuffle_buffer_size=buffer)
-        return _consume(batches, DeviceTransform(spec, cfg.augment, train=True) if transform else None, limit_s)
-    finally:
-        ctx.op_resource_reservation_enabled = before
-        pipeline.MAX_BLOCK_BYTES = max_block
+    cfg = _data_cfg(folder)
+    raw = pipeline.load_raw(cfg)
+    spec = pipeline.resolve_spec(raw, cfg)
+    ds = pipeline.decoded(raw.train, spec, cfg, shuffle_seed=0, keep_ids=False, actors=actors)
+    buffer = stream_shuffle_buffer(cfg.source, batch) or None
+    batches = ds.iter_torch_batches(batch_size=batch, prefetch_batches=2, local_shuffle_buffer_size=buffer)
+    return _consume(batches, DeviceTransform(spec, cfg.augment, train=True) if transform else None, limit_s)
 
 
 class _Files:
@@ -167,6 +158,29 @@ def dataloader_rate(folder: Path, procs: int, limit_s: float, spec=None, batch: 
     return _consume(loader, DeviceTransform(spec, cfg.augment, train=True) if transform else None, limit_s)
 
 
+def ingest_paths(folder: Path, procs: int, limit_s: float, batch: int = BATCH) -> dict:
+    """The compared paths by name: each a function of `transform` -> one pass's figures."""
+    return {"ray": lambda t: ray_stream_rate(folder, limit_s, batch, transform=t),
+            "ray_tasks": lambda t: ray_stream_rate(folder, limit_s, batch, transform=t, actors=False),
+            "loader": lambda t: dataloader_rate(folder, procs, limit_s, batch=batch, transform=t)}
+
+
+def ingest_rounds(measure: dict, n: int, transform: bool, images: int, procs: int) -> dict:
+    """`n` rounds of every path in `measure`, alternated so that a drifting host load hits every
+    path alike; rates, start-up and ratios to the DataLoader, overall and within each round."""
+    runs: dict = {k: {"images_per_s": [], "with_start_images_per_s": [], "first_batch_s": []} for k in measure}
+    for _ in range(n):
+        for k, fn in measure.items():
+            r = fn(transform)
+            for field in runs[k]:
+                runs[k][field].append(r[field])
+        print({k: round(v["images_per_s"][-1]) for k, v in runs.items()}, flush=True)
+    loader = runs["loader"]["images_per_s"]
+    return {"images": images, "procs": procs, "runs": runs,
+            "ratio": {k: common.median(v["images_per_s"]) / max(1e-9, common.median(loader)) for k, v in runs.items()},
+            "pair_ratios": {k: [r / max(1e-9, d) for r, d in zip(v["images_per_s"], loader)] for k, v in runs.items()}}
+
+
 def first_step(folder: Path, runs: Path, name: str, epochs: int = 1) -> dict:
     """`emergence-ray train` (embedded Ray, streamed) on the folder: first_step_s and epoch time."""
     overrides = ["data.source=imagefolder", f"data.path={folder}", f"data.image_size={SIZE}", "data.ingest=stream",
@@ -183,6 +197,40 @@ def first_step(folder: Path, runs: Path, name: str, epochs: int = 1) -> dict:
     metrics = [json.loads(line) for line in (runs / name / "metrics.jsonl").read_text().splitlines()]
     return {"first_step_s": summary["first_step_s"], "epoch_train_s": metrics[0]["train_s"],
             "train_images": summary["images"]["train"], "command_s": time.time() - t}
+
+
+INGEST_PATHS = {
+    "ray": "Ray Data stream, as shipped: file list -> read + Decode in a pool of decode actors",
+    "ray_tasks": "Ray Data stream, read tasks (read_binary_files, Decode fused into each task; before the actors)",
+    "loader": "torch DataLoader (num_workers={procs}, same read + Decode in its workers)",
+}
+
+
+def _render_ingest(r: dict, key: str, earlier: dict | None) -> list[str]:
+    if key == "ingest":
+        lines = [f"## Ingest rate ({r['images']} images, {r['procs']} CPU processes each, device transform in the "
+                 "consuming process)", ""]
+    else:
+        lines = [f"## Decode alone ({r['images']} images, {r['procs']} CPU processes each, no device transform)", "",
+                 "What a GPU worker's CPUs do: the device transform runs on the GPU there, so decode is the "
+                 "CPU side's whole job.", ""]
+    if earlier:
+        lines += [f"From an earlier run: `{earlier['command']}` at git `{earlier['git_revision']}`, "
+                  f"{earlier['date']}.", ""]
+    lines += ["Rounds alternate the paths. images/s counts from the first batch on; *with start* counts from the "
+              "call that starts the pass (the actors' or workers' start-up included).", "",
+              "| path | images/s (median) | x DataLoader | pairs x DataLoader | with start | first batch s | runs |",
+              "|---|---|---|---|---|---|---|"]
+    loader_start = common.median(r["runs"]["loader"]["with_start_images_per_s"])
+    for k, runs in r["runs"].items():
+        rate, start = common.median(runs["images_per_s"]), common.median(runs["with_start_images_per_s"])
+        lines.append(f"| {INGEST_PATHS[k].format(procs=r['procs'])} | {rate:.0f} | {r['ratio'][k]:.2f} | "
+                     f"{', '.join(f'{x:.2f}' for x in r['pair_ratios'][k])} | {start:.0f} "
+                     f"({start / max(1e-9, loader_start):.2f}x) | {common.median(runs['first_batch_s']):.1f} | "
+                     f"{', '.join(f'{x:.0f}' for x in runs['images_per_s'])} |")
+    if key == "ingest":
+        lines += ["", f"Ratio as shipped / DataLoader: {r['ratio']['ray']:.2f} (target >= 1.0)."]
+    return lines + [""]
 
 
 def render(results: dict) -> str:
@@ -210,41 +258,9 @@ def render(results: dict) -> str:
         if len(fs) > 1:
             lines += ["", f"Largest / smallest first_step_s: {fs[max(fs)] / fs[min(fs)]:.2f}x (target <= 1.3x)."]
         lines.append("")
-    if results.get("ingest"):
-        r = results["ingest"]
-        lines += [f"## Ingest rate ({r['images']} images, {r['procs']} CPU processes each)", ""]
-        if results.get("ingest_from"):
-            f = results["ingest_from"]
-            lines += [f"The ingest sections come from an earlier run: `{f['command']}` at git "
-                      f"`{f['git_revision']}`, {f['date']}.", ""]
-        lines += [
-                  "| path | images/s (median) | runs |", "|---|---|---|",
-                  f"| Ray Data stream (read_binary_files, Decode fused into the read tasks, iter_torch_batches) | "
-                  f"{r['ray_median']:.0f} | {', '.join(f'{x:.0f}' for x in r['ray'])} |",
-                  f"| torch DataLoader (num_workers={r['procs']}, same Decode in collate) | "
-                  f"{r['loader_median']:.0f} | {', '.join(f'{x:.0f}' for x in r['loader'])} |", "",
-                  f"Ratio Ray Data / DataLoader: {r['ratio']:.2f} (target >= 1.0)."]
-        if r.get("pair_ratios"):
-            pairs = r["pair_ratios"]
-            lines.append(f"Within each back-to-back pair: {', '.join(f'{x:.2f}' for x in pairs)} "
-                         f"(median {common.median(pairs):.2f}); the pairs follow the host's drifting speed.")
-        lines.append("")
-    if results.get("decode_only"):
-        d = results["decode_only"]
-        names = {"ray": "Ray Data stream (as shipped)",
-                 "ray_16mb_blocks": "Ray Data stream, blocks of at most 16 MB (before 7af0804)",
-                 "ray_no_reservation": "Ray Data stream, `op_resource_reservation_enabled=False`",
-                 "loader": f"torch DataLoader (num_workers={d['procs']})"}
-        names = {k: v for k, v in names.items() if d.get(k)}
-        med = {k: common.median(d[k]) for k in names}
-        lines += [f"## Decode alone ({d['images']} images, {d['procs']} CPU processes each, no device transform)", "",
-                  "What a GPU worker's CPUs do: the device transform runs on the GPU there, so decode is the "
-                  "CPU side's whole job. Rounds alternate the paths.", "",
-                  "| path | images/s (median) | x DataLoader | runs |", "|---|---|---|---|"]
-        for k, label in names.items():
-            lines.append(f"| {label} | {med[k]:.0f} | {med[k] / max(1e-9, med['loader']):.2f} | "
-                         f"{', '.join(f'{x:.0f}' for x in d[k])} |")
-        lines.append("")
+    for key in ("ingest", "decode_only"):
+        if results.get(key):
+            lines += _render_ingest(results[key], key, results.get("ingest_from"))
     return "\n".join(lines) + "\n"
 
 
@@ -259,7 +275,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks")
     p.add_argument("--decode-repeats", type=int, default=0,
                    help="also measure decode alone (no device transform: a GPU worker's CPU side), "
-                        "with Ray Data's resource reservation on and off, this many rounds")
+                        "this many rounds")
     p.add_argument("--skip-first-step", action="store_true",
                    help="measure ingest only; keep the first-step rows of --out/STREAM.json, with their command")
     # --ingest-images 0: first step only; the ingest sections of --out/STREAM.json are kept, with their command
@@ -275,7 +291,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.skip_first_step and old.get("first_step"):
         results["first_step"] = old["first_step"]
         results["first_step_from"] = old.get("first_step_from") or provenance
-    if not args.ingest_images and old.get("ingest"):  # first step only: keep the ingest sections
+    if not args.ingest_images and old.get("ingest", {}).get("runs"):  # first step only: keep the ingest sections
         results.update(ingest=old["ingest"], ingest_from=old.get("ingest_from") or provenance)
         if old.get("decode_only"):
             results["decode_only"] = old["decode_only"]
@@ -293,28 +309,11 @@ def main(argv: list[str] | None = None) -> int:
         import ray.data
 
         ray.data.DataContext.get_current().enable_progress_bars = False
-        ray_runs, loader_runs = [], []
-        for _ in range(args.repeats):  # alternated, so drifting load hits both alike
-            ray_runs.append(ray_stream_rate(folder, args.limit_s)["images_per_s"])
-            loader_runs.append(dataloader_rate(folder, args.procs, args.limit_s)["images_per_s"])
-            print("ray", ray_runs[-1], "loader", loader_runs[-1], flush=True)
-        decode = {"ray": [], "ray_16mb_blocks": [], "ray_no_reservation": [], "loader": []}
-        for _ in range(args.decode_repeats):
-            decode["ray"].append(ray_stream_rate(folder, args.limit_s, transform=False)["images_per_s"])
-            decode["ray_16mb_blocks"].append(
-                ray_stream_rate(folder, args.limit_s, transform=False, max_block_mb=16)["images_per_s"])
-            decode["ray_no_reservation"].append(
-                ray_stream_rate(folder, args.limit_s, transform=False, reservation=False)["images_per_s"])
-            decode["loader"].append(dataloader_rate(folder, args.procs, args.limit_s, transform=False)["images_per_s"])
-            print("decode", {k: v[-1] for k, v in decode.items()}, flush=True)
+        measure = ingest_paths(folder, args.procs, args.limit_s)
+        results["ingest"] = ingest_rounds(measure, args.repeats, True, args.ingest_images, args.procs)
         if args.decode_repeats:
-            results["decode_only"] = {"images": args.ingest_images, "procs": args.procs, **decode}
+            results["decode_only"] = ingest_rounds(measure, args.decode_repeats, False, args.ingest_images, args.procs)
         ray.shutdown()
-        results["ingest"] = {"images": args.ingest_images, "procs": args.procs, "ray": ray_runs,
-                             "loader": loader_runs, "ray_median": common.median(ray_runs),
-                             "loader_median": common.median(loader_runs),
-                             "ratio": common.median(ray_runs) / max(1e-9, common.median(loader_runs)),
-                             "pair_ratios": [r / max(1e-9, d) for r, d in zip(ray_runs, loader_runs)]}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "STREAM.json").write_text(json.dumps(results, indent=2))
     (args.out / "STREAM.md").write_text(render(results))

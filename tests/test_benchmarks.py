@@ -451,38 +451,35 @@ def test_cache_ab_renders_ratios_to_this_checkout_round_by_round():
     assert "**before** = /tmp/wt" in text
 
 
-def test_stream_bench_measures_both_paths_on_real_jpegs_and_renders_them(ray_session, tmp_path):
-    """stream.py's ingest passes on a small photo-like JPEG folder, on the session Ray: the stream
-    with and without Ray Data's resource reservation (the context is restored after), the
-    DataLoader with and without the device transform; then the tables they fill."""
-    import ray.data
-
+def test_stream_bench_measures_every_path_on_real_jpegs_and_renders_them(ray_session, tmp_path):
+    """stream.py's ingest rounds on a small photo-like JPEG folder, on the session Ray: the decode
+    actors as shipped, the read tasks used before, and the DataLoader, with and without the device
+    transform; then the tables they fill."""
     from benchmarks import common, stream
-
-    folder = stream.make_folder(tmp_path / "jpegs", 120)
-    ctx = ray.data.DataContext.get_current()
-    reserved = ctx.op_resource_reservation_enabled  # fails loudly if Ray drops the setting
-    with_xf = stream.ray_stream_rate(folder, limit_s=20, batch=16)
-    bare = stream.ray_stream_rate(folder, limit_s=20, batch=16, transform=False, reservation=False)
-    assert ctx.op_resource_reservation_enabled == reserved
-    loader = stream.dataloader_rate(folder, procs=1, limit_s=20, batch=16, transform=False)
     from emergence_ray.data import pipeline
 
+    folder = stream.make_folder(tmp_path / "jpegs", 120)
     train_images = pipeline.load_raw(stream._data_cfg(folder)).train.count  # 5% validation, 5% test held out
     assert 100 <= train_images < 120
-    for r in (with_xf, bare, loader):
-        assert r["images"] == train_images - 16 and r["images_per_s"] > 0  # all but the first batch
+    measure = stream.ingest_paths(folder, procs=1, limit_s=20, batch=16)
     res = {"command": "python benchmarks/stream.py --decode-repeats 1", "machine": common.machine_info(),
-           "first_step": {}, "ingest": {"images": 120, "procs": 1, "ray": [100.0], "loader": [125.0],
-                                         "ray_median": 100.0, "loader_median": 125.0, "ratio": 0.8,
-                                         "pair_ratios": [0.8]},
-           "decode_only": {"images": 120, "procs": 1, "ray": [50.0], "ray_no_reservation": [80.0],
-                           "loader": [100.0]}}
+           "first_step": {}, "ingest": stream.ingest_rounds(measure, 1, True, 120, 1),
+           "decode_only": stream.ingest_rounds(measure, 1, False, 120, 1)}
+    for section in ("ingest", "decode_only"):
+        runs = res[section]["runs"]
+        assert set(runs) == {"ray", "ray_tasks", "loader"}
+        for r in runs.values():
+            assert r["images_per_s"][0] > 0 and r["with_start_images_per_s"][0] > 0
+            assert r["first_batch_s"][0] > 0
+        assert res[section]["ratio"]["loader"] == 1.0
+    one = stream.ray_stream_rate(folder, limit_s=20, batch=16, transform=False)
+    assert one["images"] == train_images - 16  # all but the first batch, each image once
     text = stream.render(res)
-    assert "Ratio Ray Data / DataLoader: 0.80 (target >= 1.0)." in text
-    assert "| Ray Data stream (as shipped) | 50 | 0.50 | 50 |" in text
-    assert "| Ray Data stream, `op_resource_reservation_enabled=False` | 80 | 0.80 | 80 |" in text
+    ratio = res["ingest"]["ratio"]["ray"]
+    assert f"Ratio as shipped / DataLoader: {ratio:.2f} (target >= 1.0)." in text
+    assert "## Decode alone (120 images, 1 CPU processes each, no device transform)" in text
+    assert text.count("| Ray Data stream, read tasks") == 2 and text.count("| torch DataLoader (num_workers=1") == 2
     res["ingest_from"] = {"command": "python benchmarks/stream.py --skip-first-step", "git_revision": "abc1234",
                           "date": "2026-12-05"}
-    assert ("The ingest sections come from an earlier run: `python benchmarks/stream.py --skip-first-step` at git "
+    assert ("From an earlier run: `python benchmarks/stream.py --skip-first-step` at git "
             "`abc1234`, 2026-12-05.") in stream.render(res)

@@ -279,3 +279,43 @@ def test_streamed_blocks_follow_the_object_store_and_spread_small_splits(ray_ses
     assert big == max(8, min(256, want // per_image)) and big * per_image <= max(want, 8 * per_image)
     assert pipeline.files_per_task(200, per_image) == min(big, 50)  # 200 images over 2 CPUs: 4 tasks
     assert pipeline.files_per_task(10, per_image) == 8  # never fewer than 8 images a task
+
+
+def test_file_list_deals_every_file_once_in_a_new_seeded_order_each_execution(ray_session, digits_imagefolder):
+    """The streamed ImageFolder's file list: no image bytes, labels from the folders, every file
+    once per execution, a different order each execution, the same sequence of orders for the same
+    seed; unshuffled splits keep the listed order."""
+    from emergence_ray.data.sources import SOURCES
+
+    split = SOURCES["imagefolder"](DataConfig(source="imagefolder", path=str(digits_imagefolder))).train
+
+    def epochs(seed, n=3):
+        ds = split.file_list(seed, files_per_block=100)
+        return [ds.take_all() for _ in range(n)]
+
+    runs = epochs(7)
+    assert set(runs[0][0]) == {"label", "id"}
+    for rows in runs:
+        assert sorted(r["id"] for r in rows) == sorted(split.paths)
+        assert all(r["label"] == int(Path(r["id"]).parent.name.split("_")[1]) for r in rows)
+    orders = [[r["id"] for r in rows] for rows in runs]
+    assert orders[0] != orders[1] != orders[2] and orders[0] != orders[2]
+    assert [[r["id"] for r in rows] for rows in epochs(7)] == orders  # reproducible
+    assert [r["id"] for r in epochs(None, 1)[0]] == split.paths
+
+
+def test_decode_files_names_an_unreadable_file_or_skips_it(tmp_path):
+    import pyarrow.fs as pafs
+
+    from emergence_ray.data.transforms import DataSpec, DecodeFiles
+    from emergence_ray.errors import DataError
+
+    good = tmp_path / "a.png"
+    good.write_bytes(png_bytes(np.full((8, 8), 200, np.uint8)))
+    gone = str(tmp_path / "gone.png")
+    spec = DataSpec(channels=1, image_size=8, class_names=["a"], mean=[0.5], std=[0.2])
+    batch = {"id": np.array([str(good), gone], dtype=object), "label": np.array([0, 0])}
+    with pytest.raises(DataError, match="gone.png: cannot be read.*data.on_bad_image=skip"):
+        DecodeFiles(pafs.LocalFileSystem(), spec)(batch)
+    out = DecodeFiles(pafs.LocalFileSystem(), spec, "skip")(batch)
+    assert out["ok"].tolist() == [True, False] and out["image"][0].mean() == 200

@@ -127,22 +127,27 @@ def test_imagefolder_many_times_the_object_store_streams_without_spilling(tmp_pa
     assert len(val) == len(set(val)) == summary["images"]["val"]  # validation: every image once
 
 
-def test_stream_benchmark_smoke(ray_session, tmp_path):
-    """benchmarks/stream.py on a few photo crops: both ingest paths run the same decode and device
-    transform and report a rate; the results file renders."""
-    from benchmarks import common, stream
+def test_streamed_imagefolder_is_decoded_by_actors_and_trained_once_per_epoch(ray_session, digits_imagefolder,
+                                                                            tmp_path, monkeypatch):
+    """The default run's path through a streamed ImageFolder: the train split's files are listed
+    in a new order every epoch and read and decoded by Ray Data decode actors; every training image
+    trained on exactly once per epoch, validation whole; the run learns."""
+    from conftest import actor_classes
+    from emergence_ray.config import load_config
+    from emergence_ray.data.ingest import RECORD_IDS_ENV
+    from emergence_ray.data.sources import SOURCES
+    from emergence_ray.trainer import train
 
-    folder = stream.make_folder(tmp_path / "jpegs", 60, side=64)
-    assert len(list(folder.rglob("*.jpg"))) == 60 and len(list(folder.iterdir())) == 10
-    ray_rate = stream.ray_stream_rate(folder, limit_s=60, batch=8)
-    loader_rate = stream.dataloader_rate(folder, procs=1, limit_s=60, batch=8)
-    train = 60 - 2 * 3  # 5% val and 5% test carved out
-    for r in (ray_rate, loader_rate):
-        assert r["images_per_s"] > 0 and 0 < r["images"] <= train
-    results = {"command": "python benchmarks/stream.py", "machine": common.machine_info(), "first_step": {},
-               "ingest": {"images": 60, "procs": 1, "ray": [ray_rate["images_per_s"]],
-                          "loader": [loader_rate["images_per_s"]], "ray_median": ray_rate["images_per_s"],
-                          "loader_median": loader_rate["images_per_s"],
-                          "ratio": ray_rate["images_per_s"] / loader_rate["images_per_s"]}}
-    text = stream.render(results)
-    assert "Ray Data / DataLoader" in text and "Git revision" in text
+    monkeypatch.setenv(RECORD_IDS_ENV, "1")
+    cfg = load_config(None, ["data.source=imagefolder", f"data.path={digits_imagefolder}", "data.ingest=stream",
+                             "train.epochs=3", f"run.storage_path={tmp_path}", "run.name=folder"])
+    before = set(actor_classes())
+    run_dir = Path(train(cfg))
+    started = [cls for actor_id, cls in actor_classes().items() if actor_id not in before]
+    assert any("DecodeFiles" in cls for cls in started), started
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["ingest"] == "stream" and summary["test_accuracy"] >= 0.85, summary
+    train_ids = set(SOURCES["imagefolder"](cfg.data).train.paths)
+    assert_exactly_once(run_dir, 3, train_ids, world=2)
+    val = [i for ids in seen_ids(run_dir, "val", 2).values() for i in ids]
+    assert len(val) == len(set(val)) == summary["images"]["val"]

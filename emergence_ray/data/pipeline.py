@@ -30,14 +30,15 @@ from ray.data.block import BlockAccessor
 from emergence_ray.config import DataConfig
 from emergence_ray.data.ingest import use_cache
 from emergence_ray.data.sources import SOURCES, ArraySplit, FileSplit, RawSplits, Split
-from emergence_ray.data.transforms import (DataSpec, Decode, at_wire_size, channel_stats, decode, image_stats,
-                                          keep_ok)
+from emergence_ray.data.transforms import (DataSpec, Decode, DecodeFiles, at_wire_size, channel_stats, decode,
+                                          image_stats, keep_ok)
 from emergence_ray.errors import DataError
 
 log = logging.getLogger(__name__)
 SAMPLE = 512  # train images inspected to resolve channels, size and normalization
 BLOCK_BYTES = 16 * 2**20  # decoded bytes per block, at least: far below a small object store
 MAX_BLOCK_BYTES = 64 * 2**20
+ACTOR_FILES = 128  # images per batch sent to a decode actor: the next one waits queued meanwhile
 STORE_SHARE = 32  # a block is at most this fraction of the smallest node's object store
 
 __all__ = ["Prepared", "prepare", "prepare_test", "decoded", "keep_ok", "load_raw", "resolve_spec"]
@@ -99,22 +100,34 @@ def block_bytes() -> int:
     return int(min(MAX_BLOCK_BYTES, max(BLOCK_BYTES, smallest // STORE_SHARE)))
 
 
-def files_per_task(count: int, per_image: int) -> int:
-    """Images per read task: `block_bytes()` of them (8 to 256), but at least two tasks per CPU of
-    the cluster while the split has images for them, so that a small split still spreads over
+def files_per_task(count: int, per_image: int, most: int = 256) -> int:
+    """Images per read task: `block_bytes()` of them (8 to `most`), but at least two tasks per CPU
+    of the cluster while the split has images for them, so that a small split still spreads over
     every core."""
-    per_block = int(max(8, min(256, block_bytes() // per_image)))
+    per_block = int(max(8, min(most, block_bytes() // per_image)))
     cpus = int(ray.cluster_resources().get("CPU", 1))
     return max(8, min(per_block, -(-count // (2 * max(1, cpus)))))
 
 
+def decode_actors() -> ray.data.ActorPoolStrategy:
+    """Decode actors for a streamed ImageFolder: from one up to one per CPU of the cluster, as
+    many as Ray Data's autoscaler finds CPUs for beside the training workers."""
+    return ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, int(ray.cluster_resources().get("CPU", 1))))
+
+
 def decoded(split: Split, spec: DataSpec, cfg: DataConfig, shuffle_seed: int | None = None,
-            keep_ids: bool = True) -> ray.data.Dataset:
+            keep_ids: bool = True, actors: bool = False) -> ray.data.Dataset:
     """Lazy: read `split` and decode it to uint8 in Ray Data tasks; unreadable images dropped
-    (data.on_bad_image=skip) or raising (fail)."""
+    (data.on_bad_image=skip) or raising (fail). `actors`: an ImageFolder is read and decoded in a
+    pool of long-lived actors (`decode_actors`) instead: the streamed train split, decoded every
+    epoch, where a read task's slot idles between tasks (benchmarks/STREAM.md)."""
     per_image = spec.channels * spec.wire_size ** 2
     decode = Decode(spec, cfg.on_bad_image, keep_ids)
-    if isinstance(split, FileSplit):
+    if isinstance(split, FileSplit) and actors:
+        files = split.file_list(shuffle_seed, files_per_task(split.count, per_image, ACTOR_FILES))
+        ds = files.map_batches(DecodeFiles, fn_constructor_args=(split.fs, spec, cfg.on_bad_image, keep_ids),
+                               batch_format="numpy", batch_size=None, compute=decode_actors())
+    elif isinstance(split, FileSplit):
         # blocks of `files_per_task` files, decoded whole inside the read task: on 2 CPUs a
         # separate read operator held one of the two task slots, and the stream ran at 0.78x of
         # the fused one (benchmarks/STREAM.md)
@@ -186,7 +199,7 @@ def prepare(cfg: DataConfig, spec: DataSpec | None = None, with_test: bool = Tru
         counts = {"train": train.count(), "val": val.count()}
         bad += bad_train + bad_val
     else:  # decode failures (skip) are dropped in the stream and logged by the decoding task
-        train = decoded(raw.train, spec, cfg, shuffle_seed, keep_ids)
+        train = decoded(raw.train, spec, cfg, shuffle_seed, keep_ids, actors=True)
         val = decoded(raw.val, spec, cfg, None, keep_ids)
     test = None
     if with_test:

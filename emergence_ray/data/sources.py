@@ -118,6 +118,12 @@ class FileSplit(Split):
                                         override_num_blocks=blocks)
         return ds.map_batches(_LabelFromFolder(self.root, self.classes), batch_format="numpy")
 
+    def file_list(self, shuffle_seed: int | None, files_per_block: int) -> ray.data.Dataset:
+        """Rows of (path, label, id) and no image bytes, in blocks of `files_per_block` files; in
+        a new seeded order every execution (every epoch) when `shuffle_seed` is set. For a decode
+        stage that reads its files itself (`transforms.DecodeFiles`, in long-lived actors)."""
+        return ray.data.read_datasource(_FileList(self, shuffle_seed, files_per_block))
+
     def head(self, n: int) -> FileSplit:
         return FileSplit(self.fs, self.root, self.paths[:n], self.classes)
 
@@ -125,14 +131,55 @@ class FileSplit(Split):
         return self.head(n).dataset()  # the train paths come in a seeded random order
 
 
+class _FileList(ray.data.Datasource):
+    """A FileSplit's paths and labels as read tasks of `per_block` files each. With a seed, every
+    call of `get_read_tasks` (one per execution of the dataset: one per epoch of a streamed split)
+    deals the files in the next order of a seeded sequence, as `FileShuffleConfig` does for
+    `read_binary_files`: reproducible, and different every epoch."""
+
+    def __init__(self, split: FileSplit, seed: int | None, per_block: int):
+        self.paths, self.seed, self.per_block = split.paths, seed, max(1, per_block)
+        self.label = _LabelFromFolder(split.root, split.classes)
+        self.executions = 0
+
+    def estimate_inmemory_data_size(self) -> int:
+        return sum(len(p) for p in self.paths) * 2 + 16 * len(self.paths)
+
+    def order(self) -> np.ndarray:
+        """The file order of the next execution."""
+        n = len(self.paths)
+        if self.seed is None:
+            return np.arange(n)
+        order = np.random.default_rng((self.seed, self.executions)).permutation(n)
+        self.executions += 1
+        return order
+
+    def get_read_tasks(self, parallelism: int, per_task_row_limit: int | None = None,
+                       data_context=None) -> list[ray.data.ReadTask]:
+        from ray.data.block import BlockMetadata
+
+        order, tasks = self.order(), []
+        for start in range(0, len(order), self.per_block):
+            paths = [self.paths[i] for i in order[start:start + self.per_block]]
+            meta = BlockMetadata(num_rows=len(paths), size_bytes=sum(len(p) for p in paths) * 2 + 16 * len(paths),
+                                 input_files=None, exec_stats=None)
+            tasks.append(ray.data.ReadTask(lambda paths=paths, label=self.label: [label.rows(paths)], meta))
+        return tasks
+
+
 class _LabelFromFolder:
     def __init__(self, root: str, classes: list[str]):
         self.root, self.index = root.rstrip("/"), {c: i for i, c in enumerate(classes)}
 
+    def labels(self, paths: list[str]) -> np.ndarray:
+        return np.array([self.index[p[len(self.root) + 1:].split("/", 1)[0]] for p in paths], np.int64)
+
+    def rows(self, paths: list[str]) -> pa.Table:
+        return pa.table({"label": self.labels(paths), "id": pa.array(paths, pa.string())})
+
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         ids = [str(p) for p in batch["path"]]
-        labels = [self.index[p[len(self.root) + 1:].split("/", 1)[0]] for p in ids]
-        return {"image": batch["bytes"], "label": np.array(labels, np.int64), "id": np.array(ids, dtype=object)}
+        return {"image": batch["bytes"], "label": self.labels(ids), "id": np.array(ids, dtype=object)}
 
 
 @dataclass

@@ -148,6 +148,32 @@ class Decode:
         return result
 
 
+class DecodeFiles:
+    """map_batches callable for long-lived actors: rows of (path, label, id) -> `Decode`'s output,
+    reading each file from `fs` (a pyarrow filesystem: local, S3, GCS) and decoding it in the same
+    call. An actor is sent its next batch while it decodes the current one, so its CPU does not
+    wait between batches as a read task's slot does (benchmarks/STREAM.md)."""
+
+    def __init__(self, fs, spec: DataSpec, on_bad_image: str = "fail", keep_ids: bool = True):
+        self.fs, self.decode = fs, Decode(spec, on_bad_image, keep_ids)
+
+    def read(self, path: str) -> bytes:
+        try:
+            with self.fs.open_input_stream(path) as f:
+                return f.read()
+        except OSError as err:
+            if not self.decode.skip:
+                raise DataError(f"{path}: cannot be read ({err}); remove it or set data.on_bad_image=skip") from err
+            log.warning("skipping %s: cannot be read (%s)", path, err)
+            return b""  # decodes as unreadable: dropped with ok=False
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        ids = batch["id"]
+        images = np.empty(len(ids), dtype=object)
+        images[:] = [self.read(str(p)) for p in ids]
+        return self.decode({"image": images, "label": batch["label"], "id": ids})
+
+
 def at_wire_size(images: object, spec: DataSpec) -> bool:
     """In-memory uint8 images that need no decode or resize for `spec` (digits, IDX at their own size)."""
     return isinstance(images, np.ndarray) and _fast_path(images[:1], spec.channels, spec.wire_size) is not None
