@@ -5,7 +5,8 @@ splits (`Split`: how many images, and how to read them), plus the class names.
     ds = raw.train.dataset(shuffle_seed=0)   # lazy Ray Dataset: image (encoded bytes or uint8 array), label, id
 
 Nothing here reads image bytes on the driver: ImageFolder splits are lists of paths read by Ray
-Data's distributed file read (`read_binary_files`, with a per-epoch seeded file order), Parquet
+Data's distributed file read (`read_binary_files`, with a per-epoch seeded file order), or dealt as
+a file list for decode actors that read the files themselves (`FileSplit.file_list`), Parquet
 splits are files read by `ray.data.read_parquet` (only the image and label columns; a split carved
 from one file keeps its rows by Ray Data's per-row hash), IDX and digits are small and stay in
 memory. Splits are decided on the driver, deterministically from `data.split_seed`, so every run,
