@@ -216,7 +216,9 @@ def test_embedded_ray_serves_nothing_beyond_this_machine_and_ignores_a_running_c
     # Ray: loopback only. torch's rendezvous store (TCPStore, in the rank-0 training worker) has no
     # bind address and listens on every interface while the process group lives; it answers no
     # request it does not understand. Nothing outside loopback may answer at all.
-    assert all(v["process"] == "ray::RayTrainWorker" for v in outside.values()), report
+    # (the worker's process title reads ray::RayTrainWorker, ray::RayTrainWorker.run_train_fn while
+    # it trains, or is cut to the kernel's 15 characters: ray::RayTrainWo)
+    assert all(v["process"].startswith("ray::RayTrainWo") for v in outside.values()), report
     assert len(outside) <= 1, report
     assert not [v for v in outside.values() if v["answer"]], report
     # Metrics export is off: no Ray process answers /metrics without the token, on any address;
