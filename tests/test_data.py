@@ -304,6 +304,21 @@ def test_file_list_deals_every_file_once_in_a_new_seeded_order_each_execution(ra
     assert [r["id"] for r in epochs(None, 1)[0]] == split.paths
 
 
+def test_execution_index_is_read_from_ray_data(ray_session):
+    """`sources.execution_index` reads an underscored attribute of Ray Data's DataContext (no public
+    accessor): this fails loudly if Ray renames it or stops counting executions."""
+    from emergence_ray.data.sources import execution_index
+
+    import ray.data
+
+    ds = ray.data.range(4)
+    assert execution_index(ds.context) == 0
+    ds.take_all()
+    ds.take_all()
+    assert execution_index(ds.context) == 2
+    assert execution_index(None) is None
+
+
 def test_decode_files_names_an_unreadable_file_or_skips_it(tmp_path):
     import pyarrow.fs as pafs
 

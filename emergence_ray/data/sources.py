@@ -133,39 +133,48 @@ class FileSplit(Split):
 
 
 class _FileList(ray.data.Datasource):
-    """A FileSplit's paths and labels as read tasks of `per_block` files each. With a seed, every
-    call of `get_read_tasks` (one per execution of the dataset: one per epoch of a streamed split)
-    deals the files in the next order of a seeded sequence, as `FileShuffleConfig` does for
-    `read_binary_files`: reproducible, and different every epoch."""
+    """A FileSplit's paths and labels as read tasks of `per_block` files each. With a seed, each
+    execution of the dataset (one per epoch of a streamed split) deals the files in its own order,
+    seeded by (seed, execution index) as `FileShuffleConfig` does for `read_binary_files`:
+    reproducible, and different every epoch. Ray also calls `get_read_tasks` to probe metadata and
+    parallelism, a varying number of times; only the execution index makes the order, never a count
+    of calls."""
 
     def __init__(self, split: FileSplit, seed: int | None, per_block: int):
         self.paths, self.seed, self.per_block = split.paths, seed, max(1, per_block)
         self.label = _LabelFromFolder(split.root, split.classes)
-        self.executions = 0
 
     def estimate_inmemory_data_size(self) -> int:
         return sum(len(p) for p in self.paths) * 2 + 16 * len(self.paths)
 
-    def order(self) -> np.ndarray:
-        """The file order of the next execution."""
+    def order(self, execution: int | None) -> np.ndarray:
+        """The file order of execution number `execution` (None: a metadata probe, listed order)."""
         n = len(self.paths)
-        if self.seed is None:
+        if self.seed is None or execution is None:
             return np.arange(n)
-        order = np.random.default_rng((self.seed, self.executions)).permutation(n)
-        self.executions += 1
-        return order
+        return np.random.default_rng((self.seed, execution)).permutation(n)
 
     def get_read_tasks(self, parallelism: int, per_task_row_limit: int | None = None,
                        data_context=None) -> list[ray.data.ReadTask]:
         from ray.data.block import BlockMetadata
 
-        order, tasks = self.order(), []
+        order, tasks = self.order(execution_index(data_context)), []
         for start in range(0, len(order), self.per_block):
             paths = [self.paths[i] for i in order[start:start + self.per_block]]
             meta = BlockMetadata(num_rows=len(paths), size_bytes=sum(len(p) for p in paths) * 2 + 16 * len(paths),
                                  input_files=None, exec_stats=None)
             tasks.append(ray.data.ReadTask(lambda paths=paths, label=self.label: [label.rows(paths)], meta))
         return tasks
+
+
+def execution_index(data_context: ray.data.DataContext | None) -> int | None:
+    """Which execution of a dataset Ray Data is planning: 0, 1, ... (it counts successful
+    executions on the dataset's DataContext; `FileShuffleConfig` reseeds by the same count). Ray
+    has no public accessor for it, so this one function reads the attribute, and
+    tests/test_data.py fails loudly if Ray renames it. None when Ray calls without a context."""
+    if data_context is None:
+        return None
+    return int(data_context._execution_idx)
 
 
 class _LabelFromFolder:
