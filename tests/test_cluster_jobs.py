@@ -40,17 +40,19 @@ def _local_cluster(workers: int):
 
 @pytest.fixture(scope="module")
 def head_cluster():
-    """One head-only cluster shared by the single-node job tests of this module (jobs run one after
-    another on it, as they would on a real cluster). (On a 2-node cluster of 2 CPUs each, the sweep
-    job was once seen waiting forever: its plan counted the cluster's CPUs, not a node's, and gave
-    each 1-worker trial a whole CPU. With the two trials' workers on different nodes, no node had a
-    whole CPU left for a Ray Data task. The plan now counts per node: test_two_nodes_share_storage.)"""
+    """A head-only cluster for the slow sweep job test. (On a 2-node cluster of 2 CPUs each, the
+    sweep job was once seen waiting forever: its plan counted the cluster's CPUs, not a node's, and
+    gave each 1-worker trial a whole CPU. With the two trials' workers on different nodes, no node
+    had a whole CPU left for a Ray Data task. The plan now counts per node:
+    test_sweep_plan_counts_the_cpus_of_a_node.)"""
     with _local_cluster(0) as state:
         yield state
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def two_node_cluster():
+    """A head and one worker node, 2 CPUs each, shared by this module's default tests (jobs run
+    one after another on it, as on a real cluster)."""
     with _local_cluster(1) as state:
         yield state
 
@@ -91,16 +93,20 @@ def _run_dir_from(logs: str) -> Path:
     raise AssertionError(f"no run directory in the job output:\n{logs[-2000:]}")
 
 
-def test_submit_with_cli_and_client(head_cluster, tmp_path, digits_idx_gz):
-    dashboard = head_cluster["dashboard"]
+def test_submit_with_cli_and_client(two_node_cluster, tmp_path, digits_idx_gz):
+    """The jobs/README.md line (overrides keep CI short; STRICT_SPREAD puts one worker on each
+    node, both writing to the same storage), then the Python client, then a refusal without the token."""
+    dashboard = two_node_cluster["dashboard"]
     runs = tmp_path / "runs"
-    # the jobs/README.md line, with overrides to keep CI short
     out = _submit(dashboard, "python", "-m", "emergence_ray", "train", "--config", "jobs/digits.yaml",
-                  "--set", f"run.storage_path={runs}", "--set", "run.name=cli", "--set", "train.epochs=3")
+                  "--set", f"run.storage_path={runs}", "--set", "run.name=cli", "--set", "train.epochs=3",
+                  "--set", "scaling.placement_strategy=STRICT_SPREAD")
     run_dir = _run_dir_from(out)
     assert run_dir == runs / "cli"
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["epochs"] == 3 and summary["test_accuracy"] > 0.8
+    workers = json.loads((run_dir / "workers.json").read_text())
+    assert len({w["node_id"] for w in workers}) == 2, workers
 
     # The Python client, in its own process (Ray reads RAY_AUTH_MODE when it is imported), submits
     # the Fashion-MNIST job file, pointed at small digits IDX files.
@@ -172,7 +178,7 @@ print(cluster.node_cpus(), *plan_trials(cfg, tune_section(cfg)))
 """
 
 
-def test_two_nodes_share_storage(two_node_cluster, tmp_path):
+def test_sweep_plan_counts_the_cpus_of_a_node(two_node_cluster):
     # The sweep job's plan on this cluster: 2 trials of 1 worker. By the cluster's total (4 CPUs)
     # each worker would get a whole CPU, and one on each node leaves neither a whole CPU for Ray
     # Data; per node, each gets 0.75.
@@ -180,11 +186,3 @@ def test_two_nodes_share_storage(two_node_cluster, tmp_path):
                           capture_output=True, text=True, timeout=120, cwd=ROOT, env=_client_env())
     assert plan.returncode == 0, plan.stderr[-3000:]
     assert plan.stdout.split()[-5:] == ["[2.0,", "2.0]", "2", "1", "0.75"], plan.stdout
-    dashboard = two_node_cluster["dashboard"]
-    shared = tmp_path / "shared"
-    _submit(dashboard, "python", "-m", "emergence_ray", "train", "--config", "jobs/digits.yaml",
-            "--set", f"run.storage_path={shared}", "--set", "run.name=two", "--set", "train.epochs=3",
-            "--set", "scaling.placement_strategy=STRICT_SPREAD")
-    workers = json.loads((shared / "two" / "workers.json").read_text())
-    assert len({w["node_id"] for w in workers}) == 2, workers
-    assert json.loads((shared / "two" / "summary.json").read_text())["epochs"] == 3
