@@ -283,25 +283,38 @@ def test_streamed_blocks_follow_the_object_store_and_spread_small_splits(ray_ses
 
 def test_file_list_deals_every_file_once_in_a_new_seeded_order_each_execution(ray_session, digits_imagefolder):
     """The streamed ImageFolder's file list: no image bytes, labels from the folders, every file
-    once per execution, a different order each execution, the same sequence of orders for the same
-    seed; unshuffled splits keep the listed order."""
-    from emergence_ray.data.sources import SOURCES
+    once per execution, each execution in the seeded order of its execution index (a different one
+    each time, reproducible from (seed, index)); unshuffled splits keep the listed order."""
+    from emergence_ray.data.sources import SOURCES, _FileList
 
     split = SOURCES["imagefolder"](DataConfig(source="imagefolder", path=str(digits_imagefolder))).train
+    paths, per_block = np.array(split.paths), 100
 
-    def epochs(seed, n=3):
-        ds = split.file_list(seed, files_per_block=100)
-        return [ds.take_all() for _ in range(n)]
+    def blocks(order: np.ndarray) -> set[tuple[str, ...]]:
+        return {tuple(paths[order[i:i + per_block]]) for i in range(0, len(order), per_block)}
 
-    runs = epochs(7)
-    assert set(runs[0][0]) == {"label", "id"}
-    for rows in runs:
+    # Read tasks finish in any order (Ray Data does not preserve it by default): an execution's
+    # order is its blocks, each of `per_block` files in the seeded order
+    seeded = {i: blocks(_FileList(split, 7, per_block).order(i)) for i in range(50)}
+
+    def execution(ds) -> tuple[int | None, list[dict]]:
+        batches = list(ds.iter_batches(batch_size=None, batch_format="numpy"))
+        got = {tuple(b["id"]) for b in batches}
+        rows = [{"label": int(y), "id": str(i)} for b in batches for y, i in zip(b["label"], b["id"])]
+        return next((i for i, o in seeded.items() if o == got), None), rows
+
+    ds = split.file_list(7, files_per_block=per_block)
+    runs = [execution(ds) for _ in range(3)]
+    assert set(ds.take(1)[0]) == {"label", "id"}
+    for _, rows in runs:
         assert sorted(r["id"] for r in rows) == sorted(split.paths)
         assert all(r["label"] == int(Path(r["id"]).parent.name.split("_")[1]) for r in rows)
-    orders = [[r["id"] for r in rows] for rows in runs]
-    assert orders[0] != orders[1] != orders[2] and orders[0] != orders[2]
-    assert [[r["id"] for r in rows] for rows in epochs(7)] == orders  # reproducible
-    assert [r["id"] for r in epochs(None, 1)[0]] == split.paths
+    indices = [i for i, _ in runs]
+    assert indices == [0, 1, 2], f"the executions dealt the seeded orders of {indices}"
+    assert seeded[3] == blocks(_FileList(split, 7, per_block).order(3))  # reproducible from (seed, index)
+    assert seeded[3] != blocks(_FileList(split, 8, per_block).order(3))
+    listed = split.file_list(None, files_per_block=per_block)
+    assert {tuple(b["id"]) for b in listed.iter_batches(batch_size=None)} == blocks(np.arange(len(paths)))
 
 
 def test_execution_index_is_read_from_ray_data(ray_session):
