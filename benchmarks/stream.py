@@ -90,13 +90,16 @@ def _consume(batches, transform, limit_s: float) -> dict:
 
 
 def ray_stream_rate(folder: Path, limit_s: float, batch: int = BATCH, transform: bool = True,
-                    actors: bool = True) -> dict:
+                    actors: bool = True, split: bool = True) -> dict:
     """The service's streamed train split through iter_torch_batches, on the Ray this process is
     connected to, with the local shuffle buffer a training worker uses for this source
     (`ingest.stream_shuffle_buffer`: none for an ImageFolder, whose per-epoch file order already
-    shuffles every image). `actors`: as shipped, the files read and decoded in a pool of decode
-    actors (`pipeline.decode_actors`); False: the read-task path used before (read_binary_files
-    with Decode fused into each read task)."""
+    shuffles every image). `split`: as a training worker reads it, through `streaming_split(1,
+    equal=True)` as Ray Train's DataConfig makes it (Ray Data's executor runs in its split
+    coordinator actor, not in the consuming process); False: the dataset iterated directly, its
+    executor a thread of this process. `actors`: as shipped, the files read and decoded in a pool
+    of decode actors (`pipeline.decode_actors`); False: the read-task path used before
+    (read_binary_files with Decode fused into each read task)."""
     from emergence_ray.data import pipeline
     from emergence_ray.data.augment import DeviceTransform
     from emergence_ray.data.ingest import stream_shuffle_buffer
@@ -106,7 +109,8 @@ def ray_stream_rate(folder: Path, limit_s: float, batch: int = BATCH, transform:
     spec = pipeline.resolve_spec(raw, cfg)
     ds = pipeline.decoded(raw.train, spec, cfg, shuffle_seed=0, keep_ids=False, actors=actors)
     buffer = stream_shuffle_buffer(cfg.source, batch) or None
-    batches = ds.iter_torch_batches(batch_size=batch, prefetch_batches=2, local_shuffle_buffer_size=buffer)
+    source = ds.streaming_split(1, equal=True)[0] if split else ds
+    batches = source.iter_torch_batches(batch_size=batch, prefetch_batches=2, local_shuffle_buffer_size=buffer)
     return _consume(batches, DeviceTransform(spec, cfg.augment, train=True) if transform else None, limit_s)
 
 
@@ -200,8 +204,10 @@ def first_step(folder: Path, runs: Path, name: str, epochs: int = 1) -> dict:
 
 
 INGEST_PATHS = {
-    "ray": "Ray Data stream, as shipped: file list -> read + Decode in a pool of decode actors",
-    "ray_tasks": "Ray Data stream, read tasks (read_binary_files, Decode fused into each task; before the actors)",
+    "ray": "Ray Data stream, as shipped: file list -> read + Decode in a pool of decode actors, read through "
+           "streaming_split as a training worker reads it",
+    "ray_tasks": "Ray Data stream, read tasks (read_binary_files, Decode fused into each task; before the actors), "
+                 "through streaming_split",
     "loader": "torch DataLoader (num_workers={procs}, same read + Decode in its workers)",
 }
 

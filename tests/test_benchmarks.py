@@ -395,6 +395,7 @@ def test_epoch_overhead_renders_runs_idle_cost_and_first_step():
     assert "flock /tmp/er-bench.lock python benchmarks/epoch_overhead.py" in text
 
 
+@pytest.mark.slow  # ~40 s: three service runs; a smoke run of a GPU benchmark (test_gpu_script_runs_on_cpu stays)
 def test_gpu_service_script_runs_on_cpu_through_the_real_service(ray_session, tmp_path, tiny_idx):
     """benchmarks/gpu_service.py --device cpu: the bare loop and the service (`trainer.train` on the
     session Ray, cached IDX and streamed JPEGs) side by side, the CLI job of jobs/fashion_mnist_gpu.yaml
