@@ -16,6 +16,7 @@ consuming process, as a training worker does.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import subprocess
@@ -67,6 +68,17 @@ def _data_cfg(folder: Path):
                       test_fraction=0.05, augment={"policy": "imagenet"}, ingest="stream")
 
 
+@functools.lru_cache(maxsize=4)
+def _listed(folder: Path):
+    """(listed splits, DataSpec) of the folder, once per process: resolving the spec decodes a
+    sample in a Ray Data job, which is no part of any measured pass."""
+    from emergence_ray.data import pipeline
+
+    cfg = _data_cfg(folder)
+    raw = pipeline.load_raw(cfg)
+    return raw, pipeline.resolve_spec(raw, cfg)
+
+
 def _consume(batches, transform, limit_s: float) -> dict:
     """Apply the device transform to every batch (as a CPU worker does; None: leave it to a GPU)
     -> images/s after the first batch."""
@@ -105,8 +117,7 @@ def ray_stream_rate(folder: Path, limit_s: float, batch: int = BATCH, transform:
     from emergence_ray.data.ingest import stream_shuffle_buffer
 
     cfg = _data_cfg(folder)
-    raw = pipeline.load_raw(cfg)
-    spec = pipeline.resolve_spec(raw, cfg)
+    raw, spec = _listed(folder)
     ds = pipeline.decoded(raw.train, spec, cfg, shuffle_seed=0, keep_ids=False, actors=actors)
     buffer = stream_shuffle_buffer(cfg.source, batch) or None
     source = ds.streaming_split(1, equal=True)[0] if split else ds
@@ -147,12 +158,11 @@ def dataloader_rate(folder: Path, procs: int, limit_s: float, spec=None, batch: 
     import torch
     from torch.utils.data import DataLoader
 
-    from emergence_ray.data import pipeline
     from emergence_ray.data.augment import DeviceTransform
 
     cfg = _data_cfg(folder)
-    raw = pipeline.load_raw(cfg)
-    spec = spec or pipeline.resolve_spec(raw, cfg)
+    raw, resolved = _listed(folder)
+    spec = spec or resolved
     split = raw.train
     names = {c: i for i, c in enumerate(split.classes)}
     labels = [names[p[len(split.root.rstrip("/")) + 1:].split("/", 1)[0]] for p in split.paths]
