@@ -307,18 +307,27 @@ def test_floor_summary_ratios_use_the_neighbouring_torchrun_runs_and_render():
     assert "- `service`: `raylet` 1,000/s (10.0%)" in text and "python benchmarks/floor.py" in text
 
 
-def test_ray_paths_of_the_benchmarks_run_on_a_real_ray(ray_session, tmp_path):
-    """(c) (`ray_loop.run_ray`, the service's Trainer and floor.py's stripped one) and floor.py's
-    plain Ray actors, with a few steps on the session Ray: the benchmarks' Ray paths keep working."""
+def test_ray_path_of_the_benchmarks_runs_the_service_on_a_real_ray(ray_session, tmp_path):
+    """(c) (`ray_loop.run_ray`: the service's Trainer), a few steps on the session Ray: the
+    benchmarks' Ray path keeps working."""
+    from benchmarks import ray_loop
+
+    w = common.Workload("cnn", "synthetic", 8, 2, 2, 2)
+    r = ray_loop.run_ray(w, str(tmp_path / "no-fmnist"), tmp_path / "ray_train")
+    assert r["ingest"] == "cache" and len(r["rates"]) == 2 and all(x > 0 for x in r["rates"])
+    assert r["sched"]["on_cpu_pct"] > 0 and r["startup"]["fit_to_first_step_s"] > 0
+
+
+@pytest.mark.slow  # ~15 s: one more Train run and a torchrun-style bare run
+def test_floor_paths_run_on_a_real_ray(ray_session, tmp_path):
+    """floor.py's stripped Trainer (`ray_loop.run_ray` with it) and its plain Ray actors."""
     from benchmarks import floor, ray_loop
 
     w = common.Workload("cnn", "synthetic", 8, 2, 2, 2)
-    service = ray_loop.run_ray(w, str(tmp_path / "no-fmnist"), tmp_path / "ray_train")
-    stripped = ray_loop.run_ray(w, str(tmp_path / "no-fmnist"), tmp_path / "ray_train",
-                                trainer_cls=floor._stripped_trainer(), before_fit=floor._stop_data_stats_actor)
-    for r in (service, stripped):
-        assert r["ingest"] == "cache" and len(r["rates"]) == 2 and all(x > 0 for x in r["rates"])
-        assert r["sched"]["on_cpu_pct"] > 0 and r["startup"]["fit_to_first_step_s"] > 0
+    r = ray_loop.run_ray(w, str(tmp_path / "no-fmnist"), tmp_path / "ray_train",
+                         trainer_cls=floor._stripped_trainer(), before_fit=floor._stop_data_stats_actor)
+    assert r["ingest"] == "cache" and len(r["rates"]) == 2 and all(x > 0 for x in r["rates"])
+    assert r["sched"]["on_cpu_pct"] > 0 and r["startup"]["fit_to_first_step_s"] > 0
     marks = tmp_path / "marks"
     marks.mkdir()
     bare = floor.run_bare(w, tmp_path, marks)
