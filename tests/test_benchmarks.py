@@ -307,6 +307,12 @@ def test_floor_summary_ratios_use_the_neighbouring_torchrun_runs_and_render():
     assert "- `service`: `raylet` 1,000/s (10.0%)" in text and "python benchmarks/floor.py" in text
 
 
+def _check_ray_run(r: dict) -> None:
+    """A few steps of `ray_loop.run_ray`: cached ingest, two epochs' rates, CPU and start-up figures."""
+    assert r["ingest"] == "cache" and len(r["rates"]) == 2 and all(x > 0 for x in r["rates"])
+    assert r["sched"]["on_cpu_pct"] > 0 and r["startup"]["fit_to_first_step_s"] > 0
+
+
 def test_ray_path_of_the_benchmarks_runs_the_service_on_a_real_ray(ray_session, tmp_path):
     """(c) (`ray_loop.run_ray`: the service's Trainer), a few steps on the session Ray: the
     benchmarks' Ray path keeps working."""
@@ -314,8 +320,7 @@ def test_ray_path_of_the_benchmarks_runs_the_service_on_a_real_ray(ray_session, 
 
     w = common.Workload("cnn", "synthetic", 8, 2, 2, 2)
     r = ray_loop.run_ray(w, str(tmp_path / "no-fmnist"), tmp_path / "ray_train")
-    assert r["ingest"] == "cache" and len(r["rates"]) == 2 and all(x > 0 for x in r["rates"])
-    assert r["sched"]["on_cpu_pct"] > 0 and r["startup"]["fit_to_first_step_s"] > 0
+    _check_ray_run(r)
 
 
 @pytest.mark.slow  # ~15 s: one more Train run and a torchrun-style bare run
@@ -326,8 +331,7 @@ def test_floor_paths_run_on_a_real_ray(ray_session, tmp_path):
     w = common.Workload("cnn", "synthetic", 8, 2, 2, 2)
     r = ray_loop.run_ray(w, str(tmp_path / "no-fmnist"), tmp_path / "ray_train",
                          trainer_cls=floor._stripped_trainer(), before_fit=floor._stop_data_stats_actor)
-    assert r["ingest"] == "cache" and len(r["rates"]) == 2 and all(x > 0 for x in r["rates"])
-    assert r["sched"]["on_cpu_pct"] > 0 and r["startup"]["fit_to_first_step_s"] > 0
+    _check_ray_run(r)
     marks = tmp_path / "marks"
     marks.mkdir()
     bare = floor.run_bare(w, tmp_path, marks)
