@@ -28,10 +28,18 @@ STATE = "cluster.json"
 MARKER = "EMERGENCE_RAY_LOCAL_CLUSTER"  # environment variable naming the cluster's folder
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def free_ports(n: int) -> list[int]:
+    """n distinct free ports. Each socket stays bound until all are chosen: ports taken one at a time
+    can repeat (the kernel may hand back a port just released), and `ray start` refuses two of its
+    components on one port ("is trying to use a port number ... used by other components")."""
+    sockets = [socket.socket() for _ in range(n)]
+    try:
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
 
 
 def _ray(args: list[str], env: dict) -> None:
@@ -40,14 +48,18 @@ def _ray(args: list[str], env: dict) -> None:
         raise SystemExit(f"ray {' '.join(args[:2])} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}")
 
 
-def _node_ports() -> list[str]:
-    # Worker ports below the kernel's ephemeral range (32768+), where every free_port() lands, and
+NODE_PORTS = 6  # ports _node_ports names per node
+
+
+def _node_ports(ports: list[int]) -> list[str]:
+    # Worker ports below the kernel's ephemeral range (32768+), where every free_ports() port lands, and
     # above the ports `ray start` takes by default on every node (client server 10001, dashboard 8265):
     # a range over 10001 makes a worker node's start fail
     lo = random.randrange(10400, 30000, 200)
-    return ["--node-manager-port", str(free_port()), "--object-manager-port", str(free_port()),
-            "--metrics-export-port", str(free_port()), "--dashboard-agent-listen-port", str(free_port()),
-            "--dashboard-agent-grpc-port", str(free_port()), "--runtime-env-agent-port", str(free_port()),
+    flags = ["--node-manager-port", "--object-manager-port", "--metrics-export-port",
+             "--dashboard-agent-listen-port", "--dashboard-agent-grpc-port", "--runtime-env-agent-port"]
+    assert len(ports) == len(flags)
+    return [*(a for flag, port in zip(flags, ports) for a in (flag, str(port))),
             "--min-worker-port", str(lo), "--max-worker-port", str(lo + 200)]
 
 
@@ -63,15 +75,19 @@ def start(directory: Path, workers: int, cpus: int, object_store_mb: int) -> dic
     # non-root user cannot move itself back to 0 (emergence_ray/priority.py)
     env = {"RAY_worker_niceness": "0", **os.environ, "RAY_AUTH_MODE": "token", MARKER: str(directory)}
     env.pop("RAY_ADDRESS", None)
-    gcs_port, dash_port, client_port = free_port(), free_port(), free_port()
+    # every port of every node chosen at once, so no two components of the cluster share one
+    ports = free_ports(3 + NODE_PORTS * (1 + workers))
+    (gcs_port, dash_port, client_port), ports = ports[:3], ports[3:]
+    node_ports = [ports[i:i + NODE_PORTS] for i in range(0, len(ports), NODE_PORTS)]
     store = ["--object-store-memory", str(object_store_mb * 1024 * 1024)]
     before = set(_pids_under(directory))
     _ray(["start", "--head", "--port", str(gcs_port), "--temp-dir", str(temp), "--num-cpus", str(cpus),
           "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash_port),
-          "--ray-client-server-port", str(client_port), "--disable-usage-stats", *store, *_node_ports()], env)
+          "--ray-client-server-port", str(client_port), "--disable-usage-stats", *store,
+          *_node_ports(node_ports[0])], env)
     for i in range(workers):
         _ray(["start", "--address", f"127.0.0.1:{gcs_port}", "--num-cpus", str(cpus), "--disable-usage-stats",
-              "--resources", json.dumps({f"node_{i + 1}": 1}), *store, *_node_ports()], env)
+              "--resources", json.dumps({f"node_{i + 1}": 1}), *store, *_node_ports(node_ports[i + 1])], env)
     time.sleep(1)
     state = {"gcs_address": f"127.0.0.1:{gcs_port}", "dashboard": f"http://127.0.0.1:{dash_port}",
              "temp_dir": str(temp), "workers": workers,
