@@ -7,7 +7,7 @@ resources `cluster.plan` gives a 2-worker job (0.5 CPU each on 2 CPUs, leaving R
 The worker side mirrors `emergence_ray.worker.train_loop_per_worker` step for step:
 `prepare_model` (DDP, gloo), `ingest.WorkerIngest` over `ingest.worker_source` (the shard
 copied once from the materialized dataset's blocks into worker memory, or streamed from
-`get_dataset_shard("train")` with `iter_torch_batches`, as `ingest.use_cache` decides for the
+`get_dataset_shard("train")` with `iter_torch_batches`, as `handoff.use_cache` decides for the
 job's defaults, or forced with `ingest=`), and `engine.train_epoch`; it only adds
 per-step timestamps and leaves out validation and checkpoints, which happen between epochs.
 Augmentation is off, as in (a) and (b) (its cost is
@@ -171,7 +171,7 @@ def run_ray(w: common.Workload, fashion_path: str, storage_dir: Path, num_worker
 
     from emergence_ray import cluster
     from emergence_ray.config import DataConfig, ScalingConfig
-    from emergence_ray.data.ingest import trainer_inputs, use_cache
+    from emergence_ray.data.handoff import trainer_inputs, use_cache
 
     t0 = time.time()
     spec = None

@@ -1,4 +1,4 @@
-"""The driver of a training run: reads the data, builds the TorchTrainer, fits, and evaluates
+"""The driver of a training run: reads the data, builds the trainer, fits, and evaluates
 the chosen checkpoint on the test split.
 
     run_dir = train(load_config("jobs/digits.yaml"))
@@ -19,27 +19,25 @@ import sys
 import threading
 import time
 from datetime import datetime, UTC
+from importlib.metadata import version as package_version
 from pathlib import Path
 
 import pyarrow.fs as pafs
 import ray
 import ray.train
-import torch
 import yaml
 from ray.data.dataset import MaterializedDataset
-from ray.train.torch import TorchTrainer
+from ray.train.v2.api.data_parallel_trainer import DataParallelTrainer
 
 from emergence_ray import __version__, cluster, interrupt, progress, storage
 from emergence_ray.commit import CommitRecorder, committed
-from emergence_ray.config import JobConfig, to_dict
+from emergence_ray.config import SMALL_MODELS, JobConfig, to_dict
 from emergence_ray.data.pipeline import prepare, prepare_test
-from emergence_ray.data.ingest import record_ids, trainer_inputs
+from emergence_ray.data.handoff import record_ids, trainer_inputs
 from emergence_ray.errors import NonFiniteLossError, ResourceError, RunExistsError, UserError
 from emergence_ray.runlock import RunLock
-from emergence_ray.models import pretrained
-from emergence_ray.report import evaluate_checkpoint
+from emergence_ray.torch_backend import TorchBackendConfig, train_loop
 from emergence_ray.tracking import Tracker
-from emergence_ray.worker import train_loop_per_worker
 
 log = logging.getLogger("emergence_ray")
 
@@ -78,7 +76,7 @@ def write_meta(run_dir: str, cfg: JobConfig, name: str) -> None:
     storage.write_text(storage.join(run_dir, "config.yaml"), yaml.safe_dump(resolved, sort_keys=False))
     storage.write_json(storage.join(run_dir, "meta.json"), {
         "emergence_ray_version": __version__, "git_revision": git_revision(), "ray_version": ray.__version__,
-        "torch_version": torch.__version__, "python": sys.version.split()[0],
+        "torch_version": package_version("torch"), "python": sys.version.split()[0],
         "command": sys.argv, "started_at": datetime.now(UTC).isoformat(timespec="seconds"),
     })
 
@@ -116,7 +114,7 @@ def wait_for_commit(run_dir: str, timeout_s: float) -> None:
         time.sleep(0.1)
 
 
-def fit(trainer: TorchTrainer, run_dir: str) -> ray.train.Result:
+def fit(trainer: DataParallelTrainer, run_dir: str) -> ray.train.Result:
     """`trainer.fit()` in a thread, so that this (main) thread keeps the SIGINT / SIGTERM handlers:
     Train's own SIGINT handler (only installed on the main thread) aborts the controller at once
     and loses a checkpoint reported but not yet picked up. Here a signal first waits, briefly,
@@ -188,31 +186,51 @@ def check_batch(cfg: JobConfig, counts: dict) -> None:
                         "lower train.batch_size or scaling.num_workers")
 
 
-class Trainer(TorchTrainer):
-    """TorchTrainer that starts no dataset machinery when it gets no `datasets=` (cached shards
-    travel as block refs in the loop config): Train's DatasetsCallback would still start a
-    DatasetManager actor, one more process on the way to the first step that then wakes 100 times
-    a second for the whole run. With datasets, nothing changes."""
+class Trainer(DataParallelTrainer):
+    """Ray Train's data-parallel trainer on the torch backend (`torch_backend`: torch loads on the
+    workers, not in the driver), less two of Train's default helpers where they would only cost:
+
+    - no `datasets=` (cached shards travel as block refs in the loop config): no DatasetsCallback,
+      which would start a DatasetManager actor, one more process on the way to the first step
+      that then wakes 100 times a second for the whole run;
+    - `pg_cleaner=False` (a `train` command): no PlacementGroupCleaner, a detached actor that
+      removes the workers' placement group if Train's controller dies while its driver lives
+      on, and asks the dashboard once a second whether the controller is alive. A `train`
+      driver ends when its controller does (`fit` raises, the command exits), and Ray removes a
+      job's placement groups when the job ends. A sweep's trial is stopped while the sweep's
+      driver lives on, so sweeps keep it (`pg_cleaner=True`).
+
+    Both are found by class name, so that no private module is imported; if Ray renames them,
+    nothing is dropped and tests/test_train_e2e.py (neither actor in a cached run) fails loudly."""
+
+    def __init__(self, *args, pg_cleaner: bool = False, backend_config: TorchBackendConfig | None = None,
+                 **kwargs):
+        self.pg_cleaner = pg_cleaner  # read by _create_default_callbacks, which __init__ calls
+        if backend_config is None:  # as TorchTrainer chooses: NCCL on GPUs, gloo on CPUs
+            scaling = kwargs.get("scaling_config")
+            backend_config = TorchBackendConfig(backend="nccl" if scaling and scaling.use_gpu else "gloo")
+        super().__init__(*args, backend_config=backend_config, **kwargs)
 
     def _create_default_callbacks(self):
-        callbacks = super()._create_default_callbacks()
-        return callbacks if self.datasets else without_datasets_callback(callbacks)
+        drop = set() if self.datasets else {"DatasetsCallback"}
+        if not self.pg_cleaner:
+            drop.add("PlacementGroupCleanerCallback")
+        return without_callbacks(super()._create_default_callbacks(), drop)
 
 
-def without_datasets_callback(callbacks: list) -> list:
-    """Train's default callbacks less its DatasetsCallback, found by class name so that no private
-    module is imported. The one place that depends on Train's internals: if Ray renames it, nothing
-    is dropped and tests/test_train_e2e.py (no DatasetManager actor in a cached run) fails loudly."""
-    return [c for c in callbacks if type(c).__name__ != "DatasetsCallback"]
+def without_callbacks(callbacks: list, names: set[str]) -> list:
+    """Train's default callbacks less those whose class is named in `names`."""
+    return [c for c in callbacks if type(c).__name__ not in names]
 
 
 def build_trainer(cfg: JobConfig, name: str, datasets: dict, spec, counts: dict, run_dir: str,
                   callbacks: list | None = None, started: float | None = None,
-                  start_from: str | None = None) -> TorchTrainer:
+                  start_from: str | None = None, pg_cleaner: bool = False) -> DataParallelTrainer:
     """`datasets`: decoded train and val, materialized (cached in worker memory) or lazy (streamed).
     `started`: the command's start (time.time()), for first_step_s. `start_from`: a checkpoint
     directory a fresh run starts from (a PBT trial taking over a better trial's weights,
-    `emergence_ray.sweep.bridge`); a run with checkpoints of its own resumes."""
+    `emergence_ray.sweep.bridge`); a run with checkpoints of its own resumes. `pg_cleaner`: keep
+    Train's placement-group cleaner (a sweep's trials: see `Trainer`)."""
     placement = cluster.plan(cfg.scaling)
     cluster.train_env_defaults()  # Train's controller reads it from the process calling fit(): here, or a Tune trial
     check_batch(cfg, counts)
@@ -226,7 +244,7 @@ def build_trainer(cfg: JobConfig, name: str, datasets: dict, spec, counts: dict,
     if record_ids():
         handoff["record_ids"] = storage.join(run_dir, "seen_ids")
     return Trainer(
-        train_loop_per_worker,
+        train_loop,
         train_loop_config={"job": to_dict(cfg), "spec": spec.to_dict(), "run_dir": run_dir,
                            "train_rows": counts["train"], "started": started or time.time(),
                            "start_from": start_from, **handoff},
@@ -245,6 +263,7 @@ def build_trainer(cfg: JobConfig, name: str, datasets: dict, spec, counts: dict,
         ),
         datasets=trainer_datasets,
         dataset_config=dataset_config,
+        pg_cleaner=pg_cleaner,
     )
 
 
@@ -266,29 +285,43 @@ def train(cfg: JobConfig, address: str | None = None) -> str:
     name = run_name(cfg)
     run_dir = storage.join(storage.resolve(cfg.run.storage_path), name)
     check_run_dir(run_dir, name)
-    pretrained.ensure_available(cfg.model)  # zoo: weights cached or downloadable, before starting Ray
+    zoo = zoo_models(cfg)
+    if zoo:
+        zoo.ensure_available(cfg.model)  # weights cached or downloadable, before starting Ray
     tracker = Tracker.connect(cfg)  # MLflow server checked (tracking.on_error) before any work
     try:
         with interrupt.handling():
-            return _train(cfg, address, name, run_dir, wall_start, started, tracker)
+            return _train(cfg, address, name, run_dir, wall_start, started, tracker, zoo)
     except KeyboardInterrupt as err:
         raise interrupted(err, name, run_dir, cfg.run.name is not None) from None
 
 
+def zoo_models(cfg: JobConfig):
+    """`models.pretrained` for a job with torchvision models or pretrained weights (its checks and
+    the weights' normalization); None for a small model trained from scratch, whose driver then
+    imports no torch on its way to the first step (`torch_backend`)."""
+    if cfg.model.name in SMALL_MODELS and not cfg.model.pretrained:
+        return None
+    from emergence_ray.models import pretrained
+
+    return pretrained
+
+
 def _train(cfg: JobConfig, address: str | None, name: str, run_dir: str, wall_start: float,
-           started: float, tracker: Tracker) -> str:
+           started: float, tracker: Tracker, zoo) -> str:
     cluster.connect(address)
     interrupt.install()  # ray.init replaced the SIGTERM handler
     cluster.plan(cfg.scaling)  # fail fast, before reading any data
     cluster.skip_preemption_watcher(cfg.scaling)
     # zoo: pretrained weights bring their normalization (ImageNet's, or the source run's)
     # test split: after training; ids only when a test records which images each epoch saw
-    prepared = prepare(cfg.data, spec=pretrained.job_spec(cfg), with_test=False, keep_ids=record_ids(),
+    prepared = prepare(cfg.data, spec=zoo.job_spec(cfg) if zoo else None, with_test=False, keep_ids=record_ids(),
                        workers=cfg.scaling.min_workers, shuffle_seed=cfg.train.seed)
     log.info("data: %s  classes=%d  channels=%d  size=%d  ingest=%s  bad images skipped=%d", prepared.counts,
              prepared.spec.num_classes, prepared.spec.channels, prepared.spec.image_size,
              "cache" if prepared.cached else "stream", prepared.bad_images)
-    pretrained.check_input_size(cfg.model.name, prepared.spec.image_size)  # zoo
+    if zoo:
+        zoo.check_input_size(cfg.model.name, prepared.spec.image_size)
     check_batch(cfg, prepared.counts)
     lock = RunLock(run_dir, "run", name)
     try:
@@ -318,6 +351,10 @@ def _fit_and_test(cfg: JobConfig, name: str, run_dir: str, prepared, wall_start:
     check_finite(result.return_value, name, cfg.run.name is not None)
     ckpt = chosen_checkpoint(result, cfg.train.evaluate)
     history = [m for m in result.return_value or []] or storage_history(run_dir)
+    import torch  # after training: the driver imports none on its way to the first step
+
+    from emergence_ray.report import evaluate_checkpoint
+
     device = torch.device("cuda" if cfg.scaling.use_gpu and torch.cuda.is_available() else "cpu")
     cluster.wait_for_free_cpu()  # the trainer's CPUs come back asynchronously; the test set needs one
     test, listed = prepare_test(cfg.data, prepared.spec)

@@ -61,7 +61,8 @@ def _trial(config: dict, job: dict, sweep: str, sweep_dir: str, num_workers: int
     start_trial(cfg, run_dir, name, sweep_dir)  # MLflow child run of the sweep's (if tracked)
     reports = Queue(maxsize=1, actor_options={"num_cpus": 0})
     trainer = build_trainer(cfg, name, datasets, DataSpec.from_dict(spec_dict), counts, run_dir,
-                            callbacks=[bridge.ToTune(reports)], start_from=start_from)
+                            callbacks=[bridge.ToTune(reports)], start_from=start_from,
+                            pg_cleaner=True)  # a stopped trial's placement group goes, the sweep lives on
     # seed: this trial's own (PBT clones a donor's whole config, repeat included, on an exploit)
     extra = {"train_run": name, "trial_start": started, "seed": cfg.train.seed}
     result = bridge.fit_reporting(trainer, reports, extra, tune_checkpoints, trial_id)

@@ -19,7 +19,8 @@ from emergence_ray.data.augment import BatchAugment
 from emergence_ray.config import AugmentConfig, DataConfig, load_config
 from emergence_ray.data.transforms import DataSpec
 from emergence_ray.errors import ConfigError, DataError
-from emergence_ray.data.ingest import WorkerIngest, trainer_inputs, use_cache
+from emergence_ray.data.handoff import trainer_inputs, use_cache
+from emergence_ray.data.ingest import WorkerIngest
 from emergence_ray.data.shards import BlockShards
 
 ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers need not import tests/

@@ -2,7 +2,7 @@
 spilling, and every training image is trained on exactly once per epoch, by image id.
 
 Workers log the ids they train on only when the driver runs with EMERGENCE_RAY_RECORD_IDS=1
-(`emergence_ray.data.ingest.RECORD_IDS_ENV`): one line per image into
+(`emergence_ray.data.handoff.RECORD_IDS_ENV`): one line per image into
 `<run dir>/seen_ids/<split>-rank<r>-epoch<e>.txt`.
 """
 
@@ -134,7 +134,7 @@ def test_streamed_imagefolder_is_decoded_by_actors_and_trained_once_per_epoch(ra
     trained on exactly once per epoch, validation whole; the run learns."""
     from conftest import actor_classes
     from emergence_ray.config import load_config
-    from emergence_ray.data.ingest import RECORD_IDS_ENV
+    from emergence_ray.data.handoff import RECORD_IDS_ENV
     from emergence_ray.data.sources import SOURCES
     from emergence_ray.trainer import train
 

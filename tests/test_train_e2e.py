@@ -58,10 +58,12 @@ def test_digits_imagefolder_cached_reaches_93_percent(imagefolder_run):
     assert summary["test_accuracy"] >= 0.93, summary
     assert summary["epochs"] == 6
     # cached shards travel as block refs: no Ray Data actors in the trainer, and on this one-node
-    # cluster no preemption watcher (each would be one more process waking 100 times a second)
+    # cluster no preemption watcher (each would be one more process waking 100 times a second);
+    # a `train` command starts no placement-group cleaner (trainer.Trainer; a sweep does: test_tune)
     actors = RUN_ACTORS["imagefolder"]
     assert "TrainController" in actors and actors.count("RayTrainWorker") == 2, actors
-    assert not {"DatasetManager", "SplitCoordinator", "PreemptionWatcher"} & set(actors), actors
+    unwanted = {"DatasetManager", "SplitCoordinator", "PreemptionWatcher", "PlacementGroupCleaner"}
+    assert not unwanted & set(actors), actors
     workers = json.loads((imagefolder_run / "workers.json").read_text())
     assert [(w["rank"], w["device"], w["backend"]) for w in workers] == [(0, "cpu", "gloo"), (1, "cpu", "gloo")]
     # Ray starts workers at nice 15; scaling.worker_niceness (default 0) moves them up where permitted
@@ -72,7 +74,7 @@ def test_digits_parquet_streamed_reaches_93_percent(ray_session, digits_parquet,
     """Parquet, streamed through Ray Data every epoch (data.ingest=stream): accuracy, and every
     training image exactly once per epoch (workers log ids: EMERGENCE_RAY_RECORD_IDS)."""
     from emergence_ray.config import load_config
-    from emergence_ray.data.ingest import RECORD_IDS_ENV
+    from emergence_ray.data.handoff import RECORD_IDS_ENV
     from emergence_ray.trainer import train
     from test_streaming import assert_exactly_once, seen_ids
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import CLI, ROOT, cli_env, run_epochs, wait_for
+from conftest import CLI, ROOT, actor_classes, cli_env, run_epochs, wait_for
 from emergence_ray.config import load_config
 from emergence_ray.errors import ConfigError
 from emergence_ray.sweep.search import points
@@ -178,6 +178,7 @@ def test_optuna_sweep_over_a_non_optim_key_resumes_a_killed_worker_and_a_killed_
     # Tune saves its experiment state every ~10 s by default; every second here.
     env = cli_env(RAY_ADDRESS=ray_session, TUNE_GLOBAL_CHECKPOINT_S="1")
     log = tmp_path / "first.log"
+    before = set(actor_classes())
     first = subprocess.Popen(cmd, stdout=open(log, "w"), stderr=subprocess.STDOUT, env=env)
     trials = tmp_path / "sweep" / "trials"
 
@@ -219,6 +220,9 @@ def test_optuna_sweep_over_a_non_optim_key_resumes_a_killed_worker_and_a_killed_
         assert job["train"]["label_smoothing"] == pytest.approx(float(r["train.label_smoothing"]))
     best = json.loads((tmp_path / "sweep" / "best.json").read_text())
     assert set(best["config"]) == {"optim.lr", "train.label_smoothing"} and best["searcher"] == "optuna"
+    # a sweep's trials keep Train's placement-group cleaner (a `train` run drops it: test_train_e2e)
+    started = [cls for actor_id, cls in actor_classes().items() if actor_id not in before]
+    assert "PlacementGroupCleaner" in started and "TrainController" in started, started
 
 
 def _history(run_dir: Path) -> list[dict]:

@@ -1,6 +1,6 @@
 """A training worker's view of one dataset split: its Ray Data shard, read as torch batches.
 
-Two ways, chosen by the driver (`use_cache`, `trainer_inputs`) and the same for every worker of
+Two ways, chosen by the driver (`handoff.use_cache`, `handoff.trainer_inputs`) and the same for every worker of
 a run:
 
 - cache: the source is the split's `shards.BlockShards`; the worker's rows are copied once out of
@@ -35,7 +35,6 @@ import ray.data
 import ray.train
 import torch
 
-from emergence_ray.config import DataConfig
 from emergence_ray.data.shards import BlockShards
 from emergence_ray.errors import DataError
 
@@ -50,34 +49,10 @@ def stream_shuffle_buffer(source: str, batch_size: int) -> int:
     the worker (7% of the stream's rate on 2 cores, benchmarks/README.md). A Parquet file's rows
     come in their stored order (a file sorted by class), so they are mixed in a buffer."""
     return 0 if source == "imagefolder" else STREAM_SHUFFLE_BATCHES * batch_size
-RECORD_IDS_ENV = "EMERGENCE_RAY_RECORD_IDS"  # set (to 1) on the driver: workers log every image id they train on
+
+
 Batch = dict[str, torch.Tensor]
 Transform = Callable[[torch.Tensor, torch.Generator], torch.Tensor]
-
-
-def use_cache(cfg: DataConfig, split_bytes: int, min_workers: int) -> bool:
-    """Cache the shards when asked to, or (auto) when the largest one fits the per-worker budget.
-    `split_bytes`: train + val as decoded uint8 images (what a worker would hold)."""
-    if cfg.ingest != "auto":
-        return cfg.ingest == "cache"
-    return split_bytes / max(1, min_workers) <= cfg.cache_gb_per_worker * 2**30
-
-
-def record_ids() -> bool:
-    return os.environ.get(RECORD_IDS_ENV, "") not in ("", "0")
-
-
-def trainer_inputs(datasets: dict[str, ray.data.Dataset], cache: bool) -> tuple[dict | None, dict, object]:
-    """Driver: (TorchTrainer `datasets=`, entries for the train loop config, `dataset_config=`).
-    Cached splits travel as `BlockShards` in the loop config; streamed ones through `datasets=`,
-    train split by `streaming_split(equal=True)` (every worker the same number of rows, at most
-    world - 1 dropped; val whole, read by rank 0 alone), within Ray Data's object-store budget
-    (DataContext's limits, by default half of the store)."""
-    if cache:
-        return None, {"blocks": {name: BlockShards.of(ds) for name, ds in datasets.items()}}, None
-    # val is not split: streaming_split(equal=True) would drop up to world - 1 of its images, so
-    # rank 0 evaluates all of it (WorkerIngest) and the others skip it
-    return datasets, {}, ray.train.DataConfig(datasets_to_split=["train"])
 
 
 def worker_source(loop_config: dict, split: str):

@@ -28,7 +28,7 @@ import ray.data
 from ray.data.block import BlockAccessor
 
 from emergence_ray.config import DataConfig
-from emergence_ray.data.ingest import use_cache
+from emergence_ray.data.handoff import use_cache
 from emergence_ray.data.sources import SOURCES, ArraySplit, FileSplit, RawSplits, Split
 from emergence_ray.data.transforms import (DataSpec, Decode, DecodeFiles, at_wire_size, channel_stats, decode,
                                           image_stats, keep_ok)
