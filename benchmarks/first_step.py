@@ -141,7 +141,7 @@ def measure(address: str, workdir: Path, timeout_s: float = 600, code: Path | No
         "milestones_s": seen,
         "stages_s": {
             "launch -> run dir written (imports, connect, plan, prepare data)": seen["meta.json"],
-            "-> workers up (TorchTrainer.fit: controller, worker group, process group, model, DDP)":
+            "-> workers up (Trainer.fit: controller, worker group, process group, model, DDP)":
                 seen["workers.json"] - seen["meta.json"],
             "-> first step done (shard iterator, first batch, forward/backward)":
                 seen["progress.json"] - seen["workers.json"],
@@ -174,7 +174,7 @@ def probe(address: str, storage: str) -> dict:
     from emergence_ray import config
     from emergence_ray import trainer as tr
 
-    marks["imports (emergence_ray.cli, .trainer: torch, ray, ray.train)"] = time.time() - t
+    marks["imports (emergence_ray.cli, .trainer: ray, ray.train; torch only on the workers)"] = time.time() - t
     timed: dict[str, float] = {}
 
     def wrap(owner, name: str, label: str) -> None:
@@ -195,7 +195,7 @@ def probe(address: str, storage: str) -> dict:
     wrap(tr.cluster, "plan", "cluster.plan")
     wrap(tr, "prepare", "pipeline.prepare (read, resolve spec, preprocess + materialize)")
     wrap(tr, "write_meta", "write config.yaml, meta.json")
-    wrap(tr, "build_trainer", "build_trainer (TorchTrainer object)")
+    wrap(tr, "build_trainer", "build_trainer (the trainer object)")
 
     def stop(*_args, **_kwargs):
         raise _StopBeforeFit

@@ -83,8 +83,9 @@ class TorchContext:
         return self._inner.__exit__(*exc)
 
 
-def train_loop(config: dict) -> None:
-    """The train function Train's workers run: the service's loop, imported here, on the worker."""
+def train_loop(config: dict) -> list[dict] | None:
+    """The train function Train's workers run: the service's loop, imported here, on the worker.
+    Rank 0's return value (the run's per-epoch history) is `Result.return_value`."""
     from emergence_ray.worker import train_loop_per_worker
 
-    train_loop_per_worker(config)
+    return train_loop_per_worker(config)
