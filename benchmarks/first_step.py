@@ -34,7 +34,9 @@ import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+# appended, not first: a probe of another checkout (PYTHONPATH=that checkout, `_env`) must import
+# that checkout's emergence_ray, not this one's
+sys.path.append(str(ROOT))
 MILESTONES = ("meta.json", "workers.json", "progress.json")
 
 

@@ -1,6 +1,6 @@
 """`emergence-ray tune`: sweep any job keys over the very same training job.
 
-Each Tune trial is a driver function that builds the job's own `TorchTrainer` (same data, model,
+Each Tune trial is a driver function that builds the job's own trainer (`trainer.Trainer`: same data, model,
 loop) with only the searched keys changed (and `train.seed + repeat`), and passes rank 0's
 per-epoch reports to Tune (`sweep.bridge`), so ASHA can stop bad trials early and PBT can move a
 trial onto a better one's weights. Trial Train runs are named from the sweep name and the trial

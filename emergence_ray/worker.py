@@ -1,4 +1,5 @@
-"""The per-worker training loop run by Ray Train's TorchTrainer (one process per worker / GPU).
+"""The per-worker training loop run by Ray Train on the torch backend (one process per worker / GPU;
+`torch_backend.train_loop` imports it on the worker).
 
 It touches only its dataset shards, the model and `ray.train.report`; the math lives in
 `engine`. Every epoch ends with a report that carries a checkpoint, so a restarted worker group
