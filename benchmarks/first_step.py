@@ -176,7 +176,7 @@ def probe(address: str, storage: str) -> dict:
     from emergence_ray import config
     from emergence_ray import trainer as tr
 
-    marks["imports (emergence_ray.cli, .trainer: ray, ray.train; torch only on the workers)"] = time.time() - t
+    marks["imports (emergence_ray.cli, .trainer and what they import)"] = time.time() - t
     timed: dict[str, float] = {}
 
     def wrap(owner, name: str, label: str) -> None:
