@@ -1,16 +1,17 @@
-"""Ray Train's torch backend, loaded where it is used: torch is imported by the training workers
-(and by Train's controller once they are up), never by the driver on its way to `fit()`.
+"""Ray Train's torch backend, loaded where it is used: Train's controller imports no torch before
+it asks for the workers, and the driver's modules import none either.
 
-`TorchTrainer` imports torch in the driver (`ray.train.torch` imports it, 1.3 s on 2 cores), and
-its `TorchConfig` makes Train's controller import torch as it unpickles its arguments, before it
-asks for the workers: both on the way to the first training step (benchmarks/FIRST_STEP.md).
-`TorchBackendConfig` is the same configuration in a module without torch; its backend hands
-every call to the backend of an equal `TorchConfig` (so process-group set-up, NCCL / gloo and
-shutdown stay Ray's own code), and the train function is `train_loop`, which imports the
-service's loop (`worker.py`, torch and all) on the worker that runs it:
+`TorchTrainer` imports torch wherever it is imported (`ray.train.torch` imports it, 1.3 s on 2
+cores), and its `TorchConfig` makes Train's controller import torch as it unpickles its
+arguments, before it asks for the workers: on the way to the first training step
+(benchmarks/FIRST_STEP.md). `TorchBackendConfig` is the same configuration in a module without
+torch; its backend hands every call to the backend of an equal `TorchConfig` (so process-group
+set-up, NCCL / gloo and shutdown stay Ray's own code), and the train function is `train_loop`,
+which imports the service's loop (`worker.py`, torch and all) on the worker that runs it:
 
     DataParallelTrainer(train_loop, backend_config=TorchBackendConfig(backend="gloo"), ...)
 
+(The `train` driver itself still loads torch, before it connects to Ray: `trainer.load_torch_before_ray`.)
 What it gives up: Ray's state export (the dashboard's Train page) lists the run's framework as
 unspecified, and with it no torch version: naming it would take a private Ray enum.
 tests/test_torch_backend.py checks that the driver's modules import no torch and that the

@@ -296,6 +296,15 @@ def train(cfg: JobConfig, address: str | None = None) -> str:
         raise interrupted(err, name, run_dir, cfg.run.name is not None) from None
 
 
+def load_torch_before_ray() -> None:
+    """Import torch before `ray.init`, although the driver needs it only after training (the test
+    report): a `ray job submit` driver on a two-node cluster that first loaded torch after
+    connecting died at its first matrix product ("Intel oneMKL FATAL ERROR: Cannot load
+    .../torch/lib/libtorch_cpu.so"; tests/test_cluster_jobs.py), as a bare `ray.init()` then
+    `import torch` in such a job does. Train's controller still imports none (`torch_backend`)."""
+    import torch  # noqa: F401
+
+
 def zoo_models(cfg: JobConfig):
     """`models.pretrained` for a job with torchvision models or pretrained weights (its checks and
     the weights' normalization); None for a small model trained from scratch, whose driver then
@@ -309,6 +318,7 @@ def zoo_models(cfg: JobConfig):
 
 def _train(cfg: JobConfig, address: str | None, name: str, run_dir: str, wall_start: float,
            started: float, tracker: Tracker, zoo) -> str:
+    load_torch_before_ray()
     cluster.connect(address)
     interrupt.install()  # ray.init replaced the SIGTERM handler
     cluster.plan(cfg.scaling)  # fail fast, before reading any data
@@ -351,7 +361,7 @@ def _fit_and_test(cfg: JobConfig, name: str, run_dir: str, prepared, wall_start:
     check_finite(result.return_value, name, cfg.run.name is not None)
     ckpt = chosen_checkpoint(result, cfg.train.evaluate)
     history = [m for m in result.return_value or []] or storage_history(run_dir)
-    import torch  # after training: the driver imports none on its way to the first step
+    import torch
 
     from emergence_ray.report import evaluate_checkpoint
 

@@ -1,4 +1,4 @@
-"""torch_backend: the driver reaches `fit()` without importing torch, and the lazy backend is
+"""torch_backend: the driver's modules import no torch (Train's controller unpickles them), and the lazy backend is
 TorchConfig's (the fields and the class attributes Train reads). Fails loudly when Ray changes
 either; the training itself runs through it in every end-to-end test (test_train_e2e, ...)."""
 
@@ -26,7 +26,7 @@ print(sorted(m for m in ("torch", "torchvision", "sklearn") if m in sys.modules)
 """
 
 
-def test_the_driver_imports_no_torch_on_its_way_to_fit():
+def test_the_drivers_modules_import_no_torch():
     out = subprocess.run([sys.executable, "-c", DRIVER], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.strip().splitlines()[-1] == "[]", out.stdout
