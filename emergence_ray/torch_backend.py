@@ -11,7 +11,7 @@ which imports the service's loop (`worker.py`, torch and all) on the worker that
 
     DataParallelTrainer(train_loop, backend_config=TorchBackendConfig(backend="gloo"), ...)
 
-(The `train` driver itself still loads torch, before it connects to Ray: `trainer.load_torch_before_ray`.)
+(A `ray job submit` driver loads torch before it connects to Ray: `trainer.load_torch_before_ray`.)
 What it gives up: Ray's state export (the dashboard's Train page) lists the run's framework as
 unspecified, and with it no torch version: naming it would take a private Ray enum.
 tests/test_torch_backend.py checks that the driver's modules import no torch and that the

@@ -296,13 +296,20 @@ def train(cfg: JobConfig, address: str | None = None) -> str:
         raise interrupted(err, name, run_dir, cfg.run.name is not None) from None
 
 
+JOB_DRIVER_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"  # set by Ray's job supervisor in a `ray job submit` driver
+
+
 def load_torch_before_ray() -> None:
-    """Import torch before `ray.init`, although the driver needs it only after training (the test
-    report): a `ray job submit` driver on a two-node cluster that first loaded torch after
-    connecting died at its first matrix product ("Intel oneMKL FATAL ERROR: Cannot load
-    .../torch/lib/libtorch_cpu.so"; tests/test_cluster_jobs.py), as a bare `ray.init()` then
-    `import torch` in such a job does. Train's controller still imports none (`torch_backend`)."""
-    import torch  # noqa: F401
+    """In a `ray job submit` driver, import torch before `ray.init`, although the driver needs it
+    only after training (the test report, MLflow's model): such a driver on a two-node cluster
+    that first loaded torch after connecting died at its first matrix product ("Intel oneMKL FATAL
+    ERROR: Cannot load .../torch/lib/libtorch_cpu.so"; tests/test_cluster_jobs.py), as a bare
+    `ray.init()` then `import torch` in such a job does. A driver started by hand (the CLI against
+    a running cluster or its embedded Ray, one node or two) loads it after training, 1.2 s off
+    the way to the first step (benchmarks/FIRST_STEP.md); the cause inside the job driver was not
+    found (its environment, limits, libraries and threads after `ray.init` match a hand-started one)."""
+    if os.environ.get(JOB_DRIVER_ENV):
+        import torch  # noqa: F401
 
 
 def zoo_models(cfg: JobConfig):
