@@ -110,6 +110,9 @@ def main(argv: list[str] | None = None) -> None:
     Path(args.out).write_text(json.dumps(result, indent=1))
 
 
+TEARDOWN_ABORT = "terminate called without an active exception"
+
+
 def run_baseline(w: common.Workload, world: int, threads: int, out: Path, fashion_path: str,
                  timeout: float = 900, marks_dir: Path | None = None) -> dict:
     """Launch (a) (world=1, a plain process) or (b) (world>1, torchrun) and return rank 0's JSON."""
@@ -122,8 +125,13 @@ def run_baseline(w: common.Workload, world: int, threads: int, out: Path, fashio
         cmd = [sys.executable, script, *args]
     shown = ["python", *cmd[1:]]  # as typed from the repository root
     cmd += ["--out", str(out)] + (["--marks-dir", str(marks_dir)] if marks_dir else [])
-    env = dict(os.environ, BENCH_LAUNCH_T=repr(time.time()), OMP_NUM_THREADS=str(threads))
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+    for attempt in (1, 2):
+        env = dict(os.environ, BENCH_LAUNCH_T=repr(time.time()), OMP_NUM_THREADS=str(threads))
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+        # A rare abort of a torchrun rank in C++ teardown (seen once in ~20 suite runs, not reproduced
+        # in 15 launches alone) says nothing about the timed steps: launch once more, never twice.
+        if proc.returncode == 0 or TEARDOWN_ABORT not in proc.stderr or attempt == 2:
+            break
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd[:6])} ... failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
     result = json.loads(out.read_text())
