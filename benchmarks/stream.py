@@ -103,7 +103,7 @@ def _consume(batches, transform, limit_s: float) -> dict:
 
 
 def ray_stream_rate(folder: Path, limit_s: float, batch: int = BATCH, transform: bool = True,
-                    actors: bool = True, split: bool = True) -> dict:
+                    actors: bool = True, split: bool = True, niced: bool = True) -> dict:
     """The service's streamed train split through iter_torch_batches, on the Ray this process is
     connected to, with the local shuffle buffer a training worker uses for this source
     (`ingest.stream_shuffle_buffer`: none for an ImageFolder, whose per-epoch file order already
@@ -112,12 +112,16 @@ def ray_stream_rate(folder: Path, limit_s: float, batch: int = BATCH, transform:
     coordinator actor, not in the consuming process); False: the dataset iterated directly, its
     executor a thread of this process. `actors`: as shipped, the files read and decoded in a pool
     of decode actors (`pipeline.decode_actors`); False: the read-task path used before
-    (read_binary_files with Decode fused into each read task)."""
+    (read_binary_files with Decode fused into each read task). `niced`: the decode actors at
+    data.decode_niceness, as shipped; False: at the nice value Ray started them at
+    (data.decode_niceness=null)."""
     from emergence_ray.data import pipeline
     from emergence_ray.data.augment import DeviceTransform
     from emergence_ray.data.ingest import stream_shuffle_buffer
 
     cfg = _data_cfg(folder)
+    if not niced:
+        cfg = cfg.model_copy(update={"decode_niceness": None})
     raw, spec = _listed(folder)
     ds = pipeline.decoded(raw.train, spec, cfg, shuffle_seed=0, keep_ids=False, actors=actors)
     buffer = stream_shuffle_buffer(cfg.source, batch) or None
@@ -177,6 +181,7 @@ def ingest_paths(folder: Path, procs: int, limit_s: float, batch: int = BATCH) -
     """The compared paths by name: each a function of (`transform`[, seconds]) -> one pass's figures."""
     return {"ray": lambda t, s=limit_s: ray_stream_rate(folder, s, batch, transform=t),
             "ray_tasks": lambda t, s=limit_s: ray_stream_rate(folder, s, batch, transform=t, actors=False),
+            "ray_nice0": lambda t, s=limit_s: ray_stream_rate(folder, s, batch, transform=t, niced=False),
             "loader": lambda t, s=limit_s: dataloader_rate(folder, procs, s, batch=batch, transform=t)}
 
 
@@ -222,6 +227,8 @@ def first_step(folder: Path, runs: Path, name: str, epochs: int = 1) -> dict:
 INGEST_PATHS = {
     "ray": "Ray Data stream, as shipped: file list -> read + Decode in a pool of decode actors, read through "
            "streaming_split as a training worker reads it",
+    "ray_nice0": "Ray Data stream, decode actors at the training workers' nice 0 (data.decode_niceness=null; "
+                 "before this setting the service's embedded Ray and cluster configs ran them so)",
     "ray_tasks": "Ray Data stream, read tasks (read_binary_files, Decode fused into each task; before the actors), "
                  "through streaming_split",
     "loader": "torch DataLoader (num_workers={procs}, same read + Decode in its workers)",
@@ -328,6 +335,9 @@ def main(argv: list[str] | None = None) -> int:
         import ray
 
         folder = make_folder(args.data / f"jpeg-{args.ingest_images}", args.ingest_images)
+        # as the service's embedded Ray and shipped cluster configs start workers (cluster.embedded_env):
+        # at nice 0, not Ray's 15, so that the decode actors run at data.decode_niceness
+        os.environ.setdefault("RAY_worker_niceness", "0")
         ray.init(num_cpus=args.procs, include_dashboard=False, logging_level="WARNING")
         import ray.data
 
