@@ -206,12 +206,13 @@ def ingest_rounds(measure: dict, n: int, transform: bool, images: int, procs: in
             "pair_ratios": {k: [r / max(1e-9, d) for r, d in zip(v["images_per_s"], loader)] for k, v in runs.items()}}
 
 
-def first_step(folder: Path, runs: Path, name: str, epochs: int = 1) -> dict:
-    """`emergence-ray train` (embedded Ray, streamed) on the folder: first_step_s and epoch time."""
+def first_step(folder: Path, runs: Path, name: str, epochs: int = 1, extra: tuple[str, ...] = ()) -> dict:
+    """`emergence-ray train` (embedded Ray, streamed) on the folder: first_step_s and epoch time.
+    `extra`: more --set overrides."""
     overrides = ["data.source=imagefolder", f"data.path={folder}", f"data.image_size={SIZE}", "data.ingest=stream",
                  "data.augment.policy=imagenet", "data.val_fraction=0.05", "data.test_fraction=0.05",
                  "model.name=cnn", "model.width=8", f"train.epochs={epochs}", f"train.batch_size={BATCH}",
-                 f"run.storage_path={runs}", f"run.name={name}"]
+                 f"run.storage_path={runs}", f"run.name={name}", *extra]
     t = time.time()
     proc = subprocess.run([sys.executable, "-m", "emergence_ray", "train",
                            *[a for o in overrides for a in ("--set", o)]], capture_output=True, text=True,
@@ -222,6 +223,39 @@ def first_step(folder: Path, runs: Path, name: str, epochs: int = 1) -> dict:
     metrics = [json.loads(line) for line in (runs / name / "metrics.jsonl").read_text().splitlines()]
     return {"first_step_s": summary["first_step_s"], "epoch_train_s": metrics[0]["train_s"],
             "train_images": summary["images"]["train"], "command_s": time.time() - t}
+
+
+NICE_SETTINGS = {"15": "decode actors at nice 15 (data.decode_niceness, as shipped)",
+                 "null": "decode actors at the workers' nice 0 (data.decode_niceness=null)"}
+
+
+def epoch_niceness(folder: Path, rounds: int) -> dict:
+    """The same streamed training run with the decode actors niced (as shipped) and not, rounds
+    alternating: what data.decode_niceness does to a training epoch, not just to an ingest pass."""
+    runs: dict = {k: [] for k in NICE_SETTINGS}
+    for i in range(rounds):
+        for setting in NICE_SETTINGS:
+            out = Path(tempfile.mkdtemp(prefix="er-stream-nice-"))
+            runs[setting].append(first_step(folder, out, f"nice-{setting}-{i}",
+                                            extra=(f"data.decode_niceness={setting}",)))
+            print(setting, runs[setting][-1], flush=True)
+    return {"images": sum(1 for _ in folder.rglob("*.jpg")), "runs": runs}
+
+
+def _render_niceness(r: dict) -> list[str]:
+    m = r["measured"]
+    lines = [f"## A training epoch with the decode actors niced or not ({r['images']} images, `emergence-ray train`, "
+             "embedded Ray, 2 workers)", "",
+             f"Measured by `{m['command']}` at git `{m['git_revision']}`, {m['date']}. Rounds alternate the "
+             "settings; the model is the small cnn (width 8), so the epoch is mostly training, not decode.", "",
+             "| decode actors | epoch train_s (median) | x niced | rounds | first_step_s |", "|---|---|---|---|---|"]
+    base = common.median([x["epoch_train_s"] for x in r["runs"]["15"]])
+    for k, label in NICE_SETTINGS.items():
+        t = [x["epoch_train_s"] for x in r["runs"][k]]
+        first = [x["first_step_s"] for x in r["runs"][k]]
+        lines.append(f"| {label} | {common.median(t):.1f} | {common.median(t) / max(1e-9, base):.2f} | "
+                     f"{', '.join(f'{x:.1f}' for x in t)} | {', '.join(f'{x:.1f}' for x in first)} |")
+    return lines + [""]
 
 
 INGEST_PATHS = {
@@ -291,6 +325,8 @@ def render(results: dict) -> str:
     for key in ("ingest", "decode_only"):
         if results.get(key):
             lines += _render_ingest(results[key], key, results.get("ingest_from"))
+    if results.get("epoch_niceness"):
+        lines += _render_niceness(results["epoch_niceness"])
     return "\n".join(lines) + "\n"
 
 
@@ -308,11 +344,16 @@ def main(argv: list[str] | None = None) -> int:
                         "this many rounds")
     p.add_argument("--skip-first-step", action="store_true",
                    help="measure ingest only; keep the first-step rows of --out/STREAM.json, with their command")
+    p.add_argument("--nice-images", type=int, default=0,
+                   help="also train this many images with the decode actors niced and not (0: keep the section of "
+                        "--out/STREAM.json, with its command)")
+    p.add_argument("--nice-rounds", type=int, default=2)
     # --ingest-images 0: first step only; the ingest sections of --out/STREAM.json are kept, with their command
     args = p.parse_args(argv)
     results = {"command": common.command_line("stream.py", p, args, ("sizes", "procs", "ingest_images", "repeats",
                                                                       "limit_s", "decode_repeats",
-                                                                      "skip_first_step")),
+                                                                      "skip_first_step", "nice_images",
+                                                                      "nice_rounds")),
                "machine": common.machine_info(), "first_step": {}, "ingest": None}
     earlier = args.out / "STREAM.json"
     old = json.loads(earlier.read_text()) if earlier.exists() else {}
@@ -348,6 +389,14 @@ def main(argv: list[str] | None = None) -> int:
             results["decode_only"] = ingest_rounds(measure, args.decode_repeats, False, args.ingest_images, args.procs,
                                                    warmup=False)
         ray.shutdown()
+    if args.nice_images:
+        folder = make_folder(args.data / f"jpeg-{args.nice_images}", args.nice_images)
+        results["epoch_niceness"] = epoch_niceness(folder, args.nice_rounds)
+        results["epoch_niceness"]["measured"] = {"command": results["command"],
+                                                 "git_revision": results["machine"]["git_revision"],
+                                                 "date": results["machine"]["date"]}
+    elif old.get("epoch_niceness"):
+        results["epoch_niceness"] = old["epoch_niceness"]
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "STREAM.json").write_text(json.dumps(results, indent=2))
     (args.out / "STREAM.md").write_text(render(results))
