@@ -103,7 +103,7 @@ def _consume(batches, transform, limit_s: float) -> dict:
 
 
 def ray_stream_rate(folder: Path, limit_s: float, batch: int = BATCH, transform: bool = True,
-                    actors: bool = True, split: bool = True, niced: bool = True) -> dict:
+                    actors: bool = True, split: bool = True) -> dict:
     """The service's streamed train split through iter_torch_batches, on the Ray this process is
     connected to, with the local shuffle buffer a training worker uses for this source
     (`ingest.stream_shuffle_buffer`: none for an ImageFolder, whose per-epoch file order already
@@ -112,16 +112,12 @@ def ray_stream_rate(folder: Path, limit_s: float, batch: int = BATCH, transform:
     coordinator actor, not in the consuming process); False: the dataset iterated directly, its
     executor a thread of this process. `actors`: as shipped, the files read and decoded in a pool
     of decode actors (`pipeline.decode_actors`); False: the read-task path used before
-    (read_binary_files with Decode fused into each read task). `niced`: the decode actors at
-    data.decode_niceness, as shipped; False: at the nice value Ray started them at
-    (data.decode_niceness=null)."""
+    (read_binary_files with Decode fused into each read task)."""
     from emergence_ray.data import pipeline
     from emergence_ray.data.augment import DeviceTransform
     from emergence_ray.data.ingest import stream_shuffle_buffer
 
     cfg = _data_cfg(folder)
-    if not niced:
-        cfg = cfg.model_copy(update={"decode_niceness": None})
     raw, spec = _listed(folder)
     ds = pipeline.decoded(raw.train, spec, cfg, shuffle_seed=0, keep_ids=False, actors=actors)
     buffer = stream_shuffle_buffer(cfg.source, batch) or None
@@ -181,7 +177,6 @@ def ingest_paths(folder: Path, procs: int, limit_s: float, batch: int = BATCH) -
     """The compared paths by name: each a function of (`transform`[, seconds]) -> one pass's figures."""
     return {"ray": lambda t, s=limit_s: ray_stream_rate(folder, s, batch, transform=t),
             "ray_tasks": lambda t, s=limit_s: ray_stream_rate(folder, s, batch, transform=t, actors=False),
-            "ray_nice0": lambda t, s=limit_s: ray_stream_rate(folder, s, batch, transform=t, niced=False),
             "loader": lambda t, s=limit_s: dataloader_rate(folder, procs, s, batch=batch, transform=t)}
 
 
@@ -206,13 +201,12 @@ def ingest_rounds(measure: dict, n: int, transform: bool, images: int, procs: in
             "pair_ratios": {k: [r / max(1e-9, d) for r, d in zip(v["images_per_s"], loader)] for k, v in runs.items()}}
 
 
-def first_step(folder: Path, runs: Path, name: str, epochs: int = 1, extra: tuple[str, ...] = ()) -> dict:
-    """`emergence-ray train` (embedded Ray, streamed) on the folder: first_step_s and epoch time.
-    `extra`: more --set overrides."""
+def first_step(folder: Path, runs: Path, name: str, epochs: int = 1) -> dict:
+    """`emergence-ray train` (embedded Ray, streamed) on the folder: first_step_s and epoch time."""
     overrides = ["data.source=imagefolder", f"data.path={folder}", f"data.image_size={SIZE}", "data.ingest=stream",
                  "data.augment.policy=imagenet", "data.val_fraction=0.05", "data.test_fraction=0.05",
                  "model.name=cnn", "model.width=8", f"train.epochs={epochs}", f"train.batch_size={BATCH}",
-                 f"run.storage_path={runs}", f"run.name={name}", *extra]
+                 f"run.storage_path={runs}", f"run.name={name}"]
     t = time.time()
     proc = subprocess.run([sys.executable, "-m", "emergence_ray", "train",
                            *[a for o in overrides for a in ("--set", o)]], capture_output=True, text=True,
@@ -225,44 +219,9 @@ def first_step(folder: Path, runs: Path, name: str, epochs: int = 1, extra: tupl
             "train_images": summary["images"]["train"], "command_s": time.time() - t}
 
 
-NICE_SETTINGS = {"15": "decode actors at nice 15 (data.decode_niceness, as shipped)",
-                 "null": "decode actors at the workers' nice 0 (data.decode_niceness=null)"}
-
-
-def epoch_niceness(folder: Path, rounds: int) -> dict:
-    """The same streamed training run with the decode actors niced (as shipped) and not, rounds
-    alternating: what data.decode_niceness does to a training epoch, not just to an ingest pass."""
-    runs: dict = {k: [] for k in NICE_SETTINGS}
-    for i in range(rounds):
-        for setting in NICE_SETTINGS:
-            out = Path(tempfile.mkdtemp(prefix="er-stream-nice-"))
-            runs[setting].append(first_step(folder, out, f"nice-{setting}-{i}",
-                                            extra=(f"data.decode_niceness={setting}",)))
-            print(setting, runs[setting][-1], flush=True)
-    return {"images": sum(1 for _ in folder.rglob("*.jpg")), "runs": runs}
-
-
-def _render_niceness(r: dict) -> list[str]:
-    m = r["measured"]
-    lines = [f"## A training epoch with the decode actors niced or not ({r['images']} images, `emergence-ray train`, "
-             "embedded Ray, 2 workers)", "",
-             f"Measured by `{m['command']}` at git `{m['git_revision']}`, {m['date']}. Rounds alternate the "
-             "settings; the model is the small cnn (width 8), so the epoch is mostly training, not decode.", "",
-             "| decode actors | epoch train_s (median) | x niced | rounds | first_step_s |", "|---|---|---|---|---|"]
-    base = common.median([x["epoch_train_s"] for x in r["runs"]["15"]])
-    for k, label in NICE_SETTINGS.items():
-        t = [x["epoch_train_s"] for x in r["runs"][k]]
-        first = [x["first_step_s"] for x in r["runs"][k]]
-        lines.append(f"| {label} | {common.median(t):.1f} | {common.median(t) / max(1e-9, base):.2f} | "
-                     f"{', '.join(f'{x:.1f}' for x in t)} | {', '.join(f'{x:.1f}' for x in first)} |")
-    return lines + [""]
-
-
 INGEST_PATHS = {
     "ray": "Ray Data stream, as shipped: file list -> read + Decode in a pool of decode actors, read through "
            "streaming_split as a training worker reads it",
-    "ray_nice0": "Ray Data stream, decode actors at the training workers' nice 0 (data.decode_niceness=null; "
-                 "before this setting the service's embedded Ray and cluster configs ran them so)",
     "ray_tasks": "Ray Data stream, read tasks (read_binary_files, Decode fused into each task; before the actors), "
                  "through streaming_split",
     "loader": "torch DataLoader (num_workers={procs}, same read + Decode in its workers)",
@@ -325,8 +284,6 @@ def render(results: dict) -> str:
     for key in ("ingest", "decode_only"):
         if results.get(key):
             lines += _render_ingest(results[key], key, results.get("ingest_from"))
-    if results.get("epoch_niceness"):
-        lines += _render_niceness(results["epoch_niceness"])
     return "\n".join(lines) + "\n"
 
 
@@ -344,16 +301,11 @@ def main(argv: list[str] | None = None) -> int:
                         "this many rounds")
     p.add_argument("--skip-first-step", action="store_true",
                    help="measure ingest only; keep the first-step rows of --out/STREAM.json, with their command")
-    p.add_argument("--nice-images", type=int, default=0,
-                   help="also train this many images with the decode actors niced and not (0: keep the section of "
-                        "--out/STREAM.json, with its command)")
-    p.add_argument("--nice-rounds", type=int, default=2)
     # --ingest-images 0: first step only; the ingest sections of --out/STREAM.json are kept, with their command
     args = p.parse_args(argv)
     results = {"command": common.command_line("stream.py", p, args, ("sizes", "procs", "ingest_images", "repeats",
                                                                       "limit_s", "decode_repeats",
-                                                                      "skip_first_step", "nice_images",
-                                                                      "nice_rounds")),
+                                                                      "skip_first_step")),
                "machine": common.machine_info(), "first_step": {}, "ingest": None}
     earlier = args.out / "STREAM.json"
     old = json.loads(earlier.read_text()) if earlier.exists() else {}
@@ -376,9 +328,6 @@ def main(argv: list[str] | None = None) -> int:
         import ray
 
         folder = make_folder(args.data / f"jpeg-{args.ingest_images}", args.ingest_images)
-        # as the service's embedded Ray and shipped cluster configs start workers (cluster.embedded_env):
-        # at nice 0, not Ray's 15, so that the decode actors run at data.decode_niceness
-        os.environ.setdefault("RAY_worker_niceness", "0")
         ray.init(num_cpus=args.procs, include_dashboard=False, logging_level="WARNING")
         import ray.data
 
@@ -389,14 +338,6 @@ def main(argv: list[str] | None = None) -> int:
             results["decode_only"] = ingest_rounds(measure, args.decode_repeats, False, args.ingest_images, args.procs,
                                                    warmup=False)
         ray.shutdown()
-    if args.nice_images:
-        folder = make_folder(args.data / f"jpeg-{args.nice_images}", args.nice_images)
-        results["epoch_niceness"] = epoch_niceness(folder, args.nice_rounds)
-        results["epoch_niceness"]["measured"] = {"command": results["command"],
-                                                 "git_revision": results["machine"]["git_revision"],
-                                                 "date": results["machine"]["date"]}
-    elif old.get("epoch_niceness"):
-        results["epoch_niceness"] = old["epoch_niceness"]
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "STREAM.json").write_text(json.dumps(results, indent=2))
     (args.out / "STREAM.md").write_text(render(results))

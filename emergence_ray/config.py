@@ -92,11 +92,6 @@ class DataConfig(_Section):
                             "nothing materialized (any size); auto: cache when it fits")
     cache_gb_per_worker: float = Field(4.0, gt=0, le=4096, description="auto caches when a worker's train + val shard, "
                                                                "as decoded uint8 images, is at most this many GiB")
-    decode_niceness: int | None = Field(
-        15, ge=-20, le=19, description="nice value of the decode actors of a streamed ImageFolder: above the "
-                                       "training workers' (scaling.worker_niceness), so that decoding takes the CPU "
-                                       "they leave idle instead of sharing theirs; null keeps the value Ray "
-                                       "started them at")
 
     @model_validator(mode="after")
     def _path_needed(self) -> DataConfig:

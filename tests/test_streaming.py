@@ -127,29 +127,6 @@ def test_imagefolder_many_times_the_object_store_streams_without_spilling(tmp_pa
     assert len(val) == len(set(val)) == summary["images"]["val"]  # validation: every image once
 
 
-def test_decode_actors_run_at_data_decode_niceness(ray_session, digits_imagefolder):
-    """The decode actors move to data.decode_niceness as they start (the session Ray starts its
-    workers at Ray's 15; 18 is above it, so no privilege is needed), every thread of them."""
-    import os
-
-    import ray
-
-    from emergence_ray.config import DataConfig
-    from emergence_ray.data import pipeline
-
-    cfg = DataConfig(source="imagefolder", path=str(digits_imagefolder), ingest="stream", decode_niceness=18)
-    raw = pipeline.load_raw(cfg)
-    batches = iter(pipeline.decoded(raw.train, pipeline.resolve_spec(raw, cfg), cfg, shuffle_seed=0,
-                                    actors=True).iter_batches(batch_size=16))
-    assert len(next(batches)["image"]) == 16
-    pids = [a["Pid"] for a in ray._private.state.actors().values()
-            if "DecodeFiles" in a["ActorClassName"] and a["State"] == "ALIVE"]
-    assert pids
-    nice = {os.getpriority(os.PRIO_PROCESS, int(t)) for pid in pids for t in os.listdir(f"/proc/{pid}/task")}
-    assert nice == {18}, nice
-    del batches
-
-
 def test_streamed_imagefolder_is_decoded_by_actors_and_trained_once_per_epoch(ray_session, digits_imagefolder,
                                                                             tmp_path, monkeypatch):
     """The default run's path through a streamed ImageFolder: the train split's files are listed

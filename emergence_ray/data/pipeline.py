@@ -119,16 +119,14 @@ def decoded(split: Split, spec: DataSpec, cfg: DataConfig, shuffle_seed: int | N
             keep_ids: bool = True, actors: bool = False) -> ray.data.Dataset:
     """Lazy: read `split` and decode it to uint8 in Ray Data tasks; unreadable images dropped
     (data.on_bad_image=skip) or raising (fail). `actors`: an ImageFolder is read and decoded in a
-    pool of long-lived actors (`decode_actors`) instead, at data.decode_niceness: the streamed
-    train split, decoded every epoch, where a read task's slot idles between tasks
-    (benchmarks/STREAM.md)."""
+    pool of long-lived actors (`decode_actors`) instead: the streamed train split, decoded every
+    epoch, where a read task's slot idles between tasks (benchmarks/STREAM.md)."""
     per_image = spec.channels * spec.wire_size ** 2
     decode = Decode(spec, cfg.on_bad_image, keep_ids)
     if isinstance(split, FileSplit) and actors:
         files = split.file_list(shuffle_seed, files_per_task(split.count, per_image, ACTOR_FILES))
-        args = (split.fs, spec, cfg.on_bad_image, keep_ids, cfg.decode_niceness)
-        ds = files.map_batches(DecodeFiles, fn_constructor_args=args, batch_format="numpy", batch_size=None,
-                               compute=decode_actors())
+        ds = files.map_batches(DecodeFiles, fn_constructor_args=(split.fs, spec, cfg.on_bad_image, keep_ids),
+                               batch_format="numpy", batch_size=None, compute=decode_actors())
     elif isinstance(split, FileSplit):
         # blocks of `files_per_task` files, decoded whole inside the read task: on 2 CPUs a
         # separate read operator held one of the two task slots, and the stream ran at 0.78x of

@@ -14,7 +14,6 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from emergence_ray.errors import DataError
-from emergence_ray.priority import set_niceness
 
 log = logging.getLogger("emergence_ray")
 
@@ -153,19 +152,10 @@ class DecodeFiles:
     """map_batches callable for long-lived actors: rows of (path, label, id) -> `Decode`'s output,
     reading each file from `fs` (a pyarrow filesystem: local, S3, GCS) and decoding it in the same
     call. An actor is sent its next batch while it decodes the current one, so its CPU does not
-    wait between batches as a read task's slot does (benchmarks/STREAM.md).
+    wait between batches as a read task's slot does (benchmarks/STREAM.md)."""
 
-    `niceness` (data.decode_niceness): the actor's process moves to this nice value as it starts.
-    Ray Data decodes as far ahead as its object-store budget allows (an epoch and more of images);
-    at the training workers' priority that read-ahead takes half the CPU of the worker that
-    consumes it, and a 2-core stream ran at about half the rate (benchmarks/README.md). None: as
-    Ray started the process (also for a caller outside an actor, whose process it would change)."""
-
-    def __init__(self, fs, spec: DataSpec, on_bad_image: str = "fail", keep_ids: bool = True,
-                 niceness: int | None = None):
+    def __init__(self, fs, spec: DataSpec, on_bad_image: str = "fail", keep_ids: bool = True):
         self.fs, self.decode = fs, Decode(spec, on_bad_image, keep_ids)
-        if niceness is not None:
-            set_niceness(niceness)
 
     def read(self, path: str) -> bytes:
         try:
