@@ -328,6 +328,9 @@ def main(argv: list[str] | None = None) -> int:
         import ray
 
         folder = make_folder(args.data / f"jpeg-{args.ingest_images}", args.ingest_images)
+        # as the service's embedded Ray and shipped cluster configs start workers (cluster.embedded_env):
+        # at nice 0, not Ray's 15, so the decode actors run at the training worker's priority
+        os.environ.setdefault("RAY_worker_niceness", "0")
         ray.init(num_cpus=args.procs, include_dashboard=False, logging_level="WARNING")
         import ray.data
 
