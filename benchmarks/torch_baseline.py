@@ -128,7 +128,7 @@ def run_baseline(w: common.Workload, world: int, threads: int, out: Path, fashio
     for attempt in (1, 2):
         env = dict(os.environ, BENCH_LAUNCH_T=repr(time.time()), OMP_NUM_THREADS=str(threads))
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
-        # A rare abort of a torchrun rank in C++ teardown (seen once in ~20 suite runs, not reproduced
+        # A rare abort of a torchrun rank in C++ teardown (seen once in a full suite run, not reproduced
         # in 15 launches alone) says nothing about the timed steps: launch once more, never twice.
         if proc.returncode == 0 or TEARDOWN_ABORT not in proc.stderr or attempt == 2:
             break
