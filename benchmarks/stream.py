@@ -103,26 +103,32 @@ def _consume(batches, transform, limit_s: float) -> dict:
 
 
 def ray_stream_rate(folder: Path, limit_s: float, batch: int = BATCH, transform: bool = True,
-                    actors: bool = True, split: bool = True) -> dict:
-    """The service's streamed train split through iter_torch_batches, on the Ray this process is
-    connected to, with the local shuffle buffer a training worker uses for this source
-    (`ingest.stream_shuffle_buffer`: none for an ImageFolder, whose per-epoch file order already
-    shuffles every image). `split`: as a training worker reads it, through `streaming_split(1,
-    equal=True)` as Ray Train's DataConfig makes it (Ray Data's executor runs in its split
-    coordinator actor, not in the consuming process); False: the dataset iterated directly, its
-    executor a thread of this process. `actors`: as shipped, the files read and decoded in a pool
-    of decode actors (`pipeline.decode_actors`); False: the read-task path used before
-    (read_binary_files with Decode fused into each read task)."""
+                    split: bool = False, lowered: bool = True) -> dict:
+    """The service's streamed train split as a training worker reads it (`ingest.WorkerIngest`,
+    with the local shuffle buffer it uses for this source, `ingest.stream_shuffle_buffer`: none
+    for an ImageFolder, whose per-epoch file order already shuffles every image), on the Ray this
+    process is connected to, the files read and decoded in a pool of decode actors
+    (`pipeline.decode_actors`). `split` False: as one worker reads it (`handoff.TrainSplit`), the
+    whole dataset, Ray Data's executor a thread of this process, at nice 19
+    (`priority.lower_data_executors`; `lowered` False: left at this process's priority, read
+    without WorkerIngest); True: through `streaming_split(1, equal=True)` as each of several
+    workers reads it, the executor in Ray Data's split coordinator actor."""
+    import torch
+
     from emergence_ray.data import pipeline
     from emergence_ray.data.augment import DeviceTransform
-    from emergence_ray.data.ingest import stream_shuffle_buffer
+    from emergence_ray.data.ingest import WorkerIngest, stream_shuffle_buffer
 
     cfg = _data_cfg(folder)
     raw, spec = _listed(folder)
-    ds = pipeline.decoded(raw.train, spec, cfg, shuffle_seed=0, keep_ids=False, actors=actors)
-    buffer = stream_shuffle_buffer(cfg.source, batch) or None
-    source = ds.streaming_split(1, equal=True)[0] if split else ds
-    batches = source.iter_torch_batches(batch_size=batch, prefetch_batches=2, local_shuffle_buffer_size=buffer)
+    ds = pipeline.decoded(raw.train, spec, cfg, shuffle_seed=0, keep_ids=False, actors=True)
+    buffer = stream_shuffle_buffer(cfg.source, batch)
+    source = ds.streaming_split(1, equal=True)[0] if split else ds.iterator()
+    if lowered:
+        batches = WorkerIngest(source, batch, torch.device("cpu"), shuffle=True, shuffle_buffer=buffer).epoch(0)
+    else:
+        batches = source.iter_torch_batches(batch_size=batch, prefetch_batches=2,
+                                            local_shuffle_buffer_size=buffer or None)
     return _consume(batches, DeviceTransform(spec, cfg.augment, train=True) if transform else None, limit_s)
 
 
@@ -176,7 +182,8 @@ def dataloader_rate(folder: Path, procs: int, limit_s: float, spec=None, batch: 
 def ingest_paths(folder: Path, procs: int, limit_s: float, batch: int = BATCH) -> dict:
     """The compared paths by name: each a function of (`transform`[, seconds]) -> one pass's figures."""
     return {"ray": lambda t, s=limit_s: ray_stream_rate(folder, s, batch, transform=t),
-            "ray_tasks": lambda t, s=limit_s: ray_stream_rate(folder, s, batch, transform=t, actors=False),
+            "ray_unlowered": lambda t, s=limit_s: ray_stream_rate(folder, s, batch, transform=t, lowered=False),
+            "ray_split": lambda t, s=limit_s: ray_stream_rate(folder, s, batch, transform=t, split=True),
             "loader": lambda t, s=limit_s: dataloader_rate(folder, procs, s, batch=batch, transform=t)}
 
 
@@ -220,10 +227,11 @@ def first_step(folder: Path, runs: Path, name: str, epochs: int = 1) -> dict:
 
 
 INGEST_PATHS = {
-    "ray": "Ray Data stream, as shipped: file list -> read + Decode in a pool of decode actors, read through "
-           "streaming_split as a training worker reads it",
-    "ray_tasks": "Ray Data stream, read tasks (read_binary_files, Decode fused into each task; before the actors), "
-                 "through streaming_split",
+    "ray": "Ray Data stream, as shipped for one worker: file list -> read + Decode in a pool of decode actors, "
+           "the whole dataset read by the worker, Ray Data's executor thread in it at nice 19",
+    "ray_unlowered": "the same, the executor thread left at the worker's priority (as shipped before)",
+    "ray_split": "the same through streaming_split, as each of several workers reads it (the executor in Ray "
+                 "Data's split coordinator actor, at the workers' priority)",
     "loader": "torch DataLoader (num_workers={procs}, same read + Decode in its workers)",
 }
 

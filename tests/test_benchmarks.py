@@ -466,9 +466,9 @@ def test_cache_ab_renders_ratios_to_this_checkout_round_by_round():
 
 
 def test_stream_bench_measures_every_path_on_real_jpegs_and_renders_them(ray_session, tmp_path):
-    """stream.py's ingest rounds on a small photo-like JPEG folder, on the session Ray: the decode
-    actors as shipped, the read tasks used before, and the DataLoader, with and without the device
-    transform; then the tables they fill."""
+    """stream.py's ingest rounds on a small photo-like JPEG folder, on the session Ray: the stream
+    as one worker reads it (executor lowered and not) and through streaming_split, and the
+    DataLoader, with and without the device transform; then the tables they fill."""
     from benchmarks import common, stream
     from emergence_ray.data import pipeline
 
@@ -481,18 +481,20 @@ def test_stream_bench_measures_every_path_on_real_jpegs_and_renders_them(ray_ses
            "decode_only": stream.ingest_rounds(measure, 1, False, 120, 1, warmup=False)}
     for section in ("ingest", "decode_only"):
         runs = res[section]["runs"]
-        assert set(runs) == {"ray", "ray_tasks", "loader"}
+        assert set(runs) == {"ray", "ray_unlowered", "ray_split", "loader"}
         for r in runs.values():
             assert r["images_per_s"][0] > 0 and r["with_start_images_per_s"][0] > 0
             assert r["first_batch_s"][0] > 0
         assert res[section]["ratio"]["loader"] == 1.0
-    one = stream.ray_stream_rate(folder, limit_s=20, batch=16, transform=False)
-    assert one["images"] == train_images - 16  # all but the first batch, each image once
+    for split in (False, True):
+        one = stream.ray_stream_rate(folder, limit_s=20, batch=16, transform=False, split=split)
+        assert one["images"] == train_images - 16  # all but the first batch, each image once
     text = stream.render(res)
     ratio = res["ingest"]["ratio"]["ray"]
     assert f"Ratio as shipped / DataLoader: {ratio:.2f} (target >= 1.0)." in text
     assert "## Decode alone (120 images, 1 CPU processes each, no device transform)" in text
-    assert text.count("| Ray Data stream, read tasks") == 2 and text.count("| torch DataLoader (num_workers=1") == 2
+    assert text.count("| the same through streaming_split") == 2
+    assert text.count("| torch DataLoader (num_workers=1") == 2
     res["ingest_from"] = {"command": "python benchmarks/stream.py --skip-first-step", "git_revision": "abc1234",
                           "date": "2026-12-05"}
     assert ("From an earlier run: `python benchmarks/stream.py --skip-first-step` at git "

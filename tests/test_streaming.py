@@ -151,3 +151,56 @@ def test_streamed_imagefolder_is_decoded_by_actors_and_trained_once_per_epoch(ra
     assert_exactly_once(run_dir, 3, train_ids, world=2)
     val = [i for ids in seen_ids(run_dir, "val", 2).values() for i in ids]
     assert len(val) == len(set(val)) == summary["images"]["val"]
+
+
+def test_one_worker_reads_every_split_whole_in_a_new_order_each_epoch(ray_session, digits_imagefolder, tmp_path):
+    """`handoff.TrainSplit` for one worker: no streaming_split, the splits reach it whole, and a
+    streamed ImageFolder still comes in a new file order every epoch, every image once."""
+    import torch
+
+    from emergence_ray.config import DataConfig
+    from emergence_ray.data import pipeline
+    from emergence_ray.data.handoff import TrainSplit
+    from emergence_ray.data.ingest import WorkerIngest
+
+    cfg = DataConfig(source="imagefolder", path=str(digits_imagefolder), ingest="stream")
+    raw = pipeline.load_raw(cfg)
+    spec = pipeline.resolve_spec(raw, cfg)
+    train = pipeline.decoded(raw.train, spec, cfg, shuffle_seed=0, actors=True)
+    val = pipeline.decoded(raw.val, spec, cfg)
+    [worker] = TrainSplit().configure({"train": train, "val": val}, 1, None, None)
+    ingest = WorkerIngest(worker["train"], 64, torch.device("cpu"), shuffle=True, shuffle_buffer=0,
+                          record=str(tmp_path / "seen_ids"))
+    for epoch in range(2):
+        assert sum(len(b["label"]) for b in ingest.epoch(epoch)) == raw.train.count
+    assert_exactly_once(tmp_path, 2, set(raw.train.paths), world=1)
+    assert sum(len(b["label"]) for b in worker["val"].iter_batches(batch_size=256)) == raw.val.count
+
+
+def test_the_data_executor_thread_of_a_worker_is_lowered_to_nice_19(ray_session):
+    """`WorkerIngest` moves the Ray Data scheduling thread of a stream it reads itself to nice 19
+    (`priority.lower_data_executors`). Found by the name Ray gives it: this fails when Ray renames
+    that thread, and the stream's polling would go back to taking CPU from the training step."""
+    import os
+    import threading
+    import time
+
+    import ray.data
+    import torch
+
+    from emergence_ray.data.ingest import WorkerIngest
+    from emergence_ray.priority import DATA_EXECUTOR_NICE, DATA_EXECUTOR_THREAD
+
+    def slow(batch):
+        time.sleep(0.1)
+        return batch
+
+    ds = ray.data.range(40, override_num_blocks=20).map_batches(slow).map_batches(
+        lambda b: {"image": b["id"].astype("uint8"), "label": b["id"]})
+    seen, rows = [], 0
+    for b in WorkerIngest(ds.iterator(), 2, torch.device("cpu")).epoch(0):
+        rows += len(b["label"])
+        seen += [os.getpriority(os.PRIO_PROCESS, t.native_id) for t in threading.enumerate()
+                 if t.name.startswith(DATA_EXECUTOR_THREAD)]
+    assert rows == 40
+    assert seen and set(seen) == {DATA_EXECUTOR_NICE}, (seen, [t.name for t in threading.enumerate()])

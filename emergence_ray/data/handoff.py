@@ -2,7 +2,8 @@
 
 Cached splits (they fit `data.cache_gb_per_worker`) travel as `shards.BlockShards` in the train
 loop config, and every worker copies its rows out of the object store once; streamed ones go
-through Train's `datasets=` and `streaming_split`. The worker side is `ingest.WorkerIngest`.
+through Train's `datasets=` (`TrainSplit`: `streaming_split` among several workers, the dataset
+itself for one). The worker side is `ingest.WorkerIngest`.
 No torch here: the driver imports none on its way to the first step (`torch_backend`).
 """
 
@@ -39,6 +40,22 @@ def trainer_inputs(datasets: dict[str, ray.data.Dataset], cache: bool) -> tuple[
     (DataContext's limits, by default half of the store)."""
     if cache:
         return None, {"blocks": {name: BlockShards.of(ds) for name, ds in datasets.items()}}, None
-    # val is not split: streaming_split(equal=True) would drop up to world - 1 of its images, so
-    # rank 0 evaluates all of it (WorkerIngest) and the others skip it
-    return datasets, {}, ray.train.DataConfig(datasets_to_split=["train"])
+    return datasets, {}, TrainSplit()
+
+
+class TrainSplit(ray.train.DataConfig):
+    """Train's dataset config for streamed splits. Several workers: the train split is divided by
+    `streaming_split(equal=True)`, whose Ray Data executor runs in a split coordinator actor; val
+    is not split (that would drop up to world - 1 of its images): rank 0 evaluates all of it
+    (`WorkerIngest`) and the others skip it. One worker: nothing to divide, every split reaches
+    it whole (`Dataset.iterator()`), and the executor runs as a thread of the worker itself,
+    where `priority.lower_data_executors` can keep its polling off the training step's CPU."""
+
+    def __init__(self):
+        super().__init__(datasets_to_split=["train"])
+        self._whole = ray.train.DataConfig(datasets_to_split=[])
+
+    def configure(self, datasets, world_size, worker_handles, worker_node_ids, **kwargs):
+        if world_size == 1:
+            return self._whole.configure(datasets, world_size, worker_handles, worker_node_ids, **kwargs)
+        return super().configure(datasets, world_size, worker_handles, worker_node_ids, **kwargs)
