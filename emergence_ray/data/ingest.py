@@ -37,7 +37,6 @@ import torch
 
 from emergence_ray.data.shards import BlockShards
 from emergence_ray.errors import DataError
-from emergence_ray.priority import lower_data_executors
 
 log = logging.getLogger("emergence_ray")
 STREAM_SHUFFLE_BATCHES = 4  # stream mode: rows shuffled in a buffer of this many batches
@@ -156,26 +155,11 @@ class WorkerIngest:
             shuffle = {"local_shuffle_buffer_size": self.shuffle_buffer,
                        "local_shuffle_seed": int(torch.randint(0, 2**31 - 1, (1,), generator=gen))}
         if not self.record:
-            batches = self.source.iter_torch_batches(batch_size=self.batch_size, device=self.device,
-                                                     prefetch_batches=2, drop_last=False, **shuffle)
-            for b in _executor_lowered(batches):
+            for b in self.source.iter_torch_batches(batch_size=self.batch_size, device=self.device,
+                                                   prefetch_batches=2, drop_last=False, **shuffle):
                 yield {"image": b["image"], "label": b["label"].long()}  # images stay uint8 until the transform
             return
-        batches = self.source.iter_batches(batch_size=self.batch_size, batch_format="numpy", prefetch_batches=2,
-                                           drop_last=False, **shuffle)
-        for b in _executor_lowered(batches):
+        for b in self.source.iter_batches(batch_size=self.batch_size, batch_format="numpy", prefetch_batches=2,
+                                          drop_last=False, **shuffle):
             yield {"image": torch.from_numpy(b["image"]).to(self.device),
                    "label": torch.from_numpy(b["label"]).to(self.device, torch.int64), "id": b["id"]}
-
-
-def _executor_lowered(batches: Iterator[dict]) -> Iterator[dict]:
-    """`batches`, with the Ray Data executor that produces them moved to the lowest CPU priority
-    once it runs (it starts with the first batch). It runs in this process when the worker reads a
-    whole dataset (one worker, `handoff.TrainSplit`, and the unsplit val stream); with
-    `streaming_split` it is the coordinator's, and nothing here moves."""
-    first = True
-    for b in batches:
-        if first:
-            lower_data_executors()
-            first = False
-        yield b
