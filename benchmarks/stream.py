@@ -109,26 +109,26 @@ def ray_stream_rate(folder: Path, limit_s: float, batch: int = BATCH, transform:
     for an ImageFolder, whose per-epoch file order already shuffles every image), on the Ray this
     process is connected to, the files read and decoded in a pool of decode actors
     (`pipeline.decode_actors`). `split` False: as one worker reads it (`handoff.TrainSplit`), the
-    whole dataset, Ray Data's executor a thread of this process, at nice 19
-    (`priority.lower_data_executors`; `lowered` False: left at this process's priority, read
-    without WorkerIngest); True: through `streaming_split(1, equal=True)` as each of several
-    workers reads it, the executor in Ray Data's split coordinator actor."""
+    whole dataset, Ray Data's executor a thread of this process; True: through
+    `streaming_split(1, equal=True)` as each of several workers reads it, the executor in Ray
+    Data's split coordinator actor. `lowered`: the executor's scheduling loop at nice 19, as
+    `handoff.trainer_inputs` runs it (`priority.lower_data_executor`); False: at the priority of
+    the process it runs in (as shipped before)."""
     import torch
 
     from emergence_ray.data import pipeline
     from emergence_ray.data.augment import DeviceTransform
     from emergence_ray.data.ingest import WorkerIngest, stream_shuffle_buffer
+    from emergence_ray.priority import lower_data_executor
 
     cfg = _data_cfg(folder)
     raw, spec = _listed(folder)
     ds = pipeline.decoded(raw.train, spec, cfg, shuffle_seed=0, keep_ids=False, actors=True)
+    if lowered:
+        lower_data_executor(ds.context)
     buffer = stream_shuffle_buffer(cfg.source, batch)
     source = ds.streaming_split(1, equal=True)[0] if split else ds.iterator()
-    if lowered:
-        batches = WorkerIngest(source, batch, torch.device("cpu"), shuffle=True, shuffle_buffer=buffer).epoch(0)
-    else:
-        batches = source.iter_torch_batches(batch_size=batch, prefetch_batches=2,
-                                            local_shuffle_buffer_size=buffer or None)
+    batches = WorkerIngest(source, batch, torch.device("cpu"), shuffle=True, shuffle_buffer=buffer).epoch(0)
     return _consume(batches, DeviceTransform(spec, cfg.augment, train=True) if transform else None, limit_s)
 
 
@@ -182,8 +182,9 @@ def dataloader_rate(folder: Path, procs: int, limit_s: float, spec=None, batch: 
 def ingest_paths(folder: Path, procs: int, limit_s: float, batch: int = BATCH) -> dict:
     """The compared paths by name: each a function of (`transform`[, seconds]) -> one pass's figures."""
     return {"ray": lambda t, s=limit_s: ray_stream_rate(folder, s, batch, transform=t),
-            "ray_unlowered": lambda t, s=limit_s: ray_stream_rate(folder, s, batch, transform=t, lowered=False),
             "ray_split": lambda t, s=limit_s: ray_stream_rate(folder, s, batch, transform=t, split=True),
+            "ray_unlowered": lambda t, s=limit_s: ray_stream_rate(folder, s, batch, transform=t, split=True,
+                                                                  lowered=False),
             "loader": lambda t, s=limit_s: dataloader_rate(folder, procs, s, batch=batch, transform=t)}
 
 
@@ -228,10 +229,11 @@ def first_step(folder: Path, runs: Path, name: str, epochs: int = 1) -> dict:
 
 INGEST_PATHS = {
     "ray": "Ray Data stream, as shipped for one worker: file list -> read + Decode in a pool of decode actors, "
-           "the whole dataset read by the worker, Ray Data's executor thread in it at nice 19",
-    "ray_unlowered": "the same, the executor thread left at the worker's priority (as shipped before)",
-    "ray_split": "the same through streaming_split, as each of several workers reads it (the executor in Ray "
-                 "Data's split coordinator actor, at the workers' priority)",
+           "the whole dataset read by the worker; Ray Data's scheduling loop a thread of the worker, at nice 19",
+    "ray_split": "the same through streaming_split, as shipped for each of several workers (the scheduling loop "
+                 "in Ray Data's split coordinator actor, at nice 19)",
+    "ray_unlowered": "the same through streaming_split, the scheduling loop at the workers' priority (as shipped "
+                     "before)",
     "loader": "torch DataLoader (num_workers={procs}, same read + Decode in its workers)",
 }
 
@@ -275,6 +277,9 @@ def render(results: dict) -> str:
              "this run, as ratios, not with other runs.", "",
              "Data: photo-like 256 px JPEGs (random crops of scikit-learn's sample photos), 10 classes; "
              f"`image_size={SIZE}`, `data.augment.policy=imagenet`, `data.ingest=stream`.", ""]
+    if results.get("store_mb"):
+        lines += [f"Ray's object store in the ingest measurements: {results['store_mb']} MiB (Ray Data's budget is "
+                  f"a share of it); the train split decodes to {results['decoded_mb']} MiB.", ""]
     if results.get("first_step"):
         lines += ["## Time to the first training step, and epoch time (`emergence-ray train`, embedded Ray)", ""]
         if results.get("first_step_from"):
@@ -302,6 +307,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ingest-images", type=int, default=4000)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--limit-s", type=float, default=60.0, help="longest pass of one ingest measurement")
+    p.add_argument("--store-mb", type=int, default=None,
+                   help="object store of the ingest measurements' Ray (default: Ray's). Smaller than the "
+                        "decoded split, Ray Data's budget binds, as it does for data larger than a node")
     p.add_argument("--data", type=Path, default=Path(tempfile.gettempdir()) / "er-stream-bench")
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks")
     p.add_argument("--decode-repeats", type=int, default=0,
@@ -313,7 +321,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     results = {"command": common.command_line("stream.py", p, args, ("sizes", "procs", "ingest_images", "repeats",
                                                                       "limit_s", "decode_repeats",
-                                                                      "skip_first_step")),
+                                                                      "skip_first_step", "store_mb")),
                "machine": common.machine_info(), "first_step": {}, "ingest": None}
     earlier = args.out / "STREAM.json"
     old = json.loads(earlier.read_text()) if earlier.exists() else {}
@@ -339,7 +347,11 @@ def main(argv: list[str] | None = None) -> int:
         # as the service's embedded Ray and shipped cluster configs start workers (cluster.embedded_env):
         # at nice 0, not Ray's 15, so the decode actors run at the training worker's priority
         os.environ.setdefault("RAY_worker_niceness", "0")
-        ray.init(num_cpus=args.procs, include_dashboard=False, logging_level="WARNING")
+        store = args.store_mb * 2**20 if args.store_mb else None
+        ray.init(num_cpus=args.procs, include_dashboard=False, logging_level="WARNING", object_store_memory=store)
+        results["store_mb"] = round(ray.cluster_resources()["object_store_memory"] / 2**20)
+        raw, spec = _listed(folder)
+        results["decoded_mb"] = round(raw.train.count * spec.channels * spec.wire_size ** 2 / 2**20)
         import ray.data
 
         ray.data.DataContext.get_current().enable_progress_bars = False

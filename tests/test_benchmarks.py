@@ -493,7 +493,7 @@ def test_stream_bench_measures_every_path_on_real_jpegs_and_renders_them(ray_ses
     ratio = res["ingest"]["ratio"]["ray"]
     assert f"Ratio as shipped / DataLoader: {ratio:.2f} (target >= 1.0)." in text
     assert "## Decode alone (120 images, 1 CPU processes each, no device transform)" in text
-    assert text.count("| the same through streaming_split") == 2
+    assert text.count("| the same through streaming_split, as shipped for each") == 2
     assert text.count("| torch DataLoader (num_workers=1") == 2
     res["ingest_from"] = {"command": "python benchmarks/stream.py --skip-first-step", "git_revision": "abc1234",
                           "date": "2026-12-05"}

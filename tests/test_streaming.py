@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -177,30 +178,76 @@ def test_one_worker_reads_every_split_whole_in_a_new_order_each_epoch(ray_sessio
     assert sum(len(b["label"]) for b in worker["val"].iter_batches(batch_size=256)) == raw.val.count
 
 
-def test_the_data_executor_thread_of_a_worker_is_lowered_to_nice_19(ray_session):
-    """`WorkerIngest` moves the Ray Data scheduling thread of a stream it reads itself to nice 19
-    (`priority.lower_data_executors`). Found by the name Ray gives it: this fails when Ray renames
-    that thread, and the stream's polling would go back to taking CPU from the training step."""
-    import os
+
+def _thread_nices(pid: int) -> list[int]:
+    """The nice value of every thread of process `pid` (Linux /proc)."""
+    out = []
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        with contextlib.suppress(OSError):
+            stat = Path(f"/proc/{pid}/task/{tid}/stat").read_text()
+            out.append(int(stat.rsplit(")", 1)[1].split()[16]))
+    return out
+
+
+def _nice(tid: int) -> int | None:
+    with contextlib.suppress(OSError):
+        return os.getpriority(os.PRIO_PROCESS, tid)
+    return None
+
+
+def _split_coordinators() -> list[int]:
+    pids = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        with contextlib.suppress(OSError):
+            if b"SplitCoordinator" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                pids.append(int(pid))
+    return pids
+
+
+def test_streamed_splits_run_ray_datas_scheduling_loop_at_nice_19(ray_session):
+    """The datasets `handoff.trainer_inputs` streams run Ray Data's scheduling loop at nice 19
+    (`priority.lower_data_executor`): read whole (one worker) it is a thread of the reading
+    process; through streaming_split (several workers) one of the split coordinator actor's. This
+    fails when Ray Data drops the undocumented hook used (`custom_execution_callback_classes`) or
+    changes its callback protocol, and the loop's polling would take CPU from training again."""
     import threading
     import time
 
     import ray.data
-    import torch
 
-    from emergence_ray.data.ingest import WorkerIngest
-    from emergence_ray.priority import DATA_EXECUTOR_NICE, DATA_EXECUTOR_THREAD
+    from emergence_ray.data.handoff import trainer_inputs
+    from emergence_ray.priority import DATA_EXECUTOR_NICE
 
     def slow(batch):
         time.sleep(0.1)
         return batch
 
-    ds = ray.data.range(40, override_num_blocks=20).map_batches(slow).map_batches(
-        lambda b: {"image": b["id"].astype("uint8"), "label": b["id"]})
+    def dataset() -> ray.data.Dataset:
+        return ray.data.range(40, override_num_blocks=20).map_batches(slow)
+
+    whole, _, config = trainer_inputs({"train": dataset(), "val": dataset()}, cache=False)
+    assert ray.data.DataContext.get_current().custom_execution_callback_classes == []  # the datasets' own
+    [worker] = config.configure(whole, 1, None, None)
     seen, rows = [], 0
-    for b in WorkerIngest(ds.iterator(), 2, torch.device("cpu")).epoch(0):
-        rows += len(b["label"])
-        seen += [os.getpriority(os.PRIO_PROCESS, t.native_id) for t in threading.enumerate()
-                 if t.name.startswith(DATA_EXECUTOR_THREAD)]
-    assert rows == 40
-    assert seen and set(seen) == {DATA_EXECUTOR_NICE}, (seen, [t.name for t in threading.enumerate()])
+    for b in worker["train"].iter_batches(batch_size=2):
+        rows += len(b["id"])
+        # the executor's thread in this process, by the name Ray Data gives it
+        seen += [_nice(t.native_id) for t in threading.enumerate() if t.name.startswith("StreamingExecutor-")]
+    assert rows == 40 and seen and set(seen) - {None} == {DATA_EXECUTOR_NICE}, seen
+
+    split, _, config = trainer_inputs({"train": dataset(), "val": dataset()}, cache=False)
+    shards = config.configure(split, 2, None, None)
+    nices, rows = [], 0
+    done = threading.Event()
+
+    def other() -> None:  # streaming_split(equal=True) hands blocks out to both shards in turn
+        for _ in shards[1]["train"].iter_batches(batch_size=2):
+            pass
+        done.set()
+
+    threading.Thread(target=other, daemon=True).start()
+    for b in shards[0]["train"].iter_batches(batch_size=2):
+        rows += len(b["id"])
+        nices += [n for pid in _split_coordinators() for n in _thread_nices(pid)]
+    assert done.wait(60) and rows == 20
+    assert DATA_EXECUTOR_NICE in nices, nices

@@ -16,6 +16,7 @@ import ray.train
 
 from emergence_ray.config import DataConfig
 from emergence_ray.data.shards import BlockShards
+from emergence_ray.priority import lower_data_executor
 
 RECORD_IDS_ENV = "EMERGENCE_RAY_RECORD_IDS"  # set (to 1) on the driver: workers log every image id they train on
 
@@ -40,6 +41,8 @@ def trainer_inputs(datasets: dict[str, ray.data.Dataset], cache: bool) -> tuple[
     (DataContext's limits, by default half of the store)."""
     if cache:
         return None, {"blocks": {name: BlockShards.of(ds) for name, ds in datasets.items()}}, None
+    for ds in datasets.values():
+        lower_data_executor(ds.context)  # its polling would take CPU from the training step
     return datasets, {}, TrainSplit()
 
 
@@ -48,8 +51,9 @@ class TrainSplit(ray.train.DataConfig):
     `streaming_split(equal=True)`, whose Ray Data executor runs in a split coordinator actor; val
     is not split (that would drop up to world - 1 of its images): rank 0 evaluates all of it
     (`WorkerIngest`) and the others skip it. One worker: nothing to divide, every split reaches
-    it whole (`Dataset.iterator()`), and the executor runs as a thread of the worker itself,
-    where `priority.lower_data_executors` can keep its polling off the training step's CPU."""
+    it whole (`Dataset.iterator()`), and the executor runs as a thread of the worker itself
+    (no coordinator actor, no hop through it). Either way the executor's scheduling loop runs at
+    nice 19 (`priority.lower_data_executor`)."""
 
     def __init__(self):
         super().__init__(datasets_to_split=["train"])
