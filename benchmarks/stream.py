@@ -103,7 +103,7 @@ def _consume(batches, transform, limit_s: float) -> dict:
 
 
 def ray_stream_rate(folder: Path, limit_s: float, batch: int = BATCH, transform: bool = True,
-                    split: bool = False, lowered: bool = True) -> dict:
+                    split: bool = False, paced: bool = True) -> dict:
     """The service's streamed train split as a training worker reads it (`ingest.WorkerIngest`,
     with the local shuffle buffer it uses for this source, `ingest.stream_shuffle_buffer`: none
     for an ImageFolder, whose per-epoch file order already shuffles every image), on the Ray this
@@ -111,21 +111,21 @@ def ray_stream_rate(folder: Path, limit_s: float, batch: int = BATCH, transform:
     (`pipeline.decode_actors`). `split` False: as one worker reads it (`handoff.TrainSplit`), the
     whole dataset, Ray Data's executor a thread of this process; True: through
     `streaming_split(1, equal=True)` as each of several workers reads it, the executor in Ray
-    Data's split coordinator actor. `lowered`: the executor's scheduling loop at nice 19, as
-    `handoff.trainer_inputs` runs it (`priority.lower_data_executor`); False: at the priority of
-    the process it runs in (as shipped before)."""
+    Data's split coordinator actor. `paced`: the executor's scheduling loop at most 50 steps a
+    second, as `handoff.trainer_inputs` runs it (`pacing.pace_data_executor`); False: unpaced, as
+    shipped before."""
     import torch
 
     from emergence_ray.data import pipeline
     from emergence_ray.data.augment import DeviceTransform
     from emergence_ray.data.ingest import WorkerIngest, stream_shuffle_buffer
-    from emergence_ray.priority import lower_data_executor
+    from emergence_ray.data.pacing import pace_data_executor
 
     cfg = _data_cfg(folder)
     raw, spec = _listed(folder)
     ds = pipeline.decoded(raw.train, spec, cfg, shuffle_seed=0, keep_ids=False, actors=True)
-    if lowered:
-        lower_data_executor(ds.context)
+    if paced:
+        pace_data_executor(ds.context)
     buffer = stream_shuffle_buffer(cfg.source, batch)
     source = ds.streaming_split(1, equal=True)[0] if split else ds.iterator()
     batches = WorkerIngest(source, batch, torch.device("cpu"), shuffle=True, shuffle_buffer=buffer).epoch(0)
@@ -183,8 +183,8 @@ def ingest_paths(folder: Path, procs: int, limit_s: float, batch: int = BATCH) -
     """The compared paths by name: each a function of (`transform`[, seconds]) -> one pass's figures."""
     return {"ray": lambda t, s=limit_s: ray_stream_rate(folder, s, batch, transform=t),
             "ray_split": lambda t, s=limit_s: ray_stream_rate(folder, s, batch, transform=t, split=True),
-            "ray_unlowered": lambda t, s=limit_s: ray_stream_rate(folder, s, batch, transform=t, split=True,
-                                                                  lowered=False),
+            "ray_unpaced": lambda t, s=limit_s: ray_stream_rate(folder, s, batch, transform=t, split=True,
+                                                                paced=False),
             "loader": lambda t, s=limit_s: dataloader_rate(folder, procs, s, batch=batch, transform=t)}
 
 
@@ -229,11 +229,10 @@ def first_step(folder: Path, runs: Path, name: str, epochs: int = 1) -> dict:
 
 INGEST_PATHS = {
     "ray": "Ray Data stream, as shipped for one worker: file list -> read + Decode in a pool of decode actors, "
-           "the whole dataset read by the worker; Ray Data's scheduling loop a thread of the worker, at nice 19",
+           "the whole dataset read by the worker; Ray Data's scheduling loop a thread of the worker, paced",
     "ray_split": "the same through streaming_split, as shipped for each of several workers (the scheduling loop "
-                 "in Ray Data's split coordinator actor, at nice 19)",
-    "ray_unlowered": "the same through streaming_split, the scheduling loop at the workers' priority (as shipped "
-                     "before)",
+                 "in Ray Data's split coordinator actor, paced)",
+    "ray_unpaced": "the same through streaming_split, the scheduling loop unpaced (as shipped before)",
     "loader": "torch DataLoader (num_workers={procs}, same read + Decode in its workers)",
 }
 
@@ -261,7 +260,7 @@ def _render_ingest(r: dict, key: str, earlier: dict | None) -> list[str]:
                      f"{', '.join(f'{x:.2f}' for x in r['pair_ratios'][k])} | {start:.0f} "
                      f"({start / max(1e-9, loader_start):.2f}x) | {common.median(runs['first_batch_s']):.1f} | "
                      f"{', '.join(f'{x:.0f}' for x in runs['images_per_s'])} |")
-    if key == "ingest":
+    if key == "ingest" and "ray" in r["ratio"]:
         lines += ["", f"Ratio as shipped / DataLoader: {r['ratio']['ray']:.2f} (target >= 1.0)."]
     return lines + [""]
 
@@ -307,6 +306,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ingest-images", type=int, default=4000)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--limit-s", type=float, default=60.0, help="longest pass of one ingest measurement")
+    p.add_argument("--paths", nargs="+", choices=list(INGEST_PATHS), default=list(INGEST_PATHS),
+                   help="ingest paths to measure (the DataLoader always)")
     p.add_argument("--store-mb", type=int, default=None,
                    help="object store of the ingest measurements' Ray (default: Ray's). Smaller than the "
                         "decoded split, Ray Data's budget binds, as it does for data larger than a node")
@@ -321,7 +322,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     results = {"command": common.command_line("stream.py", p, args, ("sizes", "procs", "ingest_images", "repeats",
                                                                       "limit_s", "decode_repeats",
-                                                                      "skip_first_step", "store_mb")),
+                                                                      "skip_first_step", "store_mb", "paths")),
                "machine": common.machine_info(), "first_step": {}, "ingest": None}
     earlier = args.out / "STREAM.json"
     old = json.loads(earlier.read_text()) if earlier.exists() else {}
@@ -355,7 +356,8 @@ def main(argv: list[str] | None = None) -> int:
         import ray.data
 
         ray.data.DataContext.get_current().enable_progress_bars = False
-        measure = ingest_paths(folder, args.procs, args.limit_s)
+        measure = {k: fn for k, fn in ingest_paths(folder, args.procs, args.limit_s).items()
+                   if k in args.paths or k == "loader"}
         results["ingest"] = ingest_rounds(measure, args.repeats, True, args.ingest_images, args.procs)
         if args.decode_repeats:
             results["decode_only"] = ingest_rounds(measure, args.decode_repeats, False, args.ingest_images, args.procs,

@@ -467,7 +467,7 @@ def test_cache_ab_renders_ratios_to_this_checkout_round_by_round():
 
 def test_stream_bench_measures_every_path_on_real_jpegs_and_renders_them(ray_session, tmp_path):
     """stream.py's ingest rounds on a small photo-like JPEG folder, on the session Ray: the stream
-    as one worker reads it (executor lowered and not) and through streaming_split, and the
+    as one worker reads it, as several do (paced and not) and through streaming_split, and the
     DataLoader, with and without the device transform; then the tables they fill."""
     from benchmarks import common, stream
     from emergence_ray.data import pipeline
@@ -481,7 +481,7 @@ def test_stream_bench_measures_every_path_on_real_jpegs_and_renders_them(ray_ses
            "decode_only": stream.ingest_rounds(measure, 1, False, 120, 1, warmup=False)}
     for section in ("ingest", "decode_only"):
         runs = res[section]["runs"]
-        assert set(runs) == {"ray", "ray_unlowered", "ray_split", "loader"}
+        assert set(runs) == {"ray", "ray_split", "ray_unpaced", "loader"}
         for r in runs.values():
             assert r["images_per_s"][0] > 0 and r["with_start_images_per_s"][0] > 0
             assert r["first_batch_s"][0] > 0

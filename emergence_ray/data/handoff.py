@@ -16,7 +16,7 @@ import ray.train
 
 from emergence_ray.config import DataConfig
 from emergence_ray.data.shards import BlockShards
-from emergence_ray.priority import lower_data_executor
+from emergence_ray.data.pacing import pace_data_executor
 
 RECORD_IDS_ENV = "EMERGENCE_RAY_RECORD_IDS"  # set (to 1) on the driver: workers log every image id they train on
 
@@ -42,7 +42,7 @@ def trainer_inputs(datasets: dict[str, ray.data.Dataset], cache: bool) -> tuple[
     if cache:
         return None, {"blocks": {name: BlockShards.of(ds) for name, ds in datasets.items()}}, None
     for ds in datasets.values():
-        lower_data_executor(ds.context)  # its polling would take CPU from the training step
+        pace_data_executor(ds.context)  # unpaced, its loop spins while the decode is ahead of training
     return datasets, {}, TrainSplit()
 
 
@@ -52,8 +52,8 @@ class TrainSplit(ray.train.DataConfig):
     is not split (that would drop up to world - 1 of its images): rank 0 evaluates all of it
     (`WorkerIngest`) and the others skip it. One worker: nothing to divide, every split reaches
     it whole (`Dataset.iterator()`), and the executor runs as a thread of the worker itself
-    (no coordinator actor, no hop through it). Either way the executor's scheduling loop runs at
-    nice 19 (`priority.lower_data_executor`)."""
+    (no coordinator actor, no hop through it). Either way the executor's scheduling loop is
+    paced (`pacing.pace_data_executor`)."""
 
     def __init__(self):
         super().__init__(datasets_to_split=["train"])
