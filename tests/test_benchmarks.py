@@ -467,8 +467,9 @@ def test_cache_ab_renders_ratios_to_this_checkout_round_by_round():
 
 def test_stream_bench_measures_every_path_on_real_jpegs_and_renders_them(ray_session, tmp_path):
     """stream.py's ingest rounds on a small photo-like JPEG folder, on the session Ray: the stream
-    as one worker reads it, as several do (paced and not) and through streaming_split, and the
-    DataLoader, with and without the device transform; then the tables they fill."""
+    as one worker reads it and as several do (streaming_split), and the DataLoader, with and
+    without the device transform; then the tables they fill. The unpaced path once, for its
+    image count."""
     from benchmarks import common, stream
     from emergence_ray.data import pipeline
 
@@ -476,19 +477,19 @@ def test_stream_bench_measures_every_path_on_real_jpegs_and_renders_them(ray_ses
     train_images = pipeline.load_raw(stream._data_cfg(folder)).train.count  # 5% validation, 5% test held out
     assert 100 <= train_images < 120
     measure = stream.ingest_paths(folder, procs=1, limit_s=20, batch=16)
+    del measure["ray_unpaced"]  # the same code as ray_split, unpaced: one pass less in the default suite
     res = {"command": "python benchmarks/stream.py --decode-repeats 1", "machine": common.machine_info(),
            "first_step": {}, "ingest": stream.ingest_rounds(measure, 1, True, 120, 1, warmup=False),
            "decode_only": stream.ingest_rounds(measure, 1, False, 120, 1, warmup=False)}
     for section in ("ingest", "decode_only"):
         runs = res[section]["runs"]
-        assert set(runs) == {"ray", "ray_split", "ray_unpaced", "loader"}
+        assert set(runs) == {"ray", "ray_split", "loader"}
         for r in runs.values():
             assert r["images_per_s"][0] > 0 and r["with_start_images_per_s"][0] > 0
             assert r["first_batch_s"][0] > 0
         assert res[section]["ratio"]["loader"] == 1.0
-    for split in (False, True):
-        one = stream.ray_stream_rate(folder, limit_s=20, batch=16, transform=False, split=split)
-        assert one["images"] == train_images - 16  # all but the first batch, each image once
+    one = stream.ray_stream_rate(folder, limit_s=20, batch=16, transform=False, split=True, paced=False)
+    assert one["images"] == train_images - 16  # all but the first batch, each image once
     text = stream.render(res)
     ratio = res["ingest"]["ratio"]["ray"]
     assert f"Ratio as shipped / DataLoader: {ratio:.2f} (target >= 1.0)." in text
