@@ -51,4 +51,3 @@ def apply_worker_niceness(target: int | None, rank: int) -> None:
         log.warning("training workers run at nice %d, not scaling.worker_niceness=%d: lowering it needs root or "
                     "CAP_SYS_NICE. Start the nodes with RAY_worker_niceness=%d, or set "
                     "scaling.worker_niceness: null to keep Ray's and silence this", nice, target, target)
-

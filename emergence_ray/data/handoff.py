@@ -15,8 +15,8 @@ import ray.data
 import ray.train
 
 from emergence_ray.config import DataConfig
-from emergence_ray.data.shards import BlockShards
 from emergence_ray.data.pacing import pace_data_executor
+from emergence_ray.data.shards import BlockShards
 
 RECORD_IDS_ENV = "EMERGENCE_RAY_RECORD_IDS"  # set (to 1) on the driver: workers log every image id they train on
 
