@@ -492,7 +492,11 @@ def test_stream_bench_measures_every_path_on_real_jpegs_and_renders_them(ray_ses
     assert one["images"] == train_images - 16  # all but the first batch, each image once
     text = stream.render(res)
     ratio = res["ingest"]["ratio"]["ray"]
-    assert f"Ratio as shipped / DataLoader: {ratio:.2f} (target >= 1.0)." in text
+    pair = res["ingest"]["pair_ratios"]["ray"][0]
+    assert (f"Ratio as shipped / DataLoader: {ratio:.2f} (medians); within each round {pair:.2f} (median), "
+            f"{pair:.2f} to {pair:.2f}, at or above 1.0 in {int(pair >= 1.0)} of 1 rounds (target >= 1.0).") in text
+    res["consumer_threads"] = 1
+    assert "device transform on 1 torch thread(s), as a training worker" in stream.render(res)
     assert "## Decode alone (120 images, 1 CPU processes each, no device transform)" in text
     assert text.count("| the same through streaming_split, as shipped for each") == 2
     assert text.count("| torch DataLoader (num_workers=1") == 2
