@@ -115,6 +115,7 @@ def ray_stream_rate(folder: Path, limit_s: float, batch: int = BATCH, transform:
     Data's split coordinator actor. `paced`: the executor's scheduling loop at most 50 steps a
     second, as `handoff.trainer_inputs` runs it (`pacing.pace_data_executor`); False: unpaced, as
     shipped before."""
+    import ray
     import torch
 
     from emergence_ray.data import pipeline
@@ -124,7 +125,9 @@ def ray_stream_rate(folder: Path, limit_s: float, batch: int = BATCH, transform:
 
     cfg = _data_cfg(folder)
     raw, spec = _listed(folder)
-    ds = pipeline.decoded(raw.train, spec, cfg, shuffle_seed=0, keep_ids=False, actors=True)
+    # no trainer here: every CPU is spare, and the pool starts with one actor per CPU (`cluster.spare_cpus`)
+    ds = pipeline.decoded(raw.train, spec, cfg, shuffle_seed=0, keep_ids=False, actors=True,
+                          start_actors=int(ray.cluster_resources()["CPU"]))
     if paced:
         pace_data_executor(ds.context)
     buffer = stream_shuffle_buffer(cfg.source, batch)

@@ -328,12 +328,13 @@ def _train(cfg: JobConfig, address: str | None, name: str, run_dir: str, wall_st
     load_torch_before_ray()
     cluster.connect(address)
     interrupt.install()  # ray.init replaced the SIGTERM handler
-    cluster.plan(cfg.scaling)  # fail fast, before reading any data
+    placement = cluster.plan(cfg.scaling)  # fail fast, before reading any data
     cluster.skip_preemption_watcher(cfg.scaling)
     # zoo: pretrained weights bring their normalization (ImageNet's, or the source run's)
     # test split: after training; ids only when a test records which images each epoch saw
     prepared = prepare(cfg.data, spec=zoo.job_spec(cfg) if zoo else None, with_test=False, keep_ids=record_ids(),
-                       workers=cfg.scaling.min_workers, shuffle_seed=cfg.train.seed)
+                       workers=cfg.scaling.min_workers, shuffle_seed=cfg.train.seed,
+                       decode_cpus=cluster.spare_cpus(placement))
     log.info("data: %s  classes=%d  channels=%d  size=%d  ingest=%s  bad images skipped=%d", prepared.counts,
              prepared.spec.num_classes, prepared.spec.channels, prepared.spec.image_size,
              "cache" if prepared.cached else "stream", prepared.bad_images)

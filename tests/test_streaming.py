@@ -154,6 +154,48 @@ def test_streamed_imagefolder_is_decoded_by_actors_and_trained_once_per_epoch(ra
     assert len(val) == len(set(val)) == summary["images"]["val"]
 
 
+def test_decode_pool_starts_with_the_cpus_the_trainer_leaves(ray_session, digits_imagefolder):
+    """Every epoch's decode pool starts with one actor per CPU the training workers leave free
+    (`cluster.spare_cpus`, at most the cluster's CPUs), not with one that Ray Data's autoscaler
+    grows only once it is busy: by the first batch every one of them has started."""
+    import threading
+    import time
+
+    from conftest import actor_classes
+    from emergence_ray.cluster import Placement, spare_cpus
+    from emergence_ray.config import DataConfig
+    from emergence_ray.data import pipeline
+
+    assert spare_cpus(Placement(1, 1.0, 0.0), {"CPU": 2}) == 1  # one worker on this machine
+    assert spare_cpus(Placement(2, 0.5, 0.0), {"CPU": 2}) == 1
+    assert spare_cpus(Placement(1, 1.0, 1.0), {"CPU": 16, "GPU": 1}) == 15  # a GPU node's spare cores
+    assert spare_cpus(Placement((1, 4), 1.0, 0.0), {"CPU": 8}) == 4  # elastic: its largest group
+    assert spare_cpus(Placement(4, 0.75, 0.0), {"CPU": 4}) == 1
+    pool = pipeline.decode_actors(5)  # the session Ray has 2 CPUs
+    assert (pool.min_size, pool.initial_size, pool.max_size) == (1, 2, 2)
+    assert pipeline.decode_actors().initial_size == 1
+
+    cfg = DataConfig(source="imagefolder", path=str(digits_imagefolder), ingest="stream")
+    raw = pipeline.load_raw(cfg)
+    spec = pipeline.resolve_spec(raw, cfg)
+    before = set(actor_classes())
+
+    def decoders() -> list[str]:
+        return [cls for actor_id, cls in actor_classes().items() if actor_id not in before and "DecodeFiles" in cls]
+
+    train = pipeline.decoded(raw.train, spec, cfg, shuffle_seed=0, actors=True, start_actors=2)
+    batches = iter(train.iterator().iter_batches(batch_size=16))
+    first = threading.Thread(target=next, args=(batches,))
+    first.start()  # the execution starts, and with it the pool
+    deadline = time.monotonic() + 60
+    while not decoders() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    time.sleep(0.2)  # far less than an actor's start-up (~1 s), after which the autoscaler would add one
+    assert len(decoders()) == 2, decoders()
+    first.join()
+    assert 16 + sum(len(b["label"]) for b in batches) == raw.train.count
+
+
 def test_one_worker_reads_every_split_whole_in_a_new_order_each_epoch(ray_session, digits_imagefolder, tmp_path):
     """`handoff.TrainSplit` for one worker: no streaming_split, the splits reach it whole, and a
     streamed ImageFolder still comes in a new file order every epoch, every image once."""

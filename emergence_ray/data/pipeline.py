@@ -109,24 +109,31 @@ def files_per_task(count: int, per_image: int, most: int = 256) -> int:
     return max(8, min(per_block, -(-count // (2 * max(1, cpus)))))
 
 
-def decode_actors() -> ray.data.ActorPoolStrategy:
+def decode_actors(start: int = 1) -> ray.data.ActorPoolStrategy:
     """Decode actors for a streamed ImageFolder: from one up to one per CPU of the cluster, as
-    many as Ray Data's autoscaler finds CPUs for beside the training workers."""
-    return ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, int(ray.cluster_resources().get("CPU", 1))))
+    many as Ray Data's autoscaler finds CPUs for beside the training workers; `start` of them
+    (at most that) from the first block of every epoch: the CPUs the trainer leaves free
+    (`cluster.spare_cpus`). Left to the autoscaler, each epoch's pool starts at one actor and grows
+    only once that one is up and busy, a second or two into the epoch: 4k-image passes of decode
+    alone ran at 0.74-0.99x of a DataLoader so, 0.92-1.09x with the pool started whole
+    (benchmarks/README.md, eighteenth session)."""
+    most = max(1, int(ray.cluster_resources().get("CPU", 1)))
+    return ray.data.ActorPoolStrategy(min_size=1, max_size=most, initial_size=max(1, min(start, most)))
 
 
 def decoded(split: Split, spec: DataSpec, cfg: DataConfig, shuffle_seed: int | None = None,
-            keep_ids: bool = True, actors: bool = False) -> ray.data.Dataset:
+            keep_ids: bool = True, actors: bool = False, start_actors: int = 1) -> ray.data.Dataset:
     """Lazy: read `split` and decode it to uint8 in Ray Data tasks; unreadable images dropped
     (data.on_bad_image=skip) or raising (fail). `actors`: an ImageFolder is read and decoded in a
-    pool of long-lived actors (`decode_actors`) instead: the streamed train split, decoded every
-    epoch, where a read task's slot idles between tasks (benchmarks/STREAM.md)."""
+    pool of long-lived actors (`decode_actors`, `start_actors` of them from the start) instead: the
+    streamed train split, decoded every epoch, where a read task's slot idles between tasks
+    (benchmarks/STREAM.md)."""
     per_image = spec.channels * spec.wire_size ** 2
     decode = Decode(spec, cfg.on_bad_image, keep_ids)
     if isinstance(split, FileSplit) and actors:
         files = split.file_list(shuffle_seed, files_per_task(split.count, per_image, ACTOR_FILES))
         ds = files.map_batches(DecodeFiles, fn_constructor_args=(split.fs, spec, cfg.on_bad_image, keep_ids),
-                               batch_format="numpy", batch_size=None, compute=decode_actors())
+                               batch_format="numpy", batch_size=None, compute=decode_actors(start_actors))
     elif isinstance(split, FileSplit):
         # blocks of `files_per_task` files, decoded whole inside the read task: on 2 CPUs a
         # separate read operator held one of the two task slots, and the stream ran at 0.78x of
@@ -175,11 +182,13 @@ def _check_classes(raw: RawSplits, spec: DataSpec) -> None:
 
 
 def prepare(cfg: DataConfig, spec: DataSpec | None = None, with_test: bool = True, keep_ids: bool = True,
-            workers: int = 1, shuffle_seed: int = 0) -> Prepared:
+            workers: int = 1, shuffle_seed: int = 0, decode_cpus: int = 1) -> Prepared:
     """Train and val (and test) decoded; cached (materialized) or streamed (lazy) by
     `data.ingest` and the uint8 size of train + val per worker (`workers`: the fewest the run
     will have). `keep_ids=False` for training, whose workers read only image and label;
-    `shuffle_seed` seeds the streamed train split's per-epoch file order."""
+    `shuffle_seed` seeds the streamed train split's per-epoch file order; `decode_cpus`: the decode
+    actors a streamed ImageFolder's train split starts every epoch with (the CPUs the trainer
+    leaves free)."""
     raw = load_raw(cfg)
     if spec is None:
         spec = resolve_spec(raw, cfg)
@@ -199,7 +208,7 @@ def prepare(cfg: DataConfig, spec: DataSpec | None = None, with_test: bool = Tru
         counts = {"train": train.count(), "val": val.count()}
         bad += bad_train + bad_val
     else:  # decode failures (skip) are dropped in the stream and logged by the decoding task
-        train = decoded(raw.train, spec, cfg, shuffle_seed, keep_ids, actors=True)
+        train = decoded(raw.train, spec, cfg, shuffle_seed, keep_ids, actors=True, start_actors=decode_cpus)
         val = decoded(raw.val, spec, cfg, None, keep_ids)
     test = None
     if with_test:
