@@ -189,16 +189,12 @@ class Placement:
     cpus_per_worker: float
     gpus_per_worker: float
 
-    @property
-    def max_workers(self) -> int:
-        return self.num_workers if isinstance(self.num_workers, int) else self.num_workers[1]
 
-
-def spare_cpus(placement: Placement, resources: dict[str, float] | None = None) -> int:
-    """Whole CPUs of the cluster (`resources`: its totals, default Ray's) that the training workers
-    leave to Ray Data at their largest group; at least one (`plan` keeps one free)."""
+def spare_cpus(workers: int, cpus_per_worker: float, resources: dict[str, float] | None = None) -> int:
+    """Whole CPUs of the cluster (`resources`: its totals, default Ray's) that `workers` training
+    workers of `cpus_per_worker` leave to Ray Data; at least one (`plan` keeps one free)."""
     res = resources if resources is not None else ray.cluster_resources()
-    return max(1, int(float(res.get("CPU", 0)) - placement.max_workers * placement.cpus_per_worker))
+    return max(1, int(float(res.get("CPU", 0)) - workers * cpus_per_worker))
 
 
 def node_cpus(resources: dict[str, float] | None = None) -> list[float]:

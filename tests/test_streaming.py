@@ -157,20 +157,20 @@ def test_streamed_imagefolder_is_decoded_by_actors_and_trained_once_per_epoch(ra
 def test_decode_pool_starts_with_the_cpus_the_trainer_leaves(ray_session, digits_imagefolder):
     """Every epoch's decode pool starts with one actor per CPU the training workers leave free
     (`cluster.spare_cpus`, at most the cluster's CPUs), not with one that Ray Data's autoscaler
-    grows only once it is busy: by the first batch every one of them has started."""
+    grows only once it is busy: all of them are created together, as the execution starts."""
     import threading
     import time
 
     from conftest import actor_classes
-    from emergence_ray.cluster import Placement, spare_cpus
+    from emergence_ray.cluster import spare_cpus
     from emergence_ray.config import DataConfig
     from emergence_ray.data import pipeline
 
-    assert spare_cpus(Placement(1, 1.0, 0.0), {"CPU": 2}) == 1  # one worker on this machine
-    assert spare_cpus(Placement(2, 0.5, 0.0), {"CPU": 2}) == 1
-    assert spare_cpus(Placement(1, 1.0, 1.0), {"CPU": 16, "GPU": 1}) == 15  # a GPU node's spare cores
-    assert spare_cpus(Placement((1, 4), 1.0, 0.0), {"CPU": 8}) == 4  # elastic: its largest group
-    assert spare_cpus(Placement(4, 0.75, 0.0), {"CPU": 4}) == 1
+    assert spare_cpus(1, 1.0, {"CPU": 2}) == 1  # one worker on this machine
+    assert spare_cpus(2, 0.5, {"CPU": 2}) == 1
+    assert spare_cpus(1, 1.0, {"CPU": 16, "GPU": 1}) == 15  # a GPU node's spare cores
+    assert spare_cpus(4, 1.0, {"CPU": 8}) == 4  # an elastic run's largest group
+    assert spare_cpus(4, 0.75, {"CPU": 4}) == 1
     pool = pipeline.decode_actors(5)  # the session Ray has 2 CPUs
     assert (pool.min_size, pool.initial_size, pool.max_size) == (1, 2, 2)
     assert pipeline.decode_actors().initial_size == 1
