@@ -280,16 +280,10 @@ def _split_coordinators() -> list[Path]:
     return stats
 
 
-def test_ray_datas_scheduling_loop_does_not_spin_behind_slow_readers(ray_session):
-    """Streams the workers read slower than Ray Data produces them (training slower than decode,
-    the usual case). Unpaced, Ray Data's scheduling loop then spins (backpressure leaves it only
-    finished tasks to wait on, and `ray.wait` returns at once); `data.pacing` caps it at 50 steps
-    a second. Read whole (one worker) the loop is a thread of the reader: measured here 0.45-1.18 s
-    of CPU in 2.5 s unpaced, 0.09-0.17 s paced; through streaming_split (several workers) it is
-    the split coordinator's, whose process also serves the readers: 2.18-2.32 s unpaced,
-    0.59-0.70 s paced. Fails when
-    Ray Data drops the undocumented hook used (`custom_execution_callback_classes`) or changes its
-    callback protocol."""
+def _loop_cpu_paced() -> tuple[float, float]:
+    """(whole, split): the CPU seconds of this process's Ray Data scheduling loop (one worker
+    reading a split whole) and of a split coordinator's process (two reading it through
+    streaming_split), 2.5 s behind slow readers, both paced by `handoff.trainer_inputs`."""
     import numpy as np
     import ray.data
 
@@ -300,17 +294,34 @@ def test_ray_datas_scheduling_loop_does_not_spin_behind_slow_readers(ray_session
             lambda b: {"x": np.zeros((len(b["id"]), 2**23), np.uint8)})
 
     ctx = ray.data.DataContext.get_current()
-    limits = ctx.execution_options.resource_limits
     ctx.execution_options.resource_limits = ray.data.ExecutionResources(object_store_memory=32 * 2**20)
-    try:
-        whole, _, config = trainer_inputs({"train": dataset(), "val": dataset()}, cache=False)
-        [worker] = config.configure(whole, 1, None, None)
-        whole_cpu = _loop_cpu_behind_slow_readers([worker["train"].iter_batches(batch_size=1, prefetch_batches=1)],
-                                                  _executor_threads)
-        split, _, config = trainer_inputs({"train": dataset(), "val": dataset()}, cache=False)
-        shards = [s["train"].iter_batches(batch_size=1, prefetch_batches=1)
-                  for s in config.configure(split, 2, None, None)]
-        split_cpu = _loop_cpu_behind_slow_readers(shards, _split_coordinators)
-    finally:
-        ctx.execution_options.resource_limits = limits
+    whole, _, config = trainer_inputs({"train": dataset(), "val": dataset()}, cache=False)
+    [worker] = config.configure(whole, 1, None, None)
+    whole_cpu = _loop_cpu_behind_slow_readers([worker["train"].iter_batches(batch_size=1, prefetch_batches=1)],
+                                              _executor_threads)
+    old_coordinators = set(_split_coordinators())  # other tests' may still be alive
+    split, _, config = trainer_inputs({"train": dataset(), "val": dataset()}, cache=False)
+    shards = [s["train"].iter_batches(batch_size=1, prefetch_batches=1) for s in config.configure(split, 2, None, None)]
+    split_cpu = _loop_cpu_behind_slow_readers(
+        shards, lambda: [p for p in _split_coordinators() if p not in old_coordinators])
+    return whole_cpu, split_cpu
+
+
+def test_ray_datas_scheduling_loop_does_not_spin_behind_slow_readers(ray_session):
+    """Streams the workers read slower than Ray Data produces them (training slower than decode,
+    the usual case). Unpaced, Ray Data's scheduling loop then spins (backpressure leaves it only
+    finished tasks to wait on, and `ray.wait` returns at once); `data.pacing` caps it at 50 steps
+    a second. Read whole (one worker) the loop is a thread of the reader: measured here 0.45-1.18 s
+    of CPU in 2.5 s unpaced, 0.09-0.17 s paced; through streaming_split (several workers) it is
+    the split coordinator's, whose process also serves the readers: 2.18-2.32 s unpaced,
+    0.59-0.70 s paced. Measured in a process of its own on the session's Ray, as a training worker
+    reads: in this one, after other tests' datasets, each step cost more (0.24-0.30 s paced).
+    Fails when Ray Data drops the undocumented hook used (`custom_execution_callback_classes`) or
+    changes its callback protocol."""
+    code = ("import sys, ray; sys.path.insert(0, sys.argv[1]); ray.init(logging_level='ERROR')\n"
+            "from test_streaming import _loop_cpu_paced; print(*_loop_cpu_paced())\n")
+    proc = subprocess.run([sys.executable, "-c", code, str(ROOT / "tests")], capture_output=True, text=True,
+                          timeout=300, env=cli_env(RAY_ADDRESS=ray_session), cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    whole_cpu, split_cpu = map(float, proc.stdout.split()[-2:])
     assert whole_cpu < 0.3 and split_cpu < 1.3, (whole_cpu, split_cpu)
