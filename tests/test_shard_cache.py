@@ -207,7 +207,7 @@ def test_imagenet_policy_centre_crops_for_eval_and_crops_flips_for_training():
     tr = DeviceTransform(spec, whole, train=True)(x, torch.Generator().manual_seed(0))
     assert tr.shape == (16, 3, 8, 8)
     # scale 1, ratio 1: the whole 10x10 image resized to 8x8, the same as torch's bilinear resize
-    ref = torch.nn.functional.interpolate(x.float(), size=(8, 8), mode="bilinear", align_corners=False)
+    ref = torch.nn.functional.interpolate(x, size=(8, 8), mode="bilinear", align_corners=False).float()
     assert torch.allclose(tr, (ref / 255 - 0.5) / 0.25, atol=1e-4)
     flip = AugmentConfig(policy="imagenet", scale=(1.0, 1.0), ratio=(1.0, 1.0))  # flip: on by policy default
     out = DeviceTransform(spec, flip, train=True)(x, torch.Generator().manual_seed(1))
@@ -215,3 +215,32 @@ def test_imagenet_policy_centre_crops_for_eval_and_crops_flips_for_training():
     mirrored = [torch.allclose(out[i], plain[i].flip(2), atol=1e-4) for i in range(16)]
     same = [torch.allclose(out[i], plain[i], atol=1e-4) for i in range(16)]
     assert all(m or s for m, s in zip(mirrored, same)) and 0 < sum(mirrored) < 16
+
+
+def test_imagenet_training_crops_are_torchvisions_resized_crop_on_either_path():
+    """The CPU path (one uint8 `interpolate` per image) is torchvision's resized_crop + hflip
+    exactly, and the batched `grid_sample` path that a GPU takes (run here on the CPU) samples
+    the same points: within one grey level away from each crop's outermost pixels."""
+    from torchvision.transforms.v2 import functional as TF
+
+    from emergence_ray.data.augment import DeviceTransform, crop_resize_grid, random_resized_crop_boxes
+
+    spec = DataSpec(3, 24, ["a", "b"], mean=[0.5, 0.4, 0.3], std=[0.25, 0.2, 0.3], policy="imagenet", load_size=32)
+    aug = AugmentConfig(policy="imagenet", scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3))
+    smooth = torch.nn.functional.interpolate(torch.rand(64, 3, 8, 8) * 255, size=(32, 32), mode="bilinear")
+    x = smooth.round().to(torch.uint8)  # photo-like: neighbouring pixels close, so resampling errors stay small
+    out = DeviceTransform(spec, aug, train=True)(x, torch.Generator().manual_seed(5))
+    gen = torch.Generator().manual_seed(5)  # the same draws, in the same order
+    boxes = random_resized_crop_boxes(64, 32, aug.scale, aug.ratio, gen)
+    mirror = torch.rand(64, generator=gen) < 0.5
+    assert 10 < int(mirror.sum()) < 54
+    scale = torch.tensor([1 / (255 * s) for s in spec.std]).view(3, 1, 1)
+    shift = torch.tensor([m / s for m, s in zip(spec.mean, spec.std)]).view(3, 1, 1)
+    for i, (x0, y0, w, h) in enumerate(boxes.long().tolist()):
+        ref = TF.resized_crop(x[i], y0, x0, h, w, [24, 24], antialias=False)
+        ref = TF.horizontal_flip(ref) if mirror[i] else ref
+        assert torch.allclose(out[i], ref.float() * scale - shift, atol=1e-5), i
+    grid = crop_resize_grid(x.float(), boxes, mirror, 24)
+    pixels = (out + shift) / scale  # the CPU path's uint8 values
+    # one grey level: the uint8 kernel's fixed-point weights and rounding, nothing else
+    assert (grid - pixels)[:, :, 1:-1, 1:-1].abs().max() <= 1.0 + 1e-3
