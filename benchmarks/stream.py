@@ -104,7 +104,7 @@ def _consume(batches, transform, limit_s: float) -> dict:
 
 
 def ray_stream_rate(folder: Path, limit_s: float, batch: int = BATCH, transform: bool = True,
-                    split: bool = False, paced: bool = True) -> dict:
+                    split: bool = False, paced: bool = True, hold_cpus: int = 0) -> dict:
     """The service's streamed train split as a training worker reads it (`ingest.WorkerIngest`,
     with the local shuffle buffer it uses for this source, `ingest.stream_shuffle_buffer`: none
     for an ImageFolder, whose per-epoch file order already shuffles every image), on the Ray this
@@ -114,8 +114,11 @@ def ray_stream_rate(folder: Path, limit_s: float, batch: int = BATCH, transform:
     `streaming_split(1, equal=True)` as each of several workers reads it, the executor in Ray
     Data's split coordinator actor. `paced`: the executor's scheduling loop at most 50 steps a
     second, as `handoff.trainer_inputs` runs it (`pacing.pace_data_executor`); False: unpaced, as
-    shipped before."""
+    shipped before. `hold_cpus`: this process holds that many of Ray's CPUs for the pass, as a
+    training worker holds its own, and Ray Data gets the rest (`exclude_resources`, as Train's
+    DataConfig sets it): the decode pool the service starts beside one worker on this node."""
     import ray
+    import ray.util
     import torch
 
     from emergence_ray.data import pipeline
@@ -123,17 +126,29 @@ def ray_stream_rate(folder: Path, limit_s: float, batch: int = BATCH, transform:
     from emergence_ray.data.ingest import WorkerIngest, stream_shuffle_buffer
     from emergence_ray.data.pacing import pace_data_executor
 
+    from emergence_ray.cluster import spare_cpus
+
     cfg = _data_cfg(folder)
     raw, spec = _listed(folder)
-    # no trainer here: every CPU is spare, and the pool starts with one actor per CPU (`cluster.spare_cpus`)
-    ds = pipeline.decoded(raw.train, spec, cfg, shuffle_seed=0, keep_ids=False, actors=True,
-                          start_actors=int(ray.cluster_resources()["CPU"]))
+    # the pool starts with one actor per CPU that the consumer leaves (`cluster.spare_cpus`): every CPU
+    # unless it holds some
+    start = spare_cpus(1, hold_cpus) if hold_cpus else int(ray.cluster_resources()["CPU"])
+    ds = pipeline.decoded(raw.train, spec, cfg, shuffle_seed=0, keep_ids=False, actors=True, start_actors=start)
     if paced:
         pace_data_executor(ds.context)
-    buffer = stream_shuffle_buffer(cfg.source, batch)
-    source = ds.streaming_split(1, equal=True)[0] if split else ds.iterator()
-    batches = WorkerIngest(source, batch, torch.device("cpu"), shuffle=True, shuffle_buffer=buffer).epoch(0)
-    return _consume(batches, DeviceTransform(spec, cfg.augment, train=True) if transform else None, limit_s)
+    held = None
+    if hold_cpus:  # reserved as Train reserves a worker's bundle: no other task or actor gets them
+        held = ray.util.placement_group([{"CPU": hold_cpus}])
+        ray.get(held.ready())
+        ds.context.execution_options.exclude_resources = ray.data.ExecutionResources(cpu=hold_cpus)
+    try:
+        buffer = stream_shuffle_buffer(cfg.source, batch)
+        source = ds.streaming_split(1, equal=True)[0] if split else ds.iterator()
+        batches = WorkerIngest(source, batch, torch.device("cpu"), shuffle=True, shuffle_buffer=buffer).epoch(0)
+        return _consume(batches, DeviceTransform(spec, cfg.augment, train=True) if transform else None, limit_s)
+    finally:
+        if held is not None:
+            ray.util.remove_placement_group(held)
 
 
 class _Files:
@@ -189,6 +204,7 @@ def ingest_paths(folder: Path, procs: int, limit_s: float, batch: int = BATCH) -
             "ray_split": lambda t, s=limit_s: ray_stream_rate(folder, s, batch, transform=t, split=True),
             "ray_unpaced": lambda t, s=limit_s: ray_stream_rate(folder, s, batch, transform=t, split=True,
                                                                 paced=False),
+            "ray_held": lambda t, s=limit_s: ray_stream_rate(folder, s, batch, transform=t, hold_cpus=1),
             "loader": lambda t, s=limit_s: dataloader_rate(folder, procs, s, batch=batch, transform=t)}
 
 
@@ -237,6 +253,9 @@ INGEST_PATHS = {
     "ray_split": "the same through streaming_split, as shipped for each of several workers (the scheduling loop "
                  "in Ray Data's split coordinator actor, paced)",
     "ray_unpaced": "the same through streaming_split, the scheduling loop unpaced (as shipped before)",
+    "ray_held": "as shipped for one worker, the consuming process holding 1 of Ray's CPUs as a training worker "
+                "holds its own: the decode pool gets the other {spare} (the service's pool beside one worker on "
+                "this node)",
     "loader": "torch DataLoader (num_workers={procs}, same read + Decode in its workers)",
 }
 
@@ -260,7 +279,8 @@ def _render_ingest(r: dict, key: str, earlier: dict | None) -> list[str]:
     loader_start = common.median(r["runs"]["loader"]["with_start_images_per_s"])
     for k, runs in r["runs"].items():
         rate, start = common.median(runs["images_per_s"]), common.median(runs["with_start_images_per_s"])
-        lines.append(f"| {INGEST_PATHS[k].format(procs=r['procs'])} | {rate:.0f} | {r['ratio'][k]:.2f} | "
+        name = INGEST_PATHS[k].format(procs=r['procs'], spare=max(1, r['procs'] - 1))
+        lines.append(f"| {name} | {rate:.0f} | {r['ratio'][k]:.2f} | "
                      f"{', '.join(f'{x:.2f}' for x in r['pair_ratios'][k])} | {start:.0f} "
                      f"({start / max(1e-9, loader_start):.2f}x) | {common.median(runs['first_batch_s']):.1f} | "
                      f"{', '.join(f'{x:.0f}' for x in runs['images_per_s'])} |")
@@ -269,6 +289,11 @@ def _render_ingest(r: dict, key: str, earlier: dict | None) -> list[str]:
         lines += ["", f"Ratio as shipped / DataLoader: {r['ratio']['ray']:.2f} (medians); within each round "
                   f"{common.median(pairs):.2f} (median), {min(pairs):.2f} to {max(pairs):.2f}, at or above 1.0 in "
                   f"{sum(x >= 1.0 for x in pairs)} of {len(pairs)} rounds (target >= 1.0)."]
+    if key == "ingest" and "ray_held" in r["ratio"]:
+        pairs = r["pair_ratios"]["ray_held"]
+        lines += ["", f"The service's pool on this node / DataLoader: {r['ratio']['ray_held']:.2f} (medians); "
+                  f"within each round {common.median(pairs):.2f} (median), {min(pairs):.2f} to {max(pairs):.2f}, "
+                  f"at or above 1.0 in {sum(x >= 1.0 for x in pairs)} of {len(pairs)} rounds."]
     return lines + [""]
 
 

@@ -477,7 +477,8 @@ def test_stream_bench_measures_every_path_on_real_jpegs_and_renders_them(ray_ses
     train_images = pipeline.load_raw(stream._data_cfg(folder)).train.count  # 5% validation, 5% test held out
     assert 100 <= train_images < 120
     measure = stream.ingest_paths(folder, procs=1, limit_s=20, batch=16)
-    del measure["ray_unpaced"]  # the same code as ray_split, unpaced: one pass less in the default suite
+    # the same code as ray_split unpaced, and as ray with 1 CPU held: checked in one pass below
+    del measure["ray_unpaced"], measure["ray_held"]
     res = {"command": "python benchmarks/stream.py --decode-repeats 1", "machine": common.machine_info(),
            "first_step": {}, "ingest": stream.ingest_rounds(measure, 1, True, 120, 1, warmup=False),
            "decode_only": stream.ingest_rounds(measure, 1, False, 120, 1, warmup=False)}
@@ -488,8 +489,15 @@ def test_stream_bench_measures_every_path_on_real_jpegs_and_renders_them(ray_ses
             assert r["images_per_s"][0] > 0 and r["with_start_images_per_s"][0] > 0
             assert r["first_batch_s"][0] > 0
         assert res[section]["ratio"]["loader"] == 1.0
-    one = stream.ray_stream_rate(folder, limit_s=20, batch=16, transform=False, split=True, paced=False)
+    import ray.util
+
+    before = set(ray.util.placement_group_table())
+    one = stream.ray_stream_rate(folder, limit_s=20, batch=16, transform=False, split=True, paced=False,
+                                 hold_cpus=1)
     assert one["images"] == train_images - 16  # all but the first batch, each image once
+    held = {k: v for k, v in ray.util.placement_group_table().items() if k not in before}
+    assert [v["bundles"] for v in held.values()] == [{0: {"CPU": 1.0}}]  # one CPU held for the pass,
+    assert all(v["state"] == "REMOVED" for v in held.values())  # and given back
     text = stream.render(res)
     ratio = res["ingest"]["ratio"]["ray"]
     pair = res["ingest"]["pair_ratios"]["ray"][0]
@@ -500,6 +508,13 @@ def test_stream_bench_measures_every_path_on_real_jpegs_and_renders_them(ray_ses
     assert "## Decode alone (120 images, 1 CPU processes each, no device transform)" in text
     assert text.count("| the same through streaming_split, as shipped for each") == 2
     assert text.count("| torch DataLoader (num_workers=1") == 2
+    ing = res["ingest"]  # the held path's row and line, from the one-worker figures
+    ing["runs"]["ray_held"], ing["ratio"]["ray_held"] = ing["runs"]["ray"], ing["ratio"]["ray"]
+    ing["pair_ratios"]["ray_held"] = ing["pair_ratios"]["ray"]
+    text = stream.render(res)
+    assert "holding 1 of Ray's CPUs as a training worker holds its own: the decode pool gets the other 1" in text
+    assert (f"The service's pool on this node / DataLoader: {ratio:.2f} (medians); within each round {pair:.2f} "
+            f"(median), {pair:.2f} to {pair:.2f}, at or above 1.0 in {int(pair >= 1.0)} of 1 rounds.") in text
     res["ingest_from"] = {"command": "python benchmarks/stream.py --skip-first-step", "git_revision": "abc1234",
                           "date": "2026-12-05"}
     assert ("From an earlier run: `python benchmarks/stream.py --skip-first-step` at git "
