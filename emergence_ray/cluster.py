@@ -37,35 +37,18 @@ def connect(address: str | None = None) -> None:
         return
     address, source = given_address(address)
     # Quiet Ray Data's per-dataset INFO lines in every process; our per-epoch lines stay.
-    os.environ["RAY_DATA_LOG_LEVEL"] = os.environ.get("RAY_DATA_LOG_LEVEL", "WARNING")
+    quiet = {"RAY_DATA_LOG_LEVEL": os.environ.get("RAY_DATA_LOG_LEVEL", "WARNING")}
+    os.environ.update(quiet)
     common = dict(logging_level=logging.WARNING, log_to_driver=True)
     if address and address != "local":
         checked = check_address(address, source)
         try:
-            ray.init(address=checked, runtime_env={"env_vars": worker_env()}, **common)
+            ray.init(address=checked, runtime_env={"env_vars": quiet}, **common)
         except ConnectionError as err:  # "auto" finding nothing, a Ray Client time-out
             raise AddressError(f"{source}={address}: {err}") from None
     else:
-        start_embedded(worker_env(), common)
+        start_embedded(quiet, common)
     ray_data.DataContext.get_current().enable_progress_bars = False
-
-
-# glibc's allocator in the job's worker processes, read as each one starts (other C libraries
-# ignore the variables). By default a freed block above 32 MB goes back to the kernel, and a
-# thread other than the main one allocates from an arena of at most 64 MB heaps: every batch's
-# large tensors (a 224 px batch's activations: hundreds of MB) came as fresh pages, faulted in
-# and zeroed, every step. One arena, and blocks up to 1 GiB kept for reuse: a conv step on a
-# batch of 64 224 px images in a Ray Train worker took 1.35 s instead of 2.65 s on a CPU
-# (benchmarks/README.md, nineteenth session).
-WORKER_MALLOC = {"MALLOC_ARENA_MAX": "1", "MALLOC_MMAP_THRESHOLD_": str(2**30), "MALLOC_TRIM_THRESHOLD_": str(2**31)}
-
-
-def worker_env() -> dict[str, str]:
-    """The job's `runtime_env` variables (every worker process it starts), a value set in this
-    process first: Ray Data's log level, and glibc's allocator (`WORKER_MALLOC`)."""
-    env = {"RAY_DATA_LOG_LEVEL": os.environ.get("RAY_DATA_LOG_LEVEL", "WARNING")}
-    env.update({k: os.environ.get(k, v) for k, v in WORKER_MALLOC.items()})
-    return env
 
 
 # ------------------------------------------------------------------------- the embedded Ray
