@@ -519,3 +519,16 @@ def test_stream_bench_measures_every_path_on_real_jpegs_and_renders_them(ray_ses
                           "date": "2026-12-05"}
     assert ("From an earlier run: `python benchmarks/stream.py --skip-first-step` at git "
             "`abc1234`, 2026-12-05.") in stream.render(res)
+
+
+def test_allocator_bench_renders_its_rounds_against_glibcs_defaults():
+    from benchmarks import allocator
+
+    res = {"command": "python benchmarks/allocator.py --rounds 2", "machine": common.machine_info(), "steps": 4,
+           "env": {"MALLOC_ARENA_MAX": "1"}, "main_thread": False,
+           "step_s": {"glibc_default": [2.6, 2.8], "keep": [1.3, 1.5]}}
+    text = allocator.render(res)
+    assert "Command: `python benchmarks/allocator.py --rounds 2`" in text
+    assert "| glibc's defaults | 2.60, 2.80 | 2.70 | 1.00x faster |" in text
+    assert "| one arena, large freed blocks kept (`MALLOC_ARENA_MAX=1`) | 1.30, 1.50 | 1.40 | 1.93x faster |" in text
+    assert "thread other than the worker's main thread: yes" in text
