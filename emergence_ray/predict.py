@@ -151,6 +151,12 @@ def _write(batches, output: str, fmt: str) -> tuple[np.ndarray, np.ndarray, int]
         writer = None
         os.replace(tmp, out)
     finally:
+        # stop Ray Data's execution now: interrupted, the generator would live on in the
+        # traceback, its executor thread still running past ray.shutdown() and logging the error
+        # it then meets (a Ray traceback after the command's "interrupted" line)
+        close = getattr(batches, "close", None)
+        if close is not None:
+            close()
         if writer is not None:
             writer.close()
         tmp.unlink(missing_ok=True)
