@@ -121,12 +121,11 @@ def ray_stream_rate(folder: Path, limit_s: float, batch: int = BATCH, transform:
     import ray.util
     import torch
 
+    from emergence_ray.cluster import spare_cpus
     from emergence_ray.data import pipeline
     from emergence_ray.data.augment import DeviceTransform
     from emergence_ray.data.ingest import WorkerIngest, stream_shuffle_buffer
     from emergence_ray.data.pacing import pace_data_executor
-
-    from emergence_ray.cluster import spare_cpus
 
     cfg = _data_cfg(folder)
     raw, spec = _listed(folder)
