@@ -532,3 +532,16 @@ def test_allocator_bench_renders_its_rounds_against_glibcs_defaults():
     assert "| glibc's defaults | 2.60, 2.80 | 2.70 | 1.00x faster |" in text
     assert "| one arena, large freed blocks kept (`MALLOC_ARENA_MAX=1`) | 1.30, 1.50 | 1.40 | 1.93x faster |" in text
     assert "thread other than the worker's main thread: yes" in text
+
+
+def test_decode_bench_compares_identical_outputs_and_renders(tmp_path):
+    from benchmarks import decode, stream
+
+    folder = stream.make_folder(tmp_path / "jpegs", 12)
+    res = {"command": "python benchmarks/decode.py --images 12 --rounds 2", "machine": common.machine_info(),
+           "decode": decode.measure(folder, 12, 2)}
+    assert res["decode"]["identical_output"] and res["decode"]["images"] == 12
+    assert all(len(v) == 2 and min(v) > 0 for v in res["decode"]["runs"].values())
+    text = decode.render(res)
+    assert "Command: `python benchmarks/decode.py --images 12 --rounds 2`" in text
+    assert "Outputs identical: yes" in text and "Former / shipped:" in text

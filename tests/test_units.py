@@ -145,6 +145,24 @@ def test_decode_converts_modes_and_sizes():
     assert np.array_equal(decode(gray, "x", 1, 8)[0], gray)
 
 
+def test_decode_writes_each_channel_plane_in_place():
+    """Channel planes come from PIL band by band (not a transposing copy): each plane must be its
+    own channel, in RGB order, for RGB, RGBA and palette sources, at native size and resized."""
+    rgb = np.random.default_rng(0).integers(0, 255, (10, 12, 3), dtype=np.uint8)
+    expected = rgb.transpose(2, 0, 1)
+    for source in (_png(rgb), _png(np.dstack([rgb, np.full((10, 12), 200, np.uint8)]))):
+        batch = np.zeros((2, 3, 10, 10), np.uint8)
+        assert np.shares_memory(decode(source, "x", 3, 10, "imagenet", out=batch[1]), batch)
+        assert np.array_equal(batch[1], expected[:, :10, 1:11]) and not batch[0].any()  # the centre 10 x 10
+    resized = np.asarray(Image.fromarray(rgb).resize((6, 6), Image.BILINEAR)).transpose(2, 0, 1)
+    assert np.array_equal(decode(_png(rgb), "x", 3, 6), resized)
+    palette = Image.fromarray(rgb).quantize(16)
+    buf = io.BytesIO()
+    palette.save(buf, format="PNG")
+    assert np.array_equal(decode(buf.getvalue(), "x", 3, 8), np.asarray(palette.convert("RGB").resize(
+        (8, 8), Image.BILINEAR)).transpose(2, 0, 1))
+
+
 def test_decode_names_the_bad_file():
     with pytest.raises(DataError, match="broken.png"):
         decode(b"not an image", "broken.png", 1, 8)
