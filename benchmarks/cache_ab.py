@@ -1,16 +1,23 @@
-"""Is the cache path for small data still as fast as it was? The same Fashion-MNIST job (IDX
-files, cached in worker memory) through the CLI of this checkout and of another one (`--compare
-NAME=DIR`, e.g. a `git worktree` at the commit before a change), alternated run by run.
+"""A job through the CLI of this checkout and of another one (`--compare NAME=DIR`, e.g. a `git
+worktree` at the commit before a change), alternated run by run.
+
+- `--job fashion` (default): is the cache path for small data still as fast as it was? The
+  Fashion-MNIST job (IDX files, cached in worker memory), `jobs/fashion_mnist.yaml` of each
+  checkout, `--limit` training images. Writes CACHE_AB.md.
+- `--job jpeg`: a streamed epoch of real-size images on the CPU: stream.py's photo-like 256 px
+  JPEG folder (`--images`, made once, shared by both), imagenet policy at 224 px, `cnn` width 8,
+  batch 64, 2 workers (the default, as stream.py's first-step runs). Writes JPEG_AB.md.
 
     git worktree add /tmp/wt-before 0bbbc75    # main before the streaming data path (#16)
     flock /tmp/er-bench.lock python benchmarks/cache_ab.py --compare before=/tmp/wt-before [--rounds 2]
+    flock /tmp/er-bench.lock python benchmarks/cache_ab.py --job jpeg --compare before=/tmp/wt-before
 
-Each run: `python -m emergence_ray train --config jobs/fashion_mnist.yaml` of that checkout (its
-own code first on PYTHONPATH, its own job file), `--limit` training images, `--epochs` epochs, an
-embedded Ray. Recorded per run: the loop's images/s from epoch 2 on (`metrics.jsonl`'s
-`elapsed_s`: the step, the per-epoch report, checkpoint and validation), the training step's
-images/s (`train_images_per_s`), the whole command's wall time and the test accuracy. Ratios are
-to this checkout within the same round. Writes --out/CACHE_AB.md and .json.
+Each run: `python -m emergence_ray train` of that checkout (its own code first on PYTHONPATH),
+`--epochs` epochs, an embedded Ray. Recorded per run: the loop's images/s from epoch 2 on
+(`metrics.jsonl`'s `elapsed_s`: the step, the per-epoch report, checkpoint and validation), the
+training step's images/s (`train_images_per_s`), the first step, the whole command's wall time and
+the test accuracy. Ratios are to this checkout within the same round. Writes --out/<NAME>.md and
+.json.
 """
 
 from __future__ import annotations
@@ -30,13 +37,28 @@ sys.path.insert(0, str(ROOT))
 from benchmarks import common  # noqa: E402
 
 
+OUT = {"fashion": "CACHE_AB", "jpeg": "JPEG_AB"}
+
+
+def job_args(code: Path, args) -> tuple[list[str], list[str]]:
+    """(the command's arguments before the overrides, the job's overrides) for `args.job`."""
+    if args.job == "fashion":
+        return ["--config", str(code / "jobs" / "fashion_mnist.yaml")], [f"data.limit={args.limit}"]
+    from benchmarks import stream
+
+    return [], ["data.source=imagefolder", f"data.path={args.folder}", f"data.image_size={stream.SIZE}",
+                "data.ingest=stream", "data.augment.policy=imagenet", "data.val_fraction=0.05",
+                "data.test_fraction=0.05", "model.name=cnn", "model.width=8", f"train.batch_size={stream.BATCH}"]
+
+
 def one_run(code: Path, storage: Path, name: str, args) -> dict:
-    overrides = [f"data.limit={args.limit}", f"train.epochs={args.epochs}", f"run.storage_path={storage}",
-                 f"run.name={name}", "tracking.tensorboard=false"]
+    job, overrides = job_args(code, args)
+    overrides += [f"train.epochs={args.epochs}", f"run.storage_path={storage}", f"run.name={name}",
+                  "tracking.tensorboard=false"]
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI")}
     env["PYTHONPATH"] = os.pathsep.join([str(code), *filter(None, [env.get("PYTHONPATH")])])
     t = time.perf_counter()
-    cmd = [sys.executable, "-m", "emergence_ray", "train", "--config", str(code / "jobs" / "fashion_mnist.yaml")]
+    cmd = [sys.executable, "-m", "emergence_ray", "train", *job]
     for o in overrides:
         if o.startswith("tracking.") and "tracking" not in (code / "emergence_ray" / "config.py").read_text():
             continue  # a checkout from before tracking existed
@@ -57,12 +79,17 @@ def one_run(code: Path, storage: Path, name: str, args) -> dict:
 def render(res: dict) -> str:
     m = res["machine"]
     names = list(res["versions"])
-    lines = ["# The cache path for small data: this checkout against an earlier one", "",
+    title = {"fashion": "The cache path for small data", "jpeg": "A streamed epoch of 224 px JPEGs on the CPU"}
+    job = {"fashion": f"`jobs/fashion_mnist.yaml` of each checkout (IDX files, cached in worker memory, cnn width 16, "
+                      f"2 workers, batch 128), {res.get('limit')} training images",
+           "jpeg": f"{res.get('images')} photo-like 256 px JPEGs (stream.py's), `data.ingest=stream`, imagenet policy "
+                   "at 224 px, cnn width 8, 2 workers (the default), batch 64"}
+    kind = res.get("job", "fashion")
+    lines = [f"# {title[kind]}: this checkout against an earlier one", "",
              f"Command: `{res['command']}`  ", f"Git revision: `{m['git_revision']}`  ",
              f"Machine: {m['nproc']} CPUs ({m['cpu']}), {m['ram_gib']} GiB; torch {m['torch']}, Ray {m['ray']}; "
              f"load average at start {m['load_average']}  ", f"Date: {m['date']}  ", "",
-             f"Job: `jobs/fashion_mnist.yaml` of each checkout (IDX files, cached in worker memory, cnn width 16, "
-             f"2 workers, batch 128), {res['limit']} training images, {res['epochs']} epochs, embedded Ray. "
+             f"Job: {job[kind]}, {res['epochs']} epochs, embedded Ray. "
              "Versions: " + "; ".join(f"**{n}** = {d}" for n, d in res["versions"].items()) + ". "
              "Runs alternate, the order rotating every round; ratios are to `this` within the round.", "",
              "| round | version | loop img/s (epochs 2+) | x this | step img/s | x this | first step s | wall s "
@@ -87,7 +114,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="another checkout of this repository")
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--epochs", type=int, default=3)
-    p.add_argument("--limit", type=int, default=12000)
+    p.add_argument("--limit", type=int, default=12000, help="--job fashion: training images")
+    p.add_argument("--job", choices=sorted(OUT), default="fashion")
+    p.add_argument("--images", type=int, default=1000, help="--job jpeg: JPEGs in the folder")
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks")
     args = p.parse_args(argv)
     versions = {"this": ROOT}
@@ -96,10 +125,15 @@ def main(argv: list[str] | None = None) -> int:
         if not name or not Path(d, "emergence_ray").is_dir():
             p.error(f"--compare {item!r}: expected NAME=DIR with DIR a checkout of this repository")
         versions[name] = Path(d).resolve()
-    res = {"command": common.command_line("cache_ab.py", p, args, ("compare", "rounds", "epochs", "limit")),
-           "machine": common.machine_info(), "versions": {n: str(d) for n, d in versions.items()},
-           "limit": args.limit, "epochs": args.epochs, "runs": []}
+    res = {"command": common.command_line("cache_ab.py", p, args, ("job", "compare", "rounds", "epochs", "limit",
+                                                                    "images")),
+           "machine": common.machine_info(), "versions": {n: str(d) for n, d in versions.items()}, "job": args.job,
+           "limit": args.limit, "images": args.images, "epochs": args.epochs, "runs": []}
     storage = Path(tempfile.mkdtemp(prefix="er-cache-ab-"))
+    if args.job == "jpeg":
+        from benchmarks import stream
+
+        args.folder = stream.make_folder(storage / "jpegs", args.images)
     names = list(versions)
     for rnd in range(args.rounds):
         order = names[rnd % len(names):] + names[:rnd % len(names)]
@@ -111,9 +145,10 @@ def main(argv: list[str] | None = None) -> int:
             res["runs"].append(runs[n])
             print(rnd + 1, n, runs[n], flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "CACHE_AB.json").write_text(json.dumps(res, indent=2))
-    (args.out / "CACHE_AB.md").write_text(render(res))
-    print((args.out / "CACHE_AB.md").read_text())
+    out = args.out / OUT[args.job]
+    out.with_suffix(".json").write_text(json.dumps(res, indent=2))
+    out.with_suffix(".md").write_text(render(res))
+    print(out.with_suffix(".md").read_text())
     return 0
 
 

@@ -155,6 +155,23 @@ def train_env_defaults() -> None:
     os.environ.setdefault(HEALTH_CHECK_INTERVAL, POLL_S)
 
 
+# glibc's allocator in the training workers, read by each worker process as it starts (other C
+# libraries ignore the variables). By default a freed block above 32 MB goes back to the kernel,
+# and a thread other than the main one (Train runs the loop in one) allocates from arenas of at
+# most 64 MB heaps, so every step's large tensors (a 224 px batch's activations: hundreds of MB)
+# came as fresh pages, faulted in and zeroed, every step: a CPU step on 64 224 px images in a
+# Train worker took 2.81 s instead of 1.57 s (benchmarks/ALLOCATOR.md). Training workers only:
+# Ray Data's decoders and Tune's trial actors keep glibc's defaults.
+TRAIN_WORKER_MALLOC = {"MALLOC_ARENA_MAX": "1", "MALLOC_MMAP_THRESHOLD_": str(2**30),
+                       "MALLOC_TRIM_THRESHOLD_": str(2**31)}
+
+
+def train_worker_env() -> dict[str, str]:
+    """Environment variables for the training workers (`RunConfig.worker_runtime_env`): glibc's
+    allocator keeping large freed blocks for reuse, a value set in this process winning."""
+    return {k: os.environ.get(k, v) for k, v in TRAIN_WORKER_MALLOC.items()}
+
+
 PREEMPTION_WATCHER = "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"  # read by Train's controller, from the driver's env
 _OFF_BY_US = "False"  # Train reads it as off (lower-cased, not "1"/"true"); a user's "0" is left alone
 

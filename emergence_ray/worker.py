@@ -55,15 +55,16 @@ def _seed_everything(seed: int) -> None:
 
 
 def _record_workers(run_dir: str, rank: int, device: torch.device) -> None:
-    """Rank 0 writes where every rank runs (node, pid, device, process group backend, nice value)
-    to workers.json, for operators."""
+    """Rank 0 writes where every rank runs (node, pid, device, process group backend, nice value,
+    glibc's `MALLOC_*` settings: `cluster.TRAIN_WORKER_MALLOC`) to workers.json, for operators."""
     import os
     import socket
 
     me = {"rank": rank, "node_id": ray.get_runtime_context().get_node_id(), "host": socket.gethostname(),
           "pid": os.getpid(), "device": str(device),
           "backend": dist.get_backend() if dist.is_initialized() else None,
-          "nice": os.getpriority(os.PRIO_PROCESS, 0)}
+          "nice": os.getpriority(os.PRIO_PROCESS, 0),
+          "malloc": {k: v for k, v in sorted(os.environ.items()) if k.startswith("MALLOC_")}}
     everyone = [None] * (dist.get_world_size() if dist.is_initialized() else 1)
     if dist.is_initialized():
         dist.all_gather_object(everyone, me)

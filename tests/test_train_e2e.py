@@ -12,6 +12,8 @@ from pathlib import Path
 
 from conftest import RUN_ACTORS, can_lower_niceness, cli_env
 
+from emergence_ray import cluster
+
 
 def _summary(run_dir: Path) -> dict:
     return json.loads((run_dir / "summary.json").read_text())
@@ -49,7 +51,11 @@ def test_readme_main_job_on_embedded_ray(tmp_path):
     assert "epoch 10/10" in proc.stdout + proc.stderr
     assert "will hang" not in proc.stderr  # the test set is read once the trainer's CPUs are back
     # the embedded Ray starts its workers at nice 0 (RAY_worker_niceness), whoever runs it
-    assert [w["nice"] for w in json.loads((run_dir / "workers.json").read_text())] == [0, 0]
+    workers = json.loads((run_dir / "workers.json").read_text())
+    assert [w["nice"] for w in workers] == [0, 0]
+    # the training workers start with glibc's allocator keeping large freed blocks; the driver's
+    # environment (so Ray's daemons and the decoders) is left alone
+    assert [w["malloc"] for w in workers] == [cluster.TRAIN_WORKER_MALLOC] * 2, workers
 
 
 def test_digits_imagefolder_cached_reaches_93_percent(imagefolder_run):
@@ -94,14 +100,16 @@ def test_digits_parquet_streamed_reaches_93_percent(ray_session, digits_parquet,
 
 def test_embedded_ray_starts_workers_at_nice_0_and_leaves_the_environment_alone(tmp_path):
     code = ("import os, ray\nfrom emergence_ray import cluster\ncluster.connect()\n"
-            "nice = ray.get(ray.remote(lambda: os.getpriority(os.PRIO_PROCESS, 0)).remote())\n"
-            "print(nice, os.environ.get('RAY_worker_niceness'))\nray.shutdown()\n")
+            "probe = ray.remote(lambda: (os.getpriority(os.PRIO_PROCESS, 0), os.environ.get('MALLOC_ARENA_MAX')))\n"
+            "nice, arenas = ray.get(probe.remote())\n"
+            "print(nice, os.environ.get('RAY_worker_niceness'), arenas)\nray.shutdown()\n")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
                           env=cli_env(HOME=str(tmp_path)), cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert _last_line(proc.stdout) == "0 None"
+    # a worker other than a training worker keeps glibc's allocator as it comes
+    assert _last_line(proc.stdout) == "0 None None"
     # a value the user set is the one the workers get, and it stays set
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
                           env=cli_env(HOME=str(tmp_path), RAY_worker_niceness="5"), cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert _last_line(proc.stdout) == "5 5"
+    assert _last_line(proc.stdout) == "5 5 None"
