@@ -1,7 +1,7 @@
 """glibc's allocator in a Ray Train worker: one CPU training step on a batch of 224 px images
 with glibc's defaults, and with one arena and large freed blocks kept for reuse (`MALLOC`, read
-by each worker process as it starts; not set by the service: see benchmarks/README.md,
-nineteenth session).
+by each worker process as it starts: the settings the service gives its training workers,
+`cluster.TRAIN_WORKER_MALLOC`; see benchmarks/README.md, nineteenth and twentieth sessions).
 
     flock /tmp/er-bench.lock python benchmarks/allocator.py [--rounds 3] [--steps 4]
 
@@ -25,11 +25,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks import common  # noqa: E402
+from emergence_ray import cluster  # noqa: E402
 
 SETTINGS = ("glibc_default", "keep")
 # one arena: Ray Train's loop runs in a thread other than the main one, whose arenas are heaps
 # of at most 64 MB, so larger blocks are mmapped and unmapped whatever the thresholds
-MALLOC = {"MALLOC_ARENA_MAX": "1", "MALLOC_MMAP_THRESHOLD_": str(2**30), "MALLOC_TRIM_THRESHOLD_": str(2**31)}
+MALLOC = dict(cluster.TRAIN_WORKER_MALLOC)
 
 
 def _loop(config: dict) -> None:

@@ -159,17 +159,24 @@ def train_env_defaults() -> None:
 # libraries ignore the variables). By default a freed block above 32 MB goes back to the kernel,
 # and a thread other than the main one (Train runs the loop in one) allocates from arenas of at
 # most 64 MB heaps, so every step's large tensors (a 224 px batch's activations: hundreds of MB)
-# came as fresh pages, faulted in and zeroed, every step: a CPU step on 64 224 px images in a
-# Train worker took 2.81 s instead of 1.57 s (benchmarks/ALLOCATOR.md). Training workers only:
-# Ray Data's decoders and Tune's trial actors keep glibc's defaults.
+# came as fresh pages, faulted in and zeroed, every step: a streamed epoch of 224 px JPEGs on the
+# CPU trained 1.76x faster with these (benchmarks/JPEG_AB.md). With small images no tensor is that
+# large and the one arena costs instead (the Fashion-MNIST job ~10% slower, CACHE_AB.md), hence
+# the threshold on a batch's float images. Training workers only: Ray Data's decoders, Tune's
+# trial actors and Ray's daemons keep glibc's defaults.
 TRAIN_WORKER_MALLOC = {"MALLOC_ARENA_MAX": "1", "MALLOC_MMAP_THRESHOLD_": str(2**30),
                        "MALLOC_TRIM_THRESHOLD_": str(2**31)}
+KEEP_FREED_FROM_BYTES = 8 * 2**20  # a batch of float images from which scaling.keep_freed_memory=null turns it on
 
 
-def train_worker_env() -> dict[str, str]:
+def train_worker_env(keep_freed: bool | None, use_gpu: bool, batch_image_bytes: int) -> dict[str, str]:
     """Environment variables for the training workers (`RunConfig.worker_runtime_env`): glibc's
-    allocator keeping large freed blocks for reuse, a value set in this process winning."""
-    return {k: os.environ.get(k, v) for k, v in TRAIN_WORKER_MALLOC.items()}
+    allocator keeping large freed blocks for reuse where `keep_freed` (`scaling.keep_freed_memory`)
+    says so, or, when it is None, for CPU workers whose batch of float images (`batch_image_bytes`)
+    reaches `KEEP_FREED_FROM_BYTES`. A value set in this process wins."""
+    if keep_freed is None:
+        keep_freed = not use_gpu and batch_image_bytes >= KEEP_FREED_FROM_BYTES
+    return {k: os.environ.get(k, v) for k, v in TRAIN_WORKER_MALLOC.items()} if keep_freed else {}
 
 
 PREEMPTION_WATCHER = "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"  # read by Train's controller, from the driver's env

@@ -463,6 +463,23 @@ def test_cache_ab_renders_ratios_to_this_checkout_round_by_round():
     assert "| 2 | this | 1000 | 1.000 | 2000 | 1.000 | 8.0 | 40.0 | 0.8000 |" in text
     assert "| before | 1.000 | 1.025 |" in text and "| this | 1.000 | 1.000 |" in text
     assert "**before** = /tmp/wt" in text
+    assert text.startswith("# The cache path for small data") and "12000 training images" in text
+    jpeg = cache_ab.render({**res, "job": "jpeg", "images": 1000})
+    assert jpeg.startswith("# A streamed epoch of 224 px JPEGs") and "1000 photo-like 256 px JPEGs" in jpeg
+    assert "| 1 | before | 900 | 0.900 | 2100 | 1.050 | - | 40.0 | 0.8000 |" in jpeg
+
+
+def test_cache_ab_jpeg_job_is_stream_py_training_run():
+    """--job jpeg trains on stream.py's folder with its first-step overrides, each checkout's own CLI."""
+    import argparse
+
+    from benchmarks import cache_ab, stream
+
+    job, overrides = cache_ab.job_args(Path("/x"), argparse.Namespace(job="jpeg", folder=Path("/data/jpegs")))
+    assert job == [] and "data.path=/data/jpegs" in overrides and "data.augment.policy=imagenet" in overrides
+    assert f"train.batch_size={stream.BATCH}" in overrides and f"data.image_size={stream.SIZE}" in overrides
+    job, overrides = cache_ab.job_args(Path("/x"), argparse.Namespace(job="fashion", limit=500))
+    assert job == ["--config", "/x/jobs/fashion_mnist.yaml"] and overrides == ["data.limit=500"]
 
 
 def test_stream_bench_measures_every_path_on_real_jpegs_and_renders_them(ray_session, tmp_path):

@@ -22,6 +22,8 @@ import pytest
 
 from conftest import CLI, ROOT, cli_env
 
+from emergence_ray import cluster
+
 LOCAL_CLUSTER = [sys.executable, str(ROOT / "cluster" / "local_cluster.py")]
 STORE_MB = 256
 
@@ -141,7 +143,8 @@ def test_streamed_imagefolder_is_decoded_by_actors_and_trained_once_per_epoch(ra
 
     monkeypatch.setenv(RECORD_IDS_ENV, "1")
     cfg = load_config(None, ["data.source=imagefolder", f"data.path={digits_imagefolder}", "data.ingest=stream",
-                             "train.epochs=3", f"run.storage_path={tmp_path}", "run.name=folder"])
+                             "train.epochs=3", f"run.storage_path={tmp_path}", "run.name=folder",
+                             "scaling.keep_freed_memory=true"])
     before = set(actor_classes())
     run_dir = Path(train(cfg))
     started = [cls for actor_id, cls in actor_classes().items() if actor_id not in before]
@@ -152,6 +155,10 @@ def test_streamed_imagefolder_is_decoded_by_actors_and_trained_once_per_epoch(ra
     assert_exactly_once(run_dir, 3, train_ids, world=2)
     val = [i for ids in seen_ids(run_dir, "val", 2).values() for i in ids]
     assert len(val) == len(set(val)) == summary["images"]["val"]
+    # scaling.keep_freed_memory=true: the training workers alone start with glibc's allocator
+    # keeping large freed blocks (the decode actors: test_train_e2e's embedded-Ray test)
+    workers = json.loads((run_dir / "workers.json").read_text())
+    assert [w["malloc"] for w in workers] == [cluster.TRAIN_WORKER_MALLOC] * 2, workers
 
 
 def test_decode_pool_starts_with_the_cpus_the_trainer_leaves(ray_session, digits_imagefolder):
