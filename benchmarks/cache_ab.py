@@ -76,6 +76,13 @@ def one_run(code: Path, storage: Path, name: str, args) -> dict:
             "test_accuracy": summary["test_accuracy"], "first_step_s": summary.get("first_step_s")}
 
 
+def revision(code: Path) -> str:
+    """The checkout's commit, short, with `+changes` when its tracked files differ from it."""
+    rev = subprocess.run(["git", "-C", str(code), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+    dirty = subprocess.run(["git", "-C", str(code), "diff", "--quiet", "HEAD", "--", "emergence_ray"]).returncode
+    return (rev.stdout.strip() or "?") + ("+changes" if dirty else "")
+
+
 def render(res: dict) -> str:
     m = res["machine"]
     names = list(res["versions"])
@@ -90,8 +97,11 @@ def render(res: dict) -> str:
              f"Machine: {m['nproc']} CPUs ({m['cpu']}), {m['ram_gib']} GiB; torch {m['torch']}, Ray {m['ray']}; "
              f"load average at start {m['load_average']}  ", f"Date: {m['date']}  ", "",
              f"Job: {job[kind]}, {res['epochs']} epochs, embedded Ray. "
-             "Versions: " + "; ".join(f"**{n}** = {d}" for n, d in res["versions"].items()) + ". "
-             "Runs alternate, the order rotating every round; ratios are to `this` within the round.", "",
+             "Versions: " + "; ".join(f"**{n}** = {d}" + (f" (`{res['revisions'][n]}`)" if res.get("revisions") else "")
+                                      for n, d in res["versions"].items()) + ". "
+             "Runs alternate, the order rotating every round; ratios are to `this` within the round."
+             + (" The JPEGs' classes are arbitrary (image i in class i mod 10, cut from photo i mod 2), so the "
+                "best test accuracy is 0.2: the job measures speed." if kind == "jpeg" else ""), "",
              "| round | version | loop img/s (epochs 2+) | x this | step img/s | x this | first step s | wall s "
              "| test acc |", "|---|---|---|---|---|---|---|---|---|"]
     for r in res["runs"]:
@@ -128,6 +138,7 @@ def main(argv: list[str] | None = None) -> int:
     res = {"command": common.command_line("cache_ab.py", p, args, ("job", "compare", "rounds", "epochs", "limit",
                                                                     "images")),
            "machine": common.machine_info(), "versions": {n: str(d) for n, d in versions.items()}, "job": args.job,
+           "revisions": {n: revision(d) for n, d in versions.items()},
            "limit": args.limit, "images": args.images, "epochs": args.epochs, "runs": []}
     storage = Path(tempfile.mkdtemp(prefix="er-cache-ab-"))
     if args.job == "jpeg":

@@ -160,7 +160,7 @@ def train_env_defaults() -> None:
 # and a thread other than the main one (Train runs the loop in one) allocates from arenas of at
 # most 64 MB heaps, so every step's large tensors (a 224 px batch's activations: hundreds of MB)
 # came as fresh pages, faulted in and zeroed, every step: a streamed epoch of 224 px JPEGs on the
-# CPU trained 1.76x faster with these (benchmarks/JPEG_AB.md). With small images no tensor is that
+# CPU trained 1.86x faster with these (benchmarks/JPEG_AB.md). With small images no tensor is that
 # large and the one arena costs instead (the Fashion-MNIST job ~10% slower, CACHE_AB.md), hence
 # the threshold on a batch's float images. Training workers only: Ray Data's decoders, Tune's
 # trial actors and Ray's daemons keep glibc's defaults.

@@ -466,6 +466,11 @@ def test_cache_ab_renders_ratios_to_this_checkout_round_by_round():
     assert text.startswith("# The cache path for small data") and "12000 training images" in text
     jpeg = cache_ab.render({**res, "job": "jpeg", "images": 1000})
     assert jpeg.startswith("# A streamed epoch of 224 px JPEGs") and "1000 photo-like 256 px JPEGs" in jpeg
+    assert "best test accuracy is 0.2" in jpeg and "best test accuracy" not in text
+    revisions = {"this": cache_ab.revision(ROOT), "before": "cb33b3a"}
+    assert "**before** = /tmp/wt (`cb33b3a`)" in cache_ab.render({**res, "revisions": revisions})
+    assert revisions["this"].split("+")[0] == subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"],
+                                                             capture_output=True, text=True).stdout.strip()
     assert "| 1 | before | 900 | 0.900 | 2100 | 1.050 | - | 40.0 | 0.8000 |" in jpeg
 
 

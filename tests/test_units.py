@@ -191,7 +191,7 @@ def test_decode_keeps_uint8_and_skips_bad_images():
 
 def test_training_workers_keep_freed_memory_where_a_batch_of_images_is_large(monkeypatch):
     """glibc's allocator keeps large freed blocks in CPU workers whose batch of float images
-    reaches 8 MiB (224 px JPEGs: 1.76x faster epochs), not for small images (where the one arena
+    reaches 8 MiB (224 px JPEGs: 1.86x faster epochs), not for small images (where the one arena
     costs) nor on a GPU, unless scaling.keep_freed_memory says otherwise; a value set in the
     driver's environment is the one the workers get."""
     from emergence_ray.cluster import TRAIN_WORKER_MALLOC, train_worker_env
