@@ -161,9 +161,10 @@ def train_env_defaults() -> None:
 # most 64 MB heaps, so every step's large tensors (a 224 px batch's activations: hundreds of MB)
 # came as fresh pages, faulted in and zeroed, every step: a streamed epoch of 224 px JPEGs on the
 # CPU trained 1.86x faster with these (benchmarks/JPEG_AB.md). With small images no tensor is that
-# large and the one arena costs instead (the Fashion-MNIST job ~10% slower, CACHE_AB.md), hence
-# the threshold on a batch's float images. Training workers only: Ray Data's decoders, Tune's
-# trial actors and Ray's daemons keep glibc's defaults.
+# large, nothing is gained, and the one arena may cost (the Fashion-MNIST job 1.11-1.18x slower in
+# one A/B: benchmarks/README.md, twentieth session), hence the threshold on a batch's float
+# images. Training workers only: Ray Data's decoders, Tune's trial actors and Ray's daemons keep
+# glibc's defaults.
 TRAIN_WORKER_MALLOC = {"MALLOC_ARENA_MAX": "1", "MALLOC_MMAP_THRESHOLD_": str(2**30),
                        "MALLOC_TRIM_THRESHOLD_": str(2**31)}
 KEEP_FREED_FROM_BYTES = 8 * 2**20  # a batch of float images from which scaling.keep_freed_memory=null turns it on

@@ -155,8 +155,8 @@ def test_streamed_imagefolder_is_decoded_by_actors_and_trained_once_per_epoch(ra
     assert_exactly_once(run_dir, 3, train_ids, world=2)
     val = [i for ids in seen_ids(run_dir, "val", 2).values() for i in ids]
     assert len(val) == len(set(val)) == summary["images"]["val"]
-    # scaling.keep_freed_memory=true: the training workers alone start with glibc's allocator
-    # keeping large freed blocks (the decode actors: test_train_e2e's embedded-Ray test)
+    # scaling.keep_freed_memory=true: the training workers start with glibc's allocator keeping
+    # large freed blocks (other workers keep its defaults: test_train_e2e's embedded-Ray test)
     workers = json.loads((run_dir / "workers.json").read_text())
     assert [w["malloc"] for w in workers] == [cluster.TRAIN_WORKER_MALLOC] * 2, workers
 

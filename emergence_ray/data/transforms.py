@@ -78,9 +78,9 @@ def is_grayscale(img: Image.Image) -> bool:
 
 def channel_planes(img: Image.Image, out: np.ndarray | None = None) -> np.ndarray:
     """An L or RGB image -> uint8 (C, H, W), written into `out` if given. PIL unpacks each channel
-    plane in C; numpy's transposing copy of the (H, W, C) array steps through it a byte at a time
-    and cost as much as the JPEG decode itself (a 256 px photo: 0.79 against 0.42 ms per image,
-    decode included; benchmarks/README.md, twentieth session)."""
+    plane in C; numpy's transposing copy of the (H, W, C) array steps through it a byte at a time:
+    with it a 256 px JPEG cost a decode actor 0.557 ms instead of 0.447, decode included
+    (benchmarks/DECODE.md, 1.21x)."""
     w, h = img.size
     bands = img.getbands()
     if out is None:
