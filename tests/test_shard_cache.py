@@ -195,6 +195,28 @@ def test_random_resized_crop_boxes_follow_scale_and_ratio():
     assert torch.equal(boxes, again)  # seeded: a resumed epoch repeats its crops
 
 
+def test_large_images_normalize_image_by_image_to_the_same_values():
+    """On a CPU, images from `PER_IMAGE_FROM` values on are normalized one at a time (each while
+    in the cache): the same values as the whole batch at once, for the small policy and for the
+    imagenet policy's centre crop (a strided view of each image)."""
+    from emergence_ray.data.augment import PER_IMAGE_FROM, DeviceTransform
+
+    mean, std = [0.5, 0.4, 0.3], [0.25, 0.2, 0.3]
+    m, s = torch.tensor(mean).view(1, 3, 1, 1), torch.tensor(std).view(1, 3, 1, 1)
+    for side in (32, 128, 160):  # below, at and above the threshold (3 * 128 * 128 values)
+        x = torch.randint(0, 256, (5, 3, side, side), dtype=torch.uint8)
+        small = DeviceTransform(DataSpec(3, side, ["a", "b"], mean=mean, std=std))(x)
+        assert small.dtype == torch.float32 and small.is_contiguous()
+        assert torch.allclose(small, (x.float() / 255 - m) / s, atol=1e-5), side
+        crop = side * 7 // 8
+        spec = DataSpec(3, crop, ["a", "b"], mean=mean, std=std, policy="imagenet", load_size=side)
+        ev = DeviceTransform(spec)(x)
+        top = (side - crop) // 2
+        assert ev.shape == (5, 3, crop, crop) and ev.is_contiguous()
+        assert torch.allclose(ev, (x[:, :, top:top + crop, top:top + crop].float() / 255 - m) / s, atol=1e-5)
+    assert 3 * 32 * 32 < PER_IMAGE_FROM <= 3 * 128 * 128
+
+
 def test_imagenet_policy_centre_crops_for_eval_and_crops_flips_for_training():
     from emergence_ray.data.augment import DeviceTransform
 

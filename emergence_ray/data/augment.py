@@ -25,6 +25,11 @@ from torch.nn import functional as F
 from emergence_ray.config import AugmentConfig
 from emergence_ray.data.transforms import DataSpec
 
+# values per image (a 128 px RGB image) from which a CPU normalizes image by image: 1.6-2x faster
+# at 128-224 px where the worker keeps freed memory (`scaling.keep_freed_memory`), even without;
+# below, the loop's ~9 us per image costs more than the cache saves (benchmarks/README.md)
+PER_IMAGE_FROM = 3 * 128 * 128
+
 
 class BatchAugment:
     """Like torchvision's RandomCrop(padding=p) + RandomHorizontalFlip, batched. The padding is
@@ -101,8 +106,17 @@ class DeviceTransform:
         self.small_aug = BatchAugment.from_config(aug, spec) if train and not self.imagenet else None
 
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
-        """uint8 -> float32 (x / 255 - mean) / std in a new tensor (a float x: in place)."""
-        return x.to(torch.float32).mul_(self.scale.to(x.device)).sub_(self.shift.to(x.device))
+        """uint8 -> float32 (x / 255 - mean) / std in a new tensor (a float x: in place). On a
+        CPU, images of `PER_IMAGE_FROM` values and more are converted one at a time, each while
+        it is in the cache: the batch at once makes three passes over a batch-sized float tensor in
+        memory (64 images at 224 px: 38 MB each pass)."""
+        scale, shift = self.scale.to(x.device), self.shift.to(x.device)
+        if x.dtype != torch.uint8 or x.device.type != "cpu" or x[0].numel() < PER_IMAGE_FROM:
+            return x.to(torch.float32).mul_(scale).sub_(shift)
+        out = torch.empty(x.shape, dtype=torch.float32)
+        for o, image in zip(out, x):
+            o.copy_(image).mul_(scale[0]).sub_(shift[0])
+        return out
 
     def __call__(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         if x.dtype != torch.uint8:  # already float (a caller that normalized itself)
@@ -118,26 +132,28 @@ class DeviceTransform:
         boxes = random_resized_crop_boxes(n, side, self.scale_range, self.ratio, generator)
         mirror = (torch.rand(n, generator=generator) < 0.5) if self.flip else torch.zeros(n, dtype=torch.bool)
         if x.device.type == "cpu":
-            return self.normalize(crop_resize_uint8(x, boxes, mirror, size))
+            return crop_resize_normalize(x, boxes, mirror, size, self.scale[0], self.shift[0])
         return self.normalize(crop_resize_grid(x.float(), boxes.to(x.device), mirror.to(x.device), size))
 
 
-def crop_resize_uint8(x: torch.Tensor, boxes: torch.Tensor, mirror: torch.Tensor, size: int) -> torch.Tensor:
-    """Each image's box cut out and resized to size x size (bilinear), mirrored where `mirror`:
-    torchvision's resized_crop exactly, one `interpolate` per image on uint8, which a CPU runs
-    about 4x faster than a float `grid_sample` of the batch. -> uint8 (N, C, size, size)."""
-    out = torch.empty(len(x), x.shape[1], size, size, dtype=torch.uint8)
-    for i, (x0, y0, w, h) in enumerate(boxes.long().tolist()):
-        crop = x[i:i + 1, :, y0:y0 + h, x0:x0 + w]
-        out[i] = F.interpolate(crop, size=(size, size), mode="bilinear", align_corners=False)[0]
-    if mirror.any():
-        out[mirror] = out[mirror].flip(3)
+def crop_resize_normalize(x: torch.Tensor, boxes: torch.Tensor, mirror: torch.Tensor, size: int,
+                          scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """Each image's box cut out and resized to size x size (bilinear), mirrored where `mirror`,
+    then `* scale - shift` as float32: torchvision's resized_crop exactly, one `interpolate` per
+    image on uint8, which a CPU runs about 4x faster than a float `grid_sample` of the batch. Each
+    crop is copied out contiguous first (the kernel runs ~1.25x faster on it) and normalized
+    into the output while it is in the cache. -> float32 (N, C, size, size)."""
+    out = torch.empty(len(x), x.shape[1], size, size, dtype=torch.float32)
+    for o, (x0, y0, w, h), flip, image in zip(out, boxes.long().tolist(), mirror.tolist(), x):
+        crop = image[None, :, y0:y0 + h, x0:x0 + w].contiguous()
+        resized = F.interpolate(crop, size=(size, size), mode="bilinear", align_corners=False)[0]
+        o.copy_(resized.flip(2) if flip else resized).mul_(scale).sub_(shift)
     return out
 
 
 def crop_resize_grid(x: torch.Tensor, boxes: torch.Tensor, mirror: torch.Tensor, size: int) -> torch.Tensor:
     """The same crops in one batched `grid_sample` (one kernel on a GPU): bilinear at the same
-    points as `crop_resize_uint8`, except that a crop's outermost output pixels, where upscaled,
+    points as `crop_resize_normalize`, except that a crop's outermost output pixels, where upscaled,
     blend in the image's pixels just outside the box instead of repeating its edge. float in, float out."""
     n, side = len(x), x.shape[-1]
     x0, y0, w, h = boxes.unbind(1)
