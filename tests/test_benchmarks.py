@@ -567,3 +567,21 @@ def test_decode_bench_compares_identical_outputs_and_renders(tmp_path):
     text = decode.render(res)
     assert "Command: `python benchmarks/decode.py --images 12 --rounds 2`" in text
     assert "Outputs identical: yes" in text and "Former / shipped:" in text
+
+
+def test_transform_bench_compares_identical_outputs_under_both_allocators_and_renders(tmp_path):
+    from benchmarks import stream, transform
+
+    folder = stream.make_folder(tmp_path / "jpegs", 8)
+    res = {"command": "python benchmarks/transform.py --images 8 --rounds 2", "machine": common.machine_info(),
+           "allocators": {a: transform.in_subprocess(a, folder, 8, 2) for a in transform.ALLOCATORS}}
+    res["images"] = res["allocators"]["glibc"]["images"]
+    assert res["images"] == 8
+    for r in res["allocators"].values():
+        assert set(r["cases"]) == set(transform.CASES)
+        for c in r["cases"].values():
+            assert c["identical_output"] and all(len(v) == 2 and min(v) > 0 for v in c["runs"].values())
+    text = transform.render(res)
+    assert "Command: `python benchmarks/transform.py --images 8 --rounds 2`" in text
+    assert "| the training worker's kept freed memory (`scaling.keep_freed_memory`) | imagenet policy, training" in text
+    assert "| NO |" not in text and text.count("| yes |") == 6

@@ -110,13 +110,13 @@ class DeviceTransform:
         CPU, images of `PER_IMAGE_FROM` values and more are converted one at a time, each while
         it is in the cache: the batch at once makes three passes over a batch-sized float tensor in
         memory (64 images at 224 px: 38 MB each pass)."""
-        scale, shift = self.scale.to(x.device), self.shift.to(x.device)
-        if x.dtype != torch.uint8 or x.device.type != "cpu" or x[0].numel() < PER_IMAGE_FROM:
-            return x.to(torch.float32).mul_(scale).sub_(shift)
-        out = torch.empty(x.shape, dtype=torch.float32)
-        for o, image in zip(out, x):
-            o.copy_(image).mul_(scale[0]).sub_(shift[0])
-        return out
+        if x.device.type == "cpu" and x.dtype == torch.uint8 and math.prod(x.shape[1:]) >= PER_IMAGE_FROM:
+            out = torch.empty(x.shape, dtype=torch.float32)
+            scale, shift = self.scale[0], self.shift[0]
+            for o, image in zip(out, x):
+                o.copy_(image).mul_(scale).sub_(shift)
+            return out
+        return x.to(torch.float32).mul_(self.scale.to(x.device)).sub_(self.shift.to(x.device))
 
     def __call__(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         if x.dtype != torch.uint8:  # already float (a caller that normalized itself)
