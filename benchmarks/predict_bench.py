@@ -12,7 +12,9 @@ centre-crop 224 + normalize (`augment.DeviceTransform`), run the model and take 
 probabilities. Plain torch: a DataLoader with `--procs` decode processes (collate = the service's
 Decode) feeding one process that runs the model; Ray: `predict_command` on a local
 `ray.init(num_cpus=procs)`, the whole command timed (listing, decode tasks, actor start-up,
-Parquet written under a temporary name and renamed). The two paths alternate, repeat by repeat.
+Parquet written under a temporary name and renamed), as shipped and with the model replicas on
+glibc's allocator defaults (`scaling.keep_freed_memory=false`, as shipped before the twenty-second
+session). The paths alternate, repeat by repeat.
 Writes benchmarks/PREDICT.md (+ PREDICT.json).
 """
 
@@ -88,17 +90,26 @@ def plain_torch(ckpt: Path, folder: Path, procs: int) -> float:
     return n / (time.perf_counter() - start)
 
 
-def ray_predict(ckpt: Path, folder: Path, out: Path) -> float:
+def ray_predict(ckpt: Path, folder: Path, out: Path, extra: tuple[str, ...] = ()) -> float:
     from emergence_ray.predict import predict_command
 
     start = time.perf_counter()
-    predict_command(str(ckpt), str(out), None, None, _overrides(folder))
+    predict_command(str(ckpt), str(out), None, None, _overrides(folder) + list(extra))
     return time.perf_counter() - start
+
+
+# emergence-ray predict's variants: config overrides of each
+RAY_PATHS = {"ray": (), "ray_glibc": ("scaling.keep_freed_memory=false",)}
 
 
 def render(res: dict) -> str:
     m = res["machine"]
     ratio = res["ray_median"] / res["torch_median"]
+    glibc = res.get("ray_glibc")
+    rows = [] if not glibc else [
+        f"| emergence-ray predict, model replicas with glibc's defaults (`scaling.keep_freed_memory=false`, as "
+        f"shipped before) | {', '.join(f'{r:,.0f}' for r in glibc)} | {common.median(glibc):,.0f} | "
+        f"{common.median(glibc) / res['torch_median']:.2f} |"]
     return "\n".join([
         "# Batch inference: `emergence-ray predict` vs a torch DataLoader loop", "",
         f"Command: `{res['command']}`  ", f"Git revision: `{m['git_revision']}`  ",
@@ -108,14 +119,16 @@ def render(res: dict) -> str:
         "`benchmarks/stream.py`'s set) in 10 class folders; a `cnn` checkpoint (width 8) for 224 px RGB, imagenet "
         "policy: each JPEG decoded to 256 px, centre crop 224, normalized, top-5 probabilities. "
         f"Plain torch: a DataLoader with {res['procs']} decode processes (collate = the service's `Decode`) feeding "
-        "the model in the main process. emergence-ray: `predict_command` on a local "
-        f"`ray.init(num_cpus={res['procs']})`, Ray Data decode tasks streaming to 2 model actors (0.5 CPU each), "
-        "Parquet written as it goes; the whole command timed, start-up included. Alternated repeat by repeat.", "",
+        "the model in the main process (glibc's allocator as it comes, as in a user's script). emergence-ray: "
+        f"`predict_command` on a local `ray.init(num_cpus={res['procs']})`, Ray Data decode tasks streaming to 2 "
+        "model actors (0.5 CPU each; by default, at this batch size on a CPU, with glibc's allocator keeping "
+        "freed memory, `scaling.keep_freed_memory`), Parquet written as it goes; the whole command timed, "
+        "start-up included. Alternated repeat by repeat.", "",
         "| path | images/s (each repeat) | median | ratio to the DataLoader loop |", "|---|---|---|---|",
         f"| torch DataLoader loop | {', '.join(f'{r:,.0f}' for r in res['torch'])} | {res['torch_median']:,.0f} "
         "| 1.00 |",
         f"| emergence-ray predict | {', '.join(f'{r:,.0f}' for r in res['ray'])} | {res['ray_median']:,.0f} | "
-        f"{ratio:.2f} |", ""])
+        f"{ratio:.2f} |", *rows, ""])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -130,18 +143,20 @@ def main(argv: list[str] | None = None) -> int:
 
     folder = stream.make_folder(args.data / f"jpeg-{args.images}", args.images)
     res = {"command": common.command_line("predict_bench.py", p, args, ("images", "repeats", "procs")),
-           "machine": common.machine_info(), "images": args.images, "procs": args.procs, "torch": [], "ray": []}
+           "machine": common.machine_info(), "images": args.images, "procs": args.procs, "torch": [],
+           **{k: [] for k in RAY_PATHS}}
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         ckpt = make_checkpoint(root, folder)
         for r in range(args.repeats):
             res["torch"].append(plain_torch(ckpt, folder, args.procs))
-            ray.init(num_cpus=args.procs, include_dashboard=False, logging_level="WARNING")
-            try:
-                res["ray"].append(args.images / ray_predict(ckpt, folder, root / f"preds{r}.parquet"))
-            finally:
-                ray.shutdown()
-            print("torch", res["torch"][-1], "ray", res["ray"][-1], flush=True)
+            for k in (list(RAY_PATHS) if r % 2 == 0 else list(RAY_PATHS)[::-1]):
+                ray.init(num_cpus=args.procs, include_dashboard=False, logging_level="WARNING")
+                try:
+                    res[k].append(args.images / ray_predict(ckpt, folder, root / f"{k}{r}.parquet", RAY_PATHS[k]))
+                finally:
+                    ray.shutdown()
+            print({k: round(res[k][-1], 1) for k in ("torch", *RAY_PATHS)}, flush=True)
     res["torch_median"], res["ray_median"] = common.median(res["torch"]), common.median(res["ray"])
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "PREDICT.json").write_text(json.dumps(res, indent=2))

@@ -171,7 +171,8 @@ KEEP_FREED_FROM_BYTES = 8 * 2**20  # a batch of float images from which scaling.
 
 
 def train_worker_env(keep_freed: bool | None, use_gpu: bool, batch_image_bytes: int) -> dict[str, str]:
-    """Environment variables for the training workers (`RunConfig.worker_runtime_env`): glibc's
+    """Environment variables for the training workers (`RunConfig.worker_runtime_env`) and
+    predict's model replicas (`predict.replica_options`): glibc's
     allocator keeping large freed blocks for reuse where `keep_freed` (`scaling.keep_freed_memory`)
     says so, or, when it is None, for CPU workers whose batch of float images (`batch_image_bytes`)
     reaches `KEEP_FREED_FROM_BYTES`. A value set in this process wins."""

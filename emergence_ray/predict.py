@@ -164,6 +164,22 @@ def _write(batches, output: str, fmt: str) -> tuple[np.ndarray, np.ndarray, int]
 
 
 ACTOR_CPUS = 0.5  # per model replica on CPU (map_batches num_cpus below)
+BATCH = 256  # images per model call
+
+
+def replica_options(cfg: JobConfig, spec: DataSpec, actors: int) -> dict:
+    """`map_batches` options of the model replicas: their resources, and on a CPU, where
+    `scaling.keep_freed_memory` says so (by default for batches of float images of 8 MiB and more),
+    the training workers' allocator settings (`cluster.train_worker_env`): a cnn at 224 px labels
+    ~2.5x faster with them, a resnet18 ~1.4x (benchmarks/README.md, twenty-second session)."""
+    use_gpu = cfg.scaling.use_gpu
+    options = {"batch_size": BATCH, "compute": ray.data.ActorPoolStrategy(size=actors),
+               "num_gpus": 1 if use_gpu else 0, "num_cpus": 0 if use_gpu else ACTOR_CPUS}
+    env = cluster.train_worker_env(cfg.scaling.keep_freed_memory, use_gpu,
+                                   BATCH * spec.channels * spec.image_size ** 2 * 4)
+    if env:
+        options["runtime_env"] = {"env_vars": env}  # merged with the job's own runtime_env by Ray
+    return options
 
 
 def check_actors(actors: int, use_gpu: bool, resources: dict[str, float]) -> None:
@@ -207,12 +223,12 @@ def predict_command(ckpt_dir: str, output: str, address: str | None, explicit_co
     if not cfg.scaling.autoscaling:
         check_actors(actors, cfg.scaling.use_gpu, ray.cluster_resources())
     prep = inputs(cfg, split, spec)
-    use_gpu = cfg.scaling.use_gpu
+    options = replica_options(cfg, spec, actors)
     preds = prep.map_batches(
-        Predictor, fn_constructor_kwargs={"ckpt_dir": ckpt_dir, "top_k": top_k, "use_gpu": use_gpu},
-        batch_format="numpy", batch_size=256, concurrency=actors,
-        num_gpus=1 if use_gpu else 0, num_cpus=0 if use_gpu else ACTOR_CPUS)
-    log.info("predicting with %d model replica(s); writing %s as the batches come", actors, output)
+        Predictor, fn_constructor_kwargs={"ckpt_dir": ckpt_dir, "top_k": top_k, "use_gpu": cfg.scaling.use_gpu},
+        batch_format="numpy", **options)
+    log.info("predicting with %d model replica(s)%s; writing %s as the batches come", actors,
+             ", glibc's allocator keeping freed memory" if "runtime_env" in options else "", output)
     labels, predicted, rows = _write(preds.iter_batches(batch_size=1024, batch_format="numpy"), output, fmt)
     if labels.size:
         report = build_report(labels, predicted, spec.class_names, None)

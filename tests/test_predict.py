@@ -72,8 +72,9 @@ def test_unlabelled_folder_to_csv(ray_session, trained, digits_imagefolder, tmp_
         shutil.copy(p, flat / p.name)
     out = tmp_path / "preds.csv"
     proc = _predict(ray_session, "--checkpoint", str(trained), "--output", str(out),
-                    "--set", f"data.path={flat}", "--top-k", "3")
+                    "--set", f"data.path={flat}", "--top-k", "3", "--set", "scaling.keep_freed_memory=true")
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "model replica(s), glibc's allocator keeping freed memory" in proc.stdout + proc.stderr, proc.stdout
     table = pacsv.read_csv(out)
     assert table.num_rows == 20 and "label" not in table.column_names and "top3_prob" in table.column_names
     assert not (tmp_path / "preds.report").exists()
@@ -96,3 +97,38 @@ def test_bad_input_writes_nothing(ray_session, trained, digits_imagefolder, tmp_
                    "--set", f"data.path={broken}")
     assert bad.returncode == 2 and "zz_corrupt.png" in bad.stderr, bad.stderr[-2000:]
     assert list(tmp_path.glob("*p.parquet*")) == []  # no output, no temp file
+
+
+def test_model_replicas_keep_freed_memory_for_large_cpu_batches(ray_session):
+    """Predict's model replicas get the training workers' allocator settings by the same rule
+    (`scaling.keep_freed_memory`), through `map_batches`' runtime_env, which reaches the actors."""
+    import ray.data
+
+    from emergence_ray import predict
+    from emergence_ray.cluster import TRAIN_WORKER_MALLOC
+    from emergence_ray.config import load_config
+    from emergence_ray.data.transforms import DataSpec
+
+    def options(spec, *overrides):
+        return predict.replica_options(load_config(None, list(overrides)), spec, 2)
+
+    digits = DataSpec(1, 8, [str(i) for i in range(10)])
+    photos = DataSpec(3, 224, ["a", "b"], policy="imagenet", load_size=256)
+    assert "runtime_env" not in options(digits)  # 256 x 8 x 8 floats: 64 KiB
+    assert options(photos)["runtime_env"] == {"env_vars": TRAIN_WORKER_MALLOC}
+    assert options(photos)["num_cpus"] == predict.ACTOR_CPUS and options(photos)["compute"].max_size == 2
+    assert "runtime_env" not in options(photos, "scaling.use_gpu=true")  # large tensors live on the GPU
+    assert "runtime_env" not in options(photos, "scaling.keep_freed_memory=false")
+    forced = options(digits, "scaling.keep_freed_memory=true")
+    assert forced["runtime_env"] == {"env_vars": TRAIN_WORKER_MALLOC}
+
+    class Probe:  # a model replica's process, as Ray Data starts it with these options
+        def __call__(self, batch):
+            import os
+
+            return {"env": np.array([" ".join(f"{k}={os.environ.get(k)}" for k in sorted(TRAIN_WORKER_MALLOC))]
+                                    * len(batch["id"]))}
+
+    forced.update(batch_size=2, compute=ray.data.ActorPoolStrategy(size=1))
+    seen = set(ray.data.range(4).map_batches(Probe, **forced).to_pandas()["env"])
+    assert seen == {" ".join(f"{k}={v}" for k, v in sorted(TRAIN_WORKER_MALLOC.items()))}
