@@ -170,8 +170,8 @@ BATCH = 256  # images per model call
 def replica_options(cfg: JobConfig, spec: DataSpec, actors: int) -> dict:
     """`map_batches` options of the model replicas: their resources, and on a CPU, where
     `scaling.keep_freed_memory` says so (by default for batches of float images of 8 MiB and more),
-    the training workers' allocator settings (`cluster.train_worker_env`): a cnn at 224 px labels
-    ~2.5x faster with them, a resnet18 ~1.4x (benchmarks/README.md, twenty-second session)."""
+    the training workers' allocator settings (`cluster.train_worker_env`): `predict` labelled 16k
+    224 px JPEGs with a cnn 2.0x faster with them (benchmarks/PREDICT.md)."""
     use_gpu = cfg.scaling.use_gpu
     options = {"batch_size": BATCH, "compute": ray.data.ActorPoolStrategy(size=actors),
                "num_gpus": 1 if use_gpu else 0, "num_cpus": 0 if use_gpu else ACTOR_CPUS}
