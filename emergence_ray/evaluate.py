@@ -51,7 +51,7 @@ def evaluate_command(ckpt_dir: str, output: str | None, address: str | None,
     interrupt.install()  # after ray.init, whose core worker put a crash-dump handler on SIGTERM
     test, _listed = prepare_test(cfg.data, spec)  # streamed: decoded as it is evaluated
     device = torch.device("cuda" if cfg.scaling.use_gpu and torch.cuda.is_available() else "cpu")
-    report = evaluate_checkpoint(ckpt_dir, test, out, device)
+    report = evaluate_checkpoint(ckpt_dir, test, out, device, cfg.scaling.keep_freed_memory)
     print(report["classification_report_text"])
     print(f"test accuracy {report['test_accuracy']:.4f} on {report['num_images']} images")
     return out

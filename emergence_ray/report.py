@@ -12,7 +12,7 @@ from collections.abc import Iterable
 import numpy as np
 import torch
 
-from emergence_ray import checkpoint, storage
+from emergence_ray import checkpoint, cluster, storage
 from emergence_ray.data.augment import DeviceTransform
 from emergence_ray.data.transforms import DataSpec
 from emergence_ray.engine import Batch, evaluate
@@ -93,13 +93,22 @@ def evaluate_batches(state: dict[str, Any], batches: Iterable[Batch], device: to
     return build_report(y_true, y_pred, spec.class_names, totals.loss)
 
 
-def evaluate_checkpoint(ckpt_dir: str, test_ds, out_dir: str, device: torch.device | None = None) -> dict:
+EVAL_BATCH = 512  # images per model call of the driver's evaluation
+
+
+def evaluate_checkpoint(ckpt_dir: str, test_ds, out_dir: str, device: torch.device | None = None,
+                        keep_freed: bool | None = None) -> dict:
     """Evaluate `ckpt_dir` on a decoded Ray Dataset (columns image as uint8, label) on the driver,
-    streaming it: nothing is materialized."""
+    streaming it: nothing is materialized. On a CPU, this process's allocator keeps freed memory
+    where `keep_freed` (`scaling.keep_freed_memory`) or its rule says so, as a training worker's does
+    (`cluster.keep_freed_in_this_process`)."""
     state = checkpoint.load(ckpt_dir)
     device = device or torch.device("cpu")
-    to_model = DeviceTransform(DataSpec.from_dict(state["spec"]))  # uint8 -> normalized, centre crop
-    batches = test_ds.select_columns(["image", "label"]).iter_torch_batches(batch_size=512, device=device)
+    spec = DataSpec.from_dict(state["spec"])
+    if device.type == "cpu":
+        cluster.keep_freed_in_this_process(keep_freed, False, EVAL_BATCH * spec.channels * spec.image_size ** 2 * 4)
+    to_model = DeviceTransform(spec)  # uint8 -> normalized, centre crop
+    batches = test_ds.select_columns(["image", "label"]).iter_torch_batches(batch_size=EVAL_BATCH, device=device)
     report = evaluate_batches(state, ({"image": to_model(b["image"]), "label": b["label"].long()} for b in batches),
                               device)
     write_report(report, out_dir, ckpt_dir)

@@ -380,7 +380,7 @@ def _fit_and_test(cfg: JobConfig, name: str, run_dir: str, prepared, wall_start:
     cluster.wait_for_free_cpu()  # the trainer's CPUs come back asynchronously; the test set needs one
     test, listed = prepare_test(cfg.data, prepared.spec)
     with ckpt.as_directory() as local:
-        report = evaluate_checkpoint(local, test, run_dir, device)
+        report = evaluate_checkpoint(local, test, run_dir, device, cfg.scaling.keep_freed_memory)
     prepared.counts["test"] = report["num_images"]
     bad_test = listed - report["num_images"]  # unreadable test images skipped (data.on_bad_image=skip)
     train_s = sum(m["train_s"] for m in history)

@@ -198,7 +198,7 @@ def _sweep(cfg: JobConfig, address: str | None, section: TuneSection, sweep: str
     write_trials_csv(rows, sweep_dir)
     best = max((r for r in rows if r["best_val_metric"] is not None),
                key=lambda r: r["best_val_metric"] if section.mode == "max" else -r["best_val_metric"])
-    report = evaluate_checkpoint(best["checkpoint"], prepared.test, sweep_dir)
+    report = evaluate_checkpoint(best["checkpoint"], prepared.test, sweep_dir, keep_freed=cfg.scaling.keep_freed_memory)
     storage.write_json(storage.join(sweep_dir, "best.json"), {
         **best_record(rows, best, section), "checkpoint": best["checkpoint"], "test_accuracy": report["test_accuracy"],
     })
