@@ -203,8 +203,8 @@ class ScalingConfig(_Section):
         0, ge=-20, le=19, description="nice value of the training worker processes (Ray starts workers at 15, "
                                       "below its own daemons); null keeps Ray's")
     keep_freed_memory: bool | None = Field(
-        None, description="training workers and predict's model replicas start with glibc's allocator keeping "
-                          "large freed blocks for reuse "
+        None, description="training workers, predict's model replicas and the driver's evaluation on a CPU use "
+                          "glibc's allocator keeping large freed blocks for reuse "
                           "(cluster.TRAIN_WORKER_MALLOC); null = on for CPU workers whose batch of float images "
                           "reaches 8 MiB (e.g. 64 images at 100 px), where it makes a step up to 1.8x faster")
 

@@ -585,3 +585,21 @@ def test_transform_bench_compares_identical_outputs_under_both_allocators_and_re
     assert "Command: `python benchmarks/transform.py --images 8 --rounds 2`" in text
     assert "| the training worker's kept freed memory (`scaling.keep_freed_memory`) | imagenet policy, training" in text
     assert "| NO |" not in text and text.count("| yes |") == 6
+
+
+@pytest.mark.slow  # ~40 s: two CLI runs; the driver's allocator setting stays in test_units' default run
+def test_evaluate_bench_runs_the_cli_both_ways_and_renders(tmp_path):
+    from benchmarks import evaluate_bench, predict_bench, stream
+
+    folder = stream.make_folder(tmp_path / "jpegs", 60)  # 6 per class: every class keeps training images
+    ckpt = predict_bench.make_checkpoint(tmp_path, folder)
+    res = {"command": "python benchmarks/evaluate_bench.py --images 60 --rounds 1", "machine": common.machine_info(),
+           "images": 60, "runs": {}}
+    for k, (_, extra) in evaluate_bench.VARIANTS.items():
+        got = evaluate_bench.evaluate_run(ckpt, folder, tmp_path / f"eval-{k}", extra)
+        assert 6 <= got["images"] <= 18 and got["images_per_s"] > 0  # the seeded 20% test split of 60
+        assert got["images"] == res.get("test_images", got["images"])  # the same split both ways
+        res["runs"][k], res["test_images"] = [got["images_per_s"]], got["images"]
+    text = evaluate_bench.render(res)
+    assert "Command: `python benchmarks/evaluate_bench.py --images 60 --rounds 1`" in text
+    assert "| glibc's defaults (`scaling.keep_freed_memory=false`, as before) |" in text and "**1.00x** |" in text
