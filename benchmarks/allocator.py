@@ -114,10 +114,7 @@ def main(argv: list[str] | None = None) -> int:
             res["step_s"][k].append(metrics["step_s"])
             res["main_thread"] = res["main_thread"] or metrics["main_thread"]
             print(k, round(metrics["step_s"], 3), flush=True)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "ALLOCATOR.json").write_text(json.dumps(res, indent=2))
-    (args.out / "ALLOCATOR.md").write_text(render(res))
-    print(render(res))
+    common.write_results(args.out, "ALLOCATOR", res, render(res))
     return 0
 
 

@@ -15,6 +15,7 @@ before it). The median of the segments is what the tables report.
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import statistics
@@ -194,6 +195,15 @@ def command_line(script: str, parser, args, options: tuple[str, ...]) -> str:
         else:
             cmd += f"{flag} {shlex.quote(str(value))}"
     return cmd
+
+
+def write_results(folder: Path, stem: str, res: dict, text: str) -> None:
+    """A benchmark's results: folder/STEM.json (every figure) and folder/STEM.md (`text`, also
+    printed)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / f"{stem}.json").write_text(json.dumps(res, indent=2))
+    (folder / f"{stem}.md").write_text(text)
+    print(text)
 
 
 def median(values: list[float]) -> float:

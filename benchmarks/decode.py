@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import io
-import json
 import sys
 import tempfile
 import time
@@ -119,10 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     folder = make_folder(args.data / f"jpeg-{args.images}", args.images)
     res = {"command": common.command_line("decode.py", p, args, ("images", "rounds")),
            "machine": common.machine_info(), "decode": measure(folder, args.images, args.rounds)}
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "DECODE.json").write_text(json.dumps(res, indent=2))
-    (args.out / "DECODE.md").write_text(render(res))
-    print(render(res))
+    common.write_results(args.out, "DECODE", res, render(res))
     return 0
 
 

@@ -87,10 +87,7 @@ def main(argv: list[str] | None = None) -> int:
                 res["runs"][k].append(got["images_per_s"])
                 res["test_images"] = got["images"]
             print({k: round(v[-1], 1) for k, v in res["runs"].items()}, flush=True)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "EVALUATE.json").write_text(json.dumps(res, indent=2))
-    (args.out / "EVALUATE.md").write_text(render(res))
-    print(render(res))
+    common.write_results(args.out, "EVALUATE", res, render(res))
     return 0
 
 

@@ -21,7 +21,6 @@ Writes benchmarks/PREDICT.md (+ PREDICT.json).
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 import time
@@ -158,10 +157,7 @@ def main(argv: list[str] | None = None) -> int:
                     ray.shutdown()
             print({k: round(res[k][-1], 1) for k in ("torch", *RAY_PATHS)}, flush=True)
     res["torch_median"], res["ray_median"] = common.median(res["torch"]), common.median(res["ray"])
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "PREDICT.json").write_text(json.dumps(res, indent=2))
-    (args.out / "PREDICT.md").write_text(render(res))
-    print(render(res))
+    common.write_results(args.out, "PREDICT", res, render(res))
     print(f"ratio_predict_vs_torch={res['ray_median'] / res['torch_median']:.3f}")
     return 0
 
