@@ -21,6 +21,7 @@ import platform
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import asdict, dataclass
 from datetime import datetime, UTC
@@ -195,6 +196,13 @@ def command_line(script: str, parser, args, options: tuple[str, ...]) -> str:
         else:
             cmd += f"{flag} {shlex.quote(str(value))}"
     return cmd
+
+
+def add_folder_options(parser) -> None:
+    """--data (where stream.py's generated JPEG folders live, `jpeg-<images>` each) and --out (where
+    the results files go): the same two options of every benchmark on those JPEGs."""
+    parser.add_argument("--data", type=Path, default=Path(tempfile.gettempdir()) / "er-stream-bench")
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks")
 
 
 def write_results(folder: Path, stem: str, res: dict, text: str) -> None:

@@ -71,8 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--images", type=int, default=16000)
     p.add_argument("--rounds", type=int, default=2)
-    p.add_argument("--data", type=Path, default=Path(tempfile.gettempdir()) / "er-stream-bench")
-    p.add_argument("--out", type=Path, default=ROOT / "benchmarks")
+    common.add_folder_options(p)
     args = p.parse_args(argv)
     folder = stream.make_folder(args.data / f"jpeg-{args.images}", args.images)
     res = {"command": common.command_line("evaluate_bench.py", p, args, ("images", "rounds")),

@@ -135,8 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--images", type=int, default=16000)
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--procs", type=int, default=2, help="CPU processes of each path")
-    p.add_argument("--data", type=Path, default=Path(tempfile.gettempdir()) / "er-stream-bench")
-    p.add_argument("--out", type=Path, default=ROOT / "benchmarks")
+    common.add_folder_options(p)
     args = p.parse_args(argv)
     import ray
 

@@ -348,8 +348,7 @@ def main(argv: list[str] | None = None) -> int:
                         "decoded split, Ray Data's budget binds, as it does for data larger than a node")
     p.add_argument("--consumer-threads", type=int, default=WORKER_THREADS,
                    help="torch threads of the consuming process (default: a 1-CPU training worker's)")
-    p.add_argument("--data", type=Path, default=Path(tempfile.gettempdir()) / "er-stream-bench")
-    p.add_argument("--out", type=Path, default=ROOT / "benchmarks")
+    common.add_folder_options(p)
     p.add_argument("--decode-repeats", type=int, default=0,
                    help="also measure decode alone (no device transform: a GPU worker's CPU side), "
                         "this many rounds")

@@ -21,7 +21,6 @@ import json
 import os
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -170,8 +169,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--images", type=int, default=1024)
     p.add_argument("--rounds", type=int, default=5)
-    p.add_argument("--data", type=Path, default=Path(tempfile.gettempdir()) / "er-stream-bench")
-    p.add_argument("--out", type=Path, default=ROOT / "benchmarks")
+    common.add_folder_options(p)
     args = p.parse_args(argv)
     folder = make_folder(args.data / f"jpeg-{args.images}", args.images)
     res = {"command": common.command_line("transform.py", p, args, ("images", "rounds")),
