@@ -348,3 +348,44 @@ def test_decode_files_names_an_unreadable_file_or_skips_it(tmp_path):
         DecodeFiles(pafs.LocalFileSystem(), spec)(batch)
     out = DecodeFiles(pafs.LocalFileSystem(), spec, "skip")(batch)
     assert out["ok"].tolist() == [True, False] and out["image"][0].mean() == 200
+
+
+def test_decode_files_called_from_threads_decodes_one_batch_at_a_time(tmp_path):
+    """A decode actor runs several calls at once (`pipeline.decode_actors`): each call's output is
+    its own batch's, and no two batches decode at the same time (one CPU per actor, as Ray
+    accounts it)."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    import pyarrow.fs as pafs
+
+    from emergence_ray.data.transforms import DataSpec, DecodeFiles
+
+    paths = []
+    for i in range(24):
+        p = tmp_path / f"{i}.png"
+        p.write_bytes(png_bytes(np.full((16, 16), i * 10, np.uint8)))
+        paths.append(str(p))
+    spec = DataSpec(channels=1, image_size=16, class_names=["a"], mean=[0.5], std=[0.2])
+    files = DecodeFiles(pafs.LocalFileSystem(), spec, keep_ids=False)
+    decode, active, most, guard = files.decode, [0], [0], threading.Lock()
+
+    def counted(batch):  # the batch decode, counting how many run at once
+        with guard:
+            active[0] += 1
+            most[0] = max(most[0], active[0])
+        try:
+            threading.Event().wait(0.02)  # long enough for the other threads to arrive
+            return decode(batch)
+        finally:
+            with guard:
+                active[0] -= 1
+
+    files.decode = counted
+    batches = [{"id": np.array(paths[i:i + 3], dtype=object), "label": np.arange(i, i + 3)} for i in range(0, 24, 3)]
+    with ThreadPoolExecutor(4) as pool:
+        outs = list(pool.map(files, batches))
+    assert most[0] == 1
+    for batch, out in zip(batches, outs):
+        assert out["label"].tolist() == batch["label"].tolist()
+        assert [int(img.mean()) for img in out["image"]] == [int(lbl) * 10 for lbl in batch["label"]]

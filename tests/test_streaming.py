@@ -180,6 +180,10 @@ def test_decode_pool_starts_with_the_cpus_the_trainer_leaves(ray_session, digits
     assert spare_cpus(4, 0.75, {"CPU": 4}) == 1
     pool = pipeline.decode_actors(5)  # the session Ray has 2 CPUs
     assert (pool.min_size, pool.initial_size, pool.max_size) == (1, 2, 2)
+    # several calls per actor, one of them decoding (`DecodeFiles`): the actor is not idle while
+    # its last batch goes to the object store
+    assert pool.max_concurrent_calls_per_actor == pipeline.DECODE_CALLS_PER_ACTOR > 1
+    assert pool.enable_true_multi_threading
     assert pipeline.decode_actors().initial_size == 1
 
     cfg = DataConfig(source="imagefolder", path=str(digits_imagefolder), ingest="stream")

@@ -39,6 +39,9 @@ SAMPLE = 512  # train images inspected to resolve channels, size and normalizati
 BLOCK_BYTES = 16 * 2**20  # decoded bytes per block, at least: far below a small object store
 MAX_BLOCK_BYTES = 64 * 2**20
 ACTOR_FILES = 128  # images per batch sent to a decode actor: the next one waits queued meanwhile
+# batches a decode actor holds at once: one decoding (`DecodeFiles` decodes one at a time), the
+# others reading their files or handing their output to the object store meanwhile
+DECODE_CALLS_PER_ACTOR = 4
 STORE_SHARE = 32  # a block is at most this fraction of the smallest node's object store
 
 __all__ = ["Prepared", "prepare", "prepare_test", "decoded", "keep_ok", "load_raw", "resolve_spec"]
@@ -116,9 +119,17 @@ def decode_actors(start: int = 1) -> ray.data.ActorPoolStrategy:
     (`cluster.spare_cpus`). Left to the autoscaler, each epoch's pool starts at one actor and grows
     only once that one is up and busy, a second or two into the epoch: 4k-image passes of decode
     alone ran at 0.74-0.99x of a DataLoader so, 0.92-1.09x with the pool started whole
-    (benchmarks/README.md, eighteenth session)."""
+    (benchmarks/README.md, eighteenth session).
+
+    Each actor runs `DECODE_CALLS_PER_ACTOR` calls at once in threads, and `DecodeFiles` lets one
+    of them decode at a time: one CPU's worth of decoding per actor, as Ray accounts it. One call
+    at a time, an actor sat idle between batches while its last output went to the object store
+    and the next batch was sent: ~15 ms of every ~57 ms batch, a quarter of its core
+    (benchmarks/README.md, twenty-fourth session)."""
     most = max(1, int(ray.cluster_resources().get("CPU", 1)))
-    return ray.data.ActorPoolStrategy(min_size=1, max_size=most, initial_size=max(1, min(start, most)))
+    return ray.data.ActorPoolStrategy(min_size=1, max_size=most, initial_size=max(1, min(start, most)),
+                                      max_concurrent_calls_per_actor=DECODE_CALLS_PER_ACTOR,
+                                      enable_true_multi_threading=True)
 
 
 def decoded(split: Split, spec: DataSpec, cfg: DataConfig, shuffle_seed: int | None = None,

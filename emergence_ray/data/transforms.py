@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import logging
+import threading
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -171,11 +172,17 @@ class Decode:
 class DecodeFiles:
     """map_batches callable for long-lived actors: rows of (path, label, id) -> `Decode`'s output,
     reading each file from `fs` (a pyarrow filesystem: local, S3, GCS) and decoding it in the same
-    call. An actor is sent its next batch while it decodes the current one, so its CPU does not
-    wait between batches as a read task's slot does (benchmarks/STREAM.md)."""
+    call. An actor is sent its next batches while it decodes the current one, so its CPU does not
+    wait between batches as a read task's slot does (benchmarks/STREAM.md).
+
+    Safe to call from several threads (`pipeline.decode_actors` runs a few calls at once): files
+    are read concurrently, but one batch is decoded at a time, so an actor decodes on one CPU, as
+    Ray accounts for it, while its other calls read files or hand their output to the object
+    store."""
 
     def __init__(self, fs, spec: DataSpec, on_bad_image: str = "fail", keep_ids: bool = True):
         self.fs, self.decode = fs, Decode(spec, on_bad_image, keep_ids)
+        self.decoding = threading.Lock()
 
     def read(self, path: str) -> bytes:
         try:
@@ -191,7 +198,8 @@ class DecodeFiles:
         ids = batch["id"]
         images = np.empty(len(ids), dtype=object)
         images[:] = [self.read(str(p)) for p in ids]
-        return self.decode({"image": images, "label": batch["label"], "id": ids})
+        with self.decoding:
+            return self.decode({"image": images, "label": batch["label"], "id": ids})
 
 
 def at_wire_size(images: object, spec: DataSpec) -> bool:
