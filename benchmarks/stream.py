@@ -104,7 +104,8 @@ def _consume(batches, transform, limit_s: float) -> dict:
 
 
 def ray_stream_rate(folder: Path, limit_s: float, batch: int = BATCH, transform: bool = True,
-                    split: bool = False, paced: bool = True, hold_cpus: int = 0) -> dict:
+                    split: bool = False, paced: bool = True, hold_cpus: int = 0,
+                    calls_per_actor: int | None = None) -> dict:
     """The service's streamed train split as a training worker reads it (`ingest.WorkerIngest`,
     with the local shuffle buffer it uses for this source, `ingest.stream_shuffle_buffer`: none
     for an ImageFolder, whose per-epoch file order already shuffles every image), on the Ray this
@@ -116,7 +117,9 @@ def ray_stream_rate(folder: Path, limit_s: float, batch: int = BATCH, transform:
     second, as `handoff.trainer_inputs` runs it (`pacing.pace_data_executor`); False: unpaced, as
     shipped before. `hold_cpus`: this process holds that many of Ray's CPUs for the pass, as a
     training worker holds its own, and Ray Data gets the rest (`exclude_resources`, as Train's
-    DataConfig sets it): the decode pool the service starts beside one worker on this node."""
+    DataConfig sets it): the decode pool the service starts beside one worker on this node.
+    `calls_per_actor`: calls each decode actor runs at once (default: as shipped,
+    `pipeline.DECODE_CALLS_PER_ACTOR`; 1 as before the twenty-fourth session)."""
     import ray
     import ray.util
     import torch
@@ -132,7 +135,9 @@ def ray_stream_rate(folder: Path, limit_s: float, batch: int = BATCH, transform:
     # the pool starts with one actor per CPU that the consumer leaves (`cluster.spare_cpus`): every CPU
     # unless it holds some
     start = spare_cpus(1, hold_cpus) if hold_cpus else int(ray.cluster_resources()["CPU"])
-    ds = pipeline.decoded(raw.train, spec, cfg, shuffle_seed=0, keep_ids=False, actors=True, start_actors=start)
+    calls = calls_per_actor or pipeline.DECODE_CALLS_PER_ACTOR
+    ds = pipeline.decoded(raw.train, spec, cfg, shuffle_seed=0, keep_ids=False, actors=True, start_actors=start,
+                          calls_per_actor=calls)
     if paced:
         pace_data_executor(ds.context)
     held = None
@@ -204,6 +209,8 @@ def ingest_paths(folder: Path, procs: int, limit_s: float, batch: int = BATCH) -
             "ray_unpaced": lambda t, s=limit_s: ray_stream_rate(folder, s, batch, transform=t, split=True,
                                                                 paced=False),
             "ray_held": lambda t, s=limit_s: ray_stream_rate(folder, s, batch, transform=t, hold_cpus=1),
+            "ray_held_serial": lambda t, s=limit_s: ray_stream_rate(folder, s, batch, transform=t, hold_cpus=1,
+                                                                    calls_per_actor=1),
             "loader": lambda t, s=limit_s: dataloader_rate(folder, procs, s, batch=batch, transform=t)}
 
 
@@ -255,6 +262,8 @@ INGEST_PATHS = {
     "ray_held": "as shipped for one worker, the consuming process holding 1 of Ray's CPUs as a training worker "
                 "holds its own: the decode pool gets the other {spare} (the service's pool beside one worker on "
                 "this node)",
+    "ray_held_serial": "the same, each decode actor running one call at a time (as shipped before the "
+                       "twenty-fourth session)",
     "loader": "torch DataLoader (num_workers={procs}, same read + Decode in its workers)",
 }
 

@@ -112,7 +112,7 @@ def files_per_task(count: int, per_image: int, most: int = 256) -> int:
     return max(8, min(per_block, -(-count // (2 * max(1, cpus)))))
 
 
-def decode_actors(start: int = 1) -> ray.data.ActorPoolStrategy:
+def decode_actors(start: int = 1, calls: int = DECODE_CALLS_PER_ACTOR) -> ray.data.ActorPoolStrategy:
     """Decode actors for a streamed ImageFolder: from one up to one per CPU of the cluster, as
     many as Ray Data's autoscaler finds CPUs for beside the training workers; `start` of them
     (at most that) from the first block of every epoch: the CPUs the trainer leaves free
@@ -121,30 +121,32 @@ def decode_actors(start: int = 1) -> ray.data.ActorPoolStrategy:
     alone ran at 0.74-0.99x of a DataLoader so, 0.92-1.09x with the pool started whole
     (benchmarks/README.md, eighteenth session).
 
-    Each actor runs `DECODE_CALLS_PER_ACTOR` calls at once in threads, and `DecodeFiles` lets one
-    of them decode at a time: one CPU's worth of decoding per actor, as Ray accounts it. One call
+    Each actor runs `calls` calls at once in threads, and `DecodeFiles` lets one of them decode at
+    a time: one CPU's worth of decoding per actor, as Ray accounts it. One call
     at a time, an actor sat idle between batches while its last output went to the object store
     and the next batch was sent: ~15 ms of every ~57 ms batch, a quarter of its core
     (benchmarks/README.md, twenty-fourth session)."""
     most = max(1, int(ray.cluster_resources().get("CPU", 1)))
-    return ray.data.ActorPoolStrategy(min_size=1, max_size=most, initial_size=max(1, min(start, most)),
-                                      max_concurrent_calls_per_actor=DECODE_CALLS_PER_ACTOR,
-                                      enable_true_multi_threading=True)
+    threads = {"max_concurrent_calls_per_actor": calls, "enable_true_multi_threading": True} if calls > 1 else {}
+    return ray.data.ActorPoolStrategy(min_size=1, max_size=most, initial_size=max(1, min(start, most)), **threads)
 
 
 def decoded(split: Split, spec: DataSpec, cfg: DataConfig, shuffle_seed: int | None = None,
-            keep_ids: bool = True, actors: bool = False, start_actors: int = 1) -> ray.data.Dataset:
+            keep_ids: bool = True, actors: bool = False, start_actors: int = 1,
+            calls_per_actor: int = DECODE_CALLS_PER_ACTOR) -> ray.data.Dataset:
     """Lazy: read `split` and decode it to uint8 in Ray Data tasks; unreadable images dropped
     (data.on_bad_image=skip) or raising (fail). `actors`: an ImageFolder is read and decoded in a
-    pool of long-lived actors (`decode_actors`, `start_actors` of them from the start) instead: the
+    pool of long-lived actors (`decode_actors`, `start_actors` of them from the start, each running
+    `calls_per_actor` calls at once) instead: the
     streamed train split, decoded every epoch, where a read task's slot idles between tasks
     (benchmarks/STREAM.md)."""
     per_image = spec.channels * spec.wire_size ** 2
     decode = Decode(spec, cfg.on_bad_image, keep_ids)
     if isinstance(split, FileSplit) and actors:
         files = split.file_list(shuffle_seed, files_per_task(split.count, per_image, ACTOR_FILES))
+        pool = decode_actors(start_actors, calls_per_actor)
         ds = files.map_batches(DecodeFiles, fn_constructor_args=(split.fs, spec, cfg.on_bad_image, keep_ids),
-                               batch_format="numpy", batch_size=None, compute=decode_actors(start_actors))
+                               batch_format="numpy", batch_size=None, compute=pool)
     elif isinstance(split, FileSplit):
         # blocks of `files_per_task` files, decoded whole inside the read task: on 2 CPUs a
         # separate read operator held one of the two task slots, and the stream ran at 0.78x of
