@@ -119,7 +119,8 @@ def ray_stream_rate(folder: Path, limit_s: float, batch: int = BATCH, transform:
     training worker holds its own, and Ray Data gets the rest (`exclude_resources`, as Train's
     DataConfig sets it): the decode pool the service starts beside one worker on this node.
     `calls_per_actor`: calls each decode actor runs at once (default: as shipped,
-    `pipeline.DECODE_CALLS_PER_ACTOR`; 1 as before the twenty-fourth session)."""
+    `pipeline.DECODE_CALLS_PER_ACTOR`, in blocks of whole batches; 1 as before the twenty-fourth
+    session, with the blocks of then)."""
     import ray
     import ray.util
     import torch
@@ -136,8 +137,10 @@ def ray_stream_rate(folder: Path, limit_s: float, batch: int = BATCH, transform:
     # unless it holds some
     start = spare_cpus(1, hold_cpus) if hold_cpus else int(ray.cluster_resources()["CPU"])
     calls = calls_per_actor or pipeline.DECODE_CALLS_PER_ACTOR
+    # blocks of whole batches, as the service reads them (`trainer`: `prepare(batch_rows=...)`); the
+    # former pool (one call per actor) with the former blocks
     ds = pipeline.decoded(raw.train, spec, cfg, shuffle_seed=0, keep_ids=False, actors=True, start_actors=start,
-                          calls_per_actor=calls)
+                          calls_per_actor=calls, batch_rows=batch if calls > 1 else 0)
     if paced:
         pace_data_executor(ds.context)
     held = None
@@ -262,8 +265,8 @@ INGEST_PATHS = {
     "ray_held": "as shipped for one worker, the consuming process holding 1 of Ray's CPUs as a training worker "
                 "holds its own: the decode pool gets the other {spare} (the service's pool beside one worker on "
                 "this node)",
-    "ray_held_serial": "the same, each decode actor running one call at a time (as shipped before the "
-                       "twenty-fourth session)",
+    "ray_held_serial": "the same, each decode actor running one call at a time, blocks not aligned to "
+                       "batches (as shipped before the twenty-fourth session)",
     "loader": "torch DataLoader (num_workers={procs}, same read + Decode in its workers)",
 }
 

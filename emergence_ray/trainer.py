@@ -337,7 +337,8 @@ def _train(cfg: JobConfig, address: str | None, name: str, run_dir: str, wall_st
     # test split: after training; ids only when a test records which images each epoch saw
     prepared = prepare(cfg.data, spec=zoo.job_spec(cfg) if zoo else None, with_test=False, keep_ids=record_ids(),
                        workers=cfg.scaling.min_workers, shuffle_seed=cfg.train.seed,
-                       decode_cpus=cluster.spare_cpus(cfg.scaling.max_workers, placement.cpus_per_worker))
+                       decode_cpus=cluster.spare_cpus(cfg.scaling.max_workers, placement.cpus_per_worker),
+                       batch_rows=cfg.train.batch_size)
     log.info("data: %s  classes=%d  channels=%d  size=%d  ingest=%s  bad images skipped=%d", prepared.counts,
              prepared.spec.num_classes, prepared.spec.channels, prepared.spec.image_size,
              "cache" if prepared.cached else "stream", prepared.bad_images)

@@ -164,7 +164,7 @@ def _sweep(cfg: JobConfig, address: str | None, section: TuneSection, sweep: str
     from emergence_ray.models import pretrained  # zoo: the weights' normalization, as in trainer.train
 
     pretrained.ensure_available(cfg.model)
-    prepared = prepare(cfg.data, spec=pretrained.job_spec(cfg), keep_ids=False)
+    prepared = prepare(cfg.data, spec=pretrained.job_spec(cfg), keep_ids=False, batch_rows=cfg.train.batch_size)
     lock.acquire()  # a second driver on this sweep stops here (RunLockedError)
     check_sweep_dir(sweep_dir, sweep)  # again: it may have finished while this driver read its data
     storage.makedirs(sweep_dir)

@@ -184,6 +184,17 @@ def test_decode_pool_starts_with_the_cpus_the_trainer_leaves(ray_session, digits
     # its last batch goes to the object store
     assert pool.max_concurrent_calls_per_actor == pipeline.DECODE_CALLS_PER_ACTOR > 1
     assert pool.enable_true_multi_threading
+    assert not pipeline.decode_actors(1, calls=1).enable_true_multi_threading  # the former pool
+
+    # blocks of whole batches where that costs at most twice the bytes
+    per_image = 3 * 256 * 256
+    plain = pipeline.files_per_task(10**6, per_image, pipeline.ACTOR_FILES)
+    assert plain == min(pipeline.ACTOR_FILES, pipeline.block_bytes() // per_image)
+    for batch in (16, 64, plain // 2 + 1):
+        rows = pipeline.files_per_task(10**6, per_image, pipeline.ACTOR_FILES, batch_rows=batch)
+        assert rows % batch == 0 and plain <= rows <= 2 * plain, (batch, rows, plain)
+    assert pipeline.files_per_task(10**6, per_image, pipeline.ACTOR_FILES, batch_rows=2 * plain + 1) == plain
+    assert pipeline.files_per_task(40, per_image, pipeline.ACTOR_FILES, batch_rows=64) == 10  # 2 tasks per CPU
     assert pipeline.decode_actors().initial_size == 1
 
     cfg = DataConfig(source="imagefolder", path=str(digits_imagefolder), ingest="stream")
