@@ -15,6 +15,7 @@ before it). The median of the segments is what the tables report.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -203,6 +204,21 @@ def add_folder_options(parser) -> None:
     the results files go): the same two options of every benchmark on those JPEGs."""
     parser.add_argument("--data", type=Path, default=Path(tempfile.gettempdir()) / "er-stream-bench")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks")
+
+
+def jpeg_bench_start(script: str, doc: str, argv: list[str] | None, images: int, rounds: int):
+    """The start every benchmark on stream.py's JPEGs shares: its options (--images, --rounds,
+    `add_folder_options`) parsed, the folder of that many JPEGs made (or found), and the results'
+    command line and machine -> (args, folder, res)."""
+    from benchmarks.stream import make_folder  # stream.py imports this module
+
+    p = argparse.ArgumentParser(description=doc.split("\n")[0])
+    p.add_argument("--images", type=int, default=images)
+    p.add_argument("--rounds", type=int, default=rounds)
+    add_folder_options(p)
+    args = p.parse_args(argv)
+    folder = make_folder(args.data / f"jpeg-{args.images}", args.images)
+    return args, folder, {"command": command_line(script, p, args, ("images", "rounds")), "machine": machine_info()}
 
 
 def write_results(folder: Path, stem: str, res: dict, text: str) -> None:

@@ -12,7 +12,6 @@ the imagenet policy at 256 px (`image_size=224`), as `emergence-ray train` strea
 
 from __future__ import annotations
 
-import argparse
 import io
 import sys
 import time
@@ -24,7 +23,6 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks import common  # noqa: E402
-from benchmarks.stream import make_folder  # noqa: E402
 
 BATCH = 128  # files per decode-actor call (pipeline.ACTOR_FILES)
 
@@ -108,14 +106,8 @@ def render(res: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--images", type=int, default=1024)
-    p.add_argument("--rounds", type=int, default=5)
-    common.add_folder_options(p)
-    args = p.parse_args(argv)
-    folder = make_folder(args.data / f"jpeg-{args.images}", args.images)
-    res = {"command": common.command_line("decode.py", p, args, ("images", "rounds")),
-           "machine": common.machine_info(), "decode": measure(folder, args.images, args.rounds)}
+    args, folder, res = common.jpeg_bench_start("decode.py", __doc__, argv, images=1024, rounds=5)
+    res["decode"] = measure(folder, args.images, args.rounds)
     common.write_results(args.out, "DECODE", res, render(res))
     return 0
 

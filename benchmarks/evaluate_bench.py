@@ -14,7 +14,6 @@ time and images per second of it. Writes benchmarks/EVALUATE.md (+ EVALUATE.json
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import subprocess
@@ -26,7 +25,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks import common, predict_bench, stream  # noqa: E402
+from benchmarks import common, predict_bench  # noqa: E402
 
 VARIANTS = {"kept": ("driver keeping freed memory (the default at 224 px on a CPU)", ()),
             "glibc": ("glibc's defaults (`scaling.keep_freed_memory=false`, as before)",
@@ -68,14 +67,8 @@ def render(res: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--images", type=int, default=16000)
-    p.add_argument("--rounds", type=int, default=2)
-    common.add_folder_options(p)
-    args = p.parse_args(argv)
-    folder = stream.make_folder(args.data / f"jpeg-{args.images}", args.images)
-    res = {"command": common.command_line("evaluate_bench.py", p, args, ("images", "rounds")),
-           "machine": common.machine_info(), "images": args.images, "runs": {k: [] for k in VARIANTS}}
+    args, folder, res = common.jpeg_bench_start("evaluate_bench.py", __doc__, argv, images=16000, rounds=2)
+    res.update(images=args.images, runs={k: [] for k in VARIANTS})
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         ckpt = predict_bench.make_checkpoint(root, folder)

@@ -16,7 +16,6 @@ and benchmarks/TRANSFORM.md (command, git revision, machine).
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import subprocess
@@ -28,7 +27,6 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks import common  # noqa: E402
-from benchmarks.stream import make_folder  # noqa: E402
 
 BATCH = 64  # stream.py's and the jpeg job's batch
 CASES = {"imagenet_train": "imagenet policy, training: RandomResizedCrop 224 of 256 + flip + normalize",
@@ -166,15 +164,8 @@ def render(res: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--images", type=int, default=1024)
-    p.add_argument("--rounds", type=int, default=5)
-    common.add_folder_options(p)
-    args = p.parse_args(argv)
-    folder = make_folder(args.data / f"jpeg-{args.images}", args.images)
-    res = {"command": common.command_line("transform.py", p, args, ("images", "rounds")),
-           "machine": common.machine_info(),
-           "allocators": {a: in_subprocess(a, folder, args.images, args.rounds) for a in ALLOCATORS}}
+    args, folder, res = common.jpeg_bench_start("transform.py", __doc__, argv, images=1024, rounds=5)
+    res["allocators"] = {a: in_subprocess(a, folder, args.images, args.rounds) for a in ALLOCATORS}
     res["images"] = res["allocators"]["glibc"]["images"]  # the JPEGs the folder had, at most --images
     common.write_results(args.out, "TRANSFORM", res, render(res))
     return 0
