@@ -105,7 +105,7 @@ def _consume(batches, transform, limit_s: float) -> dict:
 
 def ray_stream_rate(folder: Path, limit_s: float, batch: int = BATCH, transform: bool = True,
                     split: bool = False, paced: bool = True, hold_cpus: int = 0,
-                    calls_per_actor: int | None = None, ray_batcher: bool = False) -> dict:
+                    calls_per_actor: int | None = None) -> dict:
     """The service's streamed train split as a training worker reads it (`ingest.WorkerIngest`,
     with the local shuffle buffer it uses for this source, `ingest.stream_shuffle_buffer`: none
     for an ImageFolder, whose per-epoch file order already shuffles every image), on the Ray this
@@ -120,9 +120,7 @@ def ray_stream_rate(folder: Path, limit_s: float, batch: int = BATCH, transform:
     DataConfig sets it): the decode pool the service starts beside one worker on this node.
     `calls_per_actor`: calls each decode actor runs at once (default: as shipped,
     `pipeline.DECODE_CALLS_PER_ACTOR`, in blocks of whole batches; 1 as before the twenty-fourth
-    session, with the blocks of then). `ray_batcher`: the worker reads batches cut by Ray Data's
-    batcher (`iter_torch_batches(batch_size=)`), as shipped before the twenty-fifth session, not
-    Ray Data's blocks whole cut by `ingest.whole_batches`."""
+    session, with the blocks of then)."""
     import ray
     import ray.util
     import torch
@@ -153,12 +151,7 @@ def ray_stream_rate(folder: Path, limit_s: float, batch: int = BATCH, transform:
     try:
         buffer = stream_shuffle_buffer(cfg.source, batch)
         source = ds.streaming_split(1, equal=True)[0] if split else ds.iterator()
-        if ray_batcher:
-            batches = ({"image": b["image"], "label": b["label"].long()}
-                       for b in source.iter_torch_batches(batch_size=batch, device=torch.device("cpu"),
-                                                          prefetch_batches=2, drop_last=False))
-        else:
-            batches = WorkerIngest(source, batch, torch.device("cpu"), shuffle=True, shuffle_buffer=buffer).epoch(0)
+        batches = WorkerIngest(source, batch, torch.device("cpu"), shuffle=True, shuffle_buffer=buffer).epoch(0)
         return _consume(batches, DeviceTransform(spec, cfg.augment, train=True) if transform else None, limit_s)
     finally:
         if held is not None:
@@ -221,8 +214,6 @@ def ingest_paths(folder: Path, procs: int, limit_s: float, batch: int = BATCH) -
             "ray_held": lambda t, s=limit_s: ray_stream_rate(folder, s, batch, transform=t, hold_cpus=1),
             "ray_held_serial": lambda t, s=limit_s: ray_stream_rate(folder, s, batch, transform=t, hold_cpus=1,
                                                                     calls_per_actor=1),
-            "ray_held_batcher": lambda t, s=limit_s: ray_stream_rate(folder, s, batch, transform=t, hold_cpus=1,
-                                                                     ray_batcher=True),
             "loader": lambda t, s=limit_s: dataloader_rate(folder, procs, s, batch=batch, transform=t)}
 
 
@@ -276,9 +267,6 @@ INGEST_PATHS = {
                 "this node)",
     "ray_held_serial": "the same, each decode actor running one call at a time, blocks not aligned to "
                        "batches (as shipped before the twenty-fourth session)",
-    "ray_held_batcher": "the service's pool beside one worker, the worker's batches cut by Ray Data's batcher "
-                        "(`iter_torch_batches(batch_size=64)`, as shipped before the twenty-fifth session), not "
-                        "its blocks whole cut by the worker",
     "loader": "torch DataLoader (num_workers={procs}, same read + Decode in its workers)",
 }
 

@@ -20,7 +20,7 @@ from emergence_ray.config import AugmentConfig, DataConfig, load_config
 from emergence_ray.data.transforms import DataSpec
 from emergence_ray.errors import ConfigError, DataError
 from emergence_ray.data.handoff import trainer_inputs, use_cache
-from emergence_ray.data.ingest import WorkerIngest, whole_batches
+from emergence_ray.data.ingest import WorkerIngest
 from emergence_ray.data.shards import BlockShards
 
 ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers need not import tests/
@@ -82,29 +82,6 @@ def _dataset(n: int) -> ray.data.Dataset:
     """n images whose pixels and label are their row number, so a batch tells which rows it holds."""
     rows = [{"image": np.full((1, 4, 4), i, np.float32), "label": i} for i in range(n)]
     return ray.data.from_items(rows, override_num_blocks=4).materialize()
-
-
-def test_whole_batches_cut_blocks_of_any_size_into_views_and_joins_only_across_blocks():
-    """A stream's blocks (a decode actor's 128 rows, a short last one, a block with a bad image
-    dropped) become batches of the worker's size in row order, the last one short; a batch inside
-    one block is a view of it, not a copy; ids (numpy strings) follow their rows."""
-    sizes, start, blocks = [128, 128, 50, 3, 70, 1], 0, []
-    for n in sizes:
-        rows = torch.arange(start, start + n)
-        blocks.append({"image": rows.view(n, 1, 1, 1).expand(n, 1, 2, 2).clone(), "label": rows,
-                       "id": np.array([f"img{i}" for i in range(start, start + n)])})
-        start += n
-    batches = list(whole_batches(iter(blocks), 64))
-    assert [len(b["label"]) for b in batches] == [64] * 5 + [60]
-    assert torch.cat([b["label"] for b in batches]).tolist() == list(range(start))
-    assert [i for b in batches for i in b["id"]] == [f"img{i}" for i in range(start)]
-    for b in batches:
-        assert torch.equal(b["image"][:, 0, 0, 0], b["label"])
-    # the first four lie inside the two 128-row blocks: views of their storage
-    for b, block in zip(batches[:4], [blocks[0], blocks[0], blocks[1], blocks[1]]):
-        assert b["image"].untyped_storage().data_ptr() == block["image"].untyped_storage().data_ptr()
-    assert list(whole_batches(iter([]), 64)) == []
-    assert [len(b["label"]) for b in whole_batches(iter(blocks[:1]), 128)] == [128]
 
 
 @pytest.mark.usefixtures("ray_session")

@@ -9,8 +9,7 @@ a run:
   from training and stalled at every epoch boundary (0.71-0.88x of in-memory training), a cached
   shard trains at in-memory speed.
 - stream: the source is `ray.train.get_dataset_shard(split)`, read with `iter_torch_batches` every
-  epoch, for shards larger than `data.cache_gb_per_worker`: its blocks whole, cut into batches here
-  (`whole_batches`), or batched by Ray Data where its local shuffle buffer mixes the rows.
+  epoch, for shards larger than `data.cache_gb_per_worker`.
 
 Either way batches arrive as uint8 and the train split is reshuffled every epoch (cache: a
 permutation of the whole shard; stream: a new seeded file order per epoch from Ray Data's read plus
@@ -151,46 +150,16 @@ class WorkerIngest:
     def _from_stream(self, gen: torch.Generator) -> Iterator[dict]:
         if not self.equal and self.rank != 0:  # an unsplit validation stream: rank 0 evaluates it all
             return
-        if self.shuffle and self.shuffle_buffer:  # rows mixed in Ray Data's buffer, then batched by it
+        shuffle = {}
+        if self.shuffle and self.shuffle_buffer:
             shuffle = {"local_shuffle_buffer_size": self.shuffle_buffer,
                        "local_shuffle_seed": int(torch.randint(0, 2**31 - 1, (1,), generator=gen))}
-            yield from self._batches(self.batch_size, shuffle)
-            return
-        yield from whole_batches(self._batches(None, {}), self.batch_size)
-
-    def _batches(self, size: int | None, shuffle: dict) -> Iterator[dict]:
-        """Ray Data's batches of `size` rows (None: its blocks whole), images uint8, on the device."""
         if not self.record:
-            for b in self.source.iter_torch_batches(batch_size=size, device=self.device, prefetch_batches=2,
-                                                   drop_last=False, **shuffle):
+            for b in self.source.iter_torch_batches(batch_size=self.batch_size, device=self.device,
+                                                   prefetch_batches=2, drop_last=False, **shuffle):
                 yield {"image": b["image"], "label": b["label"].long()}  # images stay uint8 until the transform
             return
-        for b in self.source.iter_batches(batch_size=size, batch_format="numpy", prefetch_batches=2,
+        for b in self.source.iter_batches(batch_size=self.batch_size, batch_format="numpy", prefetch_batches=2,
                                           drop_last=False, **shuffle):
             yield {"image": torch.from_numpy(b["image"]).to(self.device),
                    "label": torch.from_numpy(b["label"]).to(self.device, torch.int64), "id": b["id"]}
-
-
-def whole_batches(blocks: Iterator[dict], size: int) -> Iterator[dict]:
-    """Batches of `size` rows (the last one short) cut from a stream of blocks of any sizes: views
-    of a block where a batch lies inside it, a concatenation only where a batch straddles two. The
-    decode actors' blocks hold whole training batches (`pipeline.files_per_task`), so a streamed
-    ImageFolder's batches are all views. Ray Data's own batcher (`iter_torch_batches(batch_size=)`)
-    costs more in the worker: its blocks whole and cut here streamed 1.03x (4 rounds, 1.01-1.05) of
-    it on 2 cores, the worker's process 0.016 ms less CPU per image (benchmarks/README.md,
-    twenty-fifth session)."""
-    left: dict | None = None
-    for block in blocks:
-        if left is not None:
-            block = {k: _concat(left[k], v) for k, v in block.items()}
-        n, start = len(block["label"]), 0
-        while n - start >= size:
-            yield {k: v[start:start + size] for k, v in block.items()}
-            start += size
-        left = {k: v[start:] for k, v in block.items()} if start < n else None
-    if left is not None:
-        yield left
-
-
-def _concat(a, b):
-    return torch.cat([a, b]) if isinstance(a, torch.Tensor) else np.concatenate([a, b])
