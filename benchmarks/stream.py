@@ -105,7 +105,7 @@ def _consume(batches, transform, limit_s: float) -> dict:
 
 def ray_stream_rate(folder: Path, limit_s: float, batch: int = BATCH, transform: bool = True,
                     split: bool = False, paced: bool = True, hold_cpus: int = 0,
-                    calls_per_actor: int | None = None, frozen: bool = True) -> dict:
+                    calls_per_actor: int | None = None) -> dict:
     """The service's streamed train split as a training worker reads it (`ingest.WorkerIngest`,
     with the local shuffle buffer it uses for this source, `ingest.stream_shuffle_buffer`: none
     for an ImageFolder, whose per-epoch file order already shuffles every image), on the Ray this
@@ -120,12 +120,7 @@ def ray_stream_rate(folder: Path, limit_s: float, batch: int = BATCH, transform:
     DataConfig sets it): the decode pool the service starts beside one worker on this node.
     `calls_per_actor`: calls each decode actor runs at once (default: as shipped,
     `pipeline.DECODE_CALLS_PER_ACTOR`, in blocks of whole batches; 1 as before the twenty-fourth
-    session, with the blocks of then). `frozen`: this process's objects are frozen out of
-    Python's garbage collector before the pass, as a training worker's are before its loop
-    (`gcfreeze`); False: as before the twenty-fifth session (the decode actors freeze theirs
-    either way)."""
-    import gc
-
+    session, with the blocks of then)."""
     import ray
     import ray.util
     import torch
@@ -135,14 +130,9 @@ def ray_stream_rate(folder: Path, limit_s: float, batch: int = BATCH, transform:
     from emergence_ray.data.augment import DeviceTransform
     from emergence_ray.data.ingest import WorkerIngest, stream_shuffle_buffer
     from emergence_ray.data.pacing import pace_data_executor
-    from emergence_ray.gcfreeze import freeze_startup_objects
 
     cfg = _data_cfg(folder)
     raw, spec = _listed(folder)
-    if frozen:
-        freeze_startup_objects()
-    else:
-        gc.unfreeze()
     # the pool starts with one actor per CPU that the consumer leaves (`cluster.spare_cpus`): every CPU
     # unless it holds some
     start = spare_cpus(1, hold_cpus) if hold_cpus else int(ray.cluster_resources()["CPU"])
@@ -197,10 +187,7 @@ class _DecodeCollate:
 
 def dataloader_rate(folder: Path, procs: int, limit_s: float, spec=None, batch: int = BATCH,
                     transform: bool = True) -> dict:
-    """torch DataLoader, `procs` worker processes, the same files, decode and device transform; this
-    process's objects not frozen out of Python's garbage collector, as in a plain script."""
-    import gc
-
+    """torch DataLoader, `procs` worker processes, the same files, decode and device transform."""
     import torch
     from torch.utils.data import DataLoader
 
@@ -209,7 +196,6 @@ def dataloader_rate(folder: Path, procs: int, limit_s: float, spec=None, batch: 
     cfg = _data_cfg(folder)
     raw, resolved = _listed(folder)
     spec = spec or resolved
-    gc.unfreeze()
     split = raw.train
     names = {c: i for i, c in enumerate(split.classes)}
     labels = [names[p[len(split.root.rstrip("/")) + 1:].split("/", 1)[0]] for p in split.paths]
@@ -228,8 +214,6 @@ def ingest_paths(folder: Path, procs: int, limit_s: float, batch: int = BATCH) -
             "ray_held": lambda t, s=limit_s: ray_stream_rate(folder, s, batch, transform=t, hold_cpus=1),
             "ray_held_serial": lambda t, s=limit_s: ray_stream_rate(folder, s, batch, transform=t, hold_cpus=1,
                                                                     calls_per_actor=1),
-            "ray_held_unfrozen": lambda t, s=limit_s: ray_stream_rate(folder, s, batch, transform=t, hold_cpus=1,
-                                                                      frozen=False),
             "loader": lambda t, s=limit_s: dataloader_rate(folder, procs, s, batch=batch, transform=t)}
 
 
@@ -283,8 +267,6 @@ INGEST_PATHS = {
                 "this node)",
     "ray_held_serial": "the same, each decode actor running one call at a time, blocks not aligned to "
                        "batches (as shipped before the twenty-fourth session)",
-    "ray_held_unfrozen": "the service's pool beside one worker, the consuming process's objects not frozen out of "
-                         "Python's garbage collector (as before the twenty-fifth session; the decode actors' frozen)",
     "loader": "torch DataLoader (num_workers={procs}, same read + Decode in its workers)",
 }
 

@@ -36,7 +36,6 @@ from emergence_ray.data.sources import SOURCES, ParquetSplit, filesystem
 from emergence_ray.data.transforms import IMAGE_EXTENSIONS, DataSpec, Decode, keep_ok
 from emergence_ray.errors import CheckpointError, DataError, RunExistsError, UserError
 from emergence_ray.evaluate import job_for
-from emergence_ray.gcfreeze import freeze_if_actor
 from emergence_ray.report import build_report, model_from_state, write_report
 
 log = logging.getLogger("emergence_ray")
@@ -45,8 +44,7 @@ TOP_K = 5
 
 
 class Predictor:
-    """Ray Data actor: loads the checkpoint once, then labels batches. Its start-up objects (the
-    model included) are frozen out of Python's garbage collector (`gcfreeze`)."""
+    """Ray Data actor: loads the checkpoint once, then labels batches."""
 
     def __init__(self, ckpt_dir: str, top_k: int, use_gpu: bool):
         state = checkpoint.load(ckpt_dir)
@@ -56,7 +54,6 @@ class Predictor:
         self.k = min(top_k, self.spec.num_classes)
         self.names = np.array(self.spec.class_names, dtype=object)
         self.to_model = DeviceTransform(self.spec)
-        freeze_if_actor()
 
     @torch.no_grad()
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

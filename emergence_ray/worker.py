@@ -24,7 +24,6 @@ import torch
 import torch.distributed as dist
 
 from emergence_ray import checkpoint, recipe, storage
-from emergence_ray.gcfreeze import freeze_startup_objects
 from emergence_ray.data.augment import DeviceTransform
 from emergence_ray.config import JobConfig
 from emergence_ray.data.transforms import DataSpec
@@ -57,9 +56,7 @@ def _seed_everything(seed: int) -> None:
 
 def _record_workers(run_dir: str, rank: int, device: torch.device) -> None:
     """Rank 0 writes where every rank runs (node, pid, device, process group backend, nice value,
-    glibc's `MALLOC_*` settings: `cluster.TRAIN_WORKER_MALLOC`, the objects frozen out of Python's
-    garbage collector: `gcfreeze`) to workers.json, for operators."""
-    import gc
+    glibc's `MALLOC_*` settings: `cluster.TRAIN_WORKER_MALLOC`) to workers.json, for operators."""
     import os
     import socket
 
@@ -67,8 +64,7 @@ def _record_workers(run_dir: str, rank: int, device: torch.device) -> None:
           "pid": os.getpid(), "device": str(device),
           "backend": dist.get_backend() if dist.is_initialized() else None,
           "nice": os.getpriority(os.PRIO_PROCESS, 0),
-          "malloc": {k: v for k, v in sorted(os.environ.items()) if k.startswith("MALLOC_")},
-          "gc_frozen": gc.get_freeze_count()}
+          "malloc": {k: v for k, v in sorted(os.environ.items()) if k.startswith("MALLOC_")}}
     everyone = [None] * (dist.get_world_size() if dist.is_initialized() else 1)
     if dist.is_initialized():
         dist.all_gather_object(everyone, me)
@@ -144,8 +140,6 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> list[dict]:
             log.info("%s from epoch %d (checkpoint %s)", "continuing a better trial" if exploit else "resuming",
                      start_epoch, resumed.path)
 
-    # set up for the rest of the run: a full collection Ray asks for skips all of it (`gcfreeze`)
-    freeze_startup_objects()
     _record_workers(run_dir, rank, device)
     bs, world = cfg.train.batch_size, ctx.get_world_size()
     record = loop_config.get("record_ids")

@@ -499,9 +499,9 @@ def test_stream_bench_measures_every_path_on_real_jpegs_and_renders_them(ray_ses
     train_images = pipeline.load_raw(stream._data_cfg(folder)).train.count  # 5% validation, 5% test held out
     assert 100 <= train_images < 120
     measure = stream.ingest_paths(folder, procs=1, limit_s=20, batch=16)
-    # the same code as ray_split unpaced, as ray with 1 CPU held, with one call per decode actor,
-    # and unfrozen: checked in one pass below
-    del measure["ray_unpaced"], measure["ray_held"], measure["ray_held_serial"], measure["ray_held_unfrozen"]
+    # the same code as ray_split unpaced, as ray with 1 CPU held, and with one call per decode
+    # actor: checked in one pass below
+    del measure["ray_unpaced"], measure["ray_held"], measure["ray_held_serial"]
     res = {"command": "python benchmarks/stream.py --decode-repeats 1", "machine": common.machine_info(),
            "first_step": {}, "ingest": stream.ingest_rounds(measure, 1, True, 120, 1, warmup=False),
            "decode_only": stream.ingest_rounds(measure, 1, False, 120, 1, warmup=False)}
@@ -516,7 +516,7 @@ def test_stream_bench_measures_every_path_on_real_jpegs_and_renders_them(ray_ses
 
     before = set(ray.util.placement_group_table())
     one = stream.ray_stream_rate(folder, limit_s=20, batch=16, transform=False, split=True, paced=False,
-                                 hold_cpus=1, calls_per_actor=1, frozen=False)
+                                 hold_cpus=1, calls_per_actor=1)
     assert one["images"] == train_images - 16  # all but the first batch, each image once
     held = {k: v for k, v in ray.util.placement_group_table().items() if k not in before}
     assert [v["bundles"] for v in held.values()] == [{0: {"CPU": 1.0}}]  # one CPU held for the pass,

@@ -350,38 +350,6 @@ def test_decode_files_names_an_unreadable_file_or_skips_it(tmp_path):
     assert out["ok"].tolist() == [True, False] and out["image"][0].mean() == 200
 
 
-def test_decode_actors_freeze_their_startup_objects_and_direct_callers_do_not(ray_session):
-    """`DecodeFiles` in a Ray actor (as Ray Data's decode pool runs it) freezes the actor's objects
-    out of Python's garbage collector (`gcfreeze`), so that the full collections Ray asks for
-    while a stream fills the object store are short; constructed in any other process (a script,
-    this test) it leaves that process's collector alone."""
-    import gc
-
-    import pyarrow.fs as pafs
-    import ray
-
-    from emergence_ray.data.transforms import DataSpec, DecodeFiles
-
-    spec = DataSpec(channels=1, image_size=8, class_names=["a"], mean=[0.5], std=[0.2])
-    before = gc.get_freeze_count()
-    DecodeFiles(pafs.LocalFileSystem(), spec)
-    assert gc.get_freeze_count() == before
-
-    @ray.remote(num_cpus=0)
-    class Decoder:
-        def __init__(self):
-            self.files = DecodeFiles(pafs.LocalFileSystem(), spec)
-
-        def frozen(self) -> int:
-            return gc.get_freeze_count()
-
-    actor = Decoder.remote()
-    try:
-        assert ray.get(actor.frozen.remote()) > 10_000
-    finally:
-        ray.kill(actor)
-
-
 def test_decode_files_called_from_threads_decodes_one_batch_at_a_time(tmp_path):
     """A decode actor runs several calls at once (`pipeline.decode_actors`): each call's output is
     its own batch's, and no two batches decode at the same time (one CPU per actor, as Ray

@@ -54,8 +54,6 @@ def test_readme_main_job_on_embedded_ray(tmp_path):
     # 8 px digits: glibc's allocator as it comes (scaling.keep_freed_memory=null turns it on for
     # large images only; tests/test_streaming.py turns it on)
     assert [w["malloc"] for w in workers] == [{}, {}], workers
-    # set up, each worker froze its objects out of Python's garbage collector (`gcfreeze`)
-    assert all(w["gc_frozen"] > 10_000 for w in workers), workers
 
 
 def test_digits_imagefolder_cached_reaches_93_percent(imagefolder_run):

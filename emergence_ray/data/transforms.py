@@ -15,7 +15,6 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from emergence_ray.errors import DataError
-from emergence_ray.gcfreeze import freeze_if_actor
 
 log = logging.getLogger("emergence_ray")
 
@@ -179,14 +178,11 @@ class DecodeFiles:
     Safe to call from several threads (`pipeline.decode_actors` runs a few calls at once): files
     are read concurrently, but one batch is decoded at a time, so an actor decodes on one CPU, as
     Ray accounts for it, while its other calls read files or hand their output to the object
-    store. The actor's start-up objects are frozen out of Python's garbage collector
-    (`gcfreeze`): a stream fills the object store, and Ray then has every process on the node
-    collect in full, which stalls the actor's decode for as long as the collection takes."""
+    store."""
 
     def __init__(self, fs, spec: DataSpec, on_bad_image: str = "fail", keep_ids: bool = True):
         self.fs, self.decode = fs, Decode(spec, on_bad_image, keep_ids)
         self.decoding = threading.Lock()
-        freeze_if_actor()
 
     def read(self, path: str) -> bytes:
         try:
