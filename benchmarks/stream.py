@@ -105,7 +105,7 @@ def _consume(batches, transform, limit_s: float) -> dict:
 
 def ray_stream_rate(folder: Path, limit_s: float, batch: int = BATCH, transform: bool = True,
                     split: bool = False, paced: bool = True, hold_cpus: int = 0,
-                    calls_per_actor: int | None = None) -> dict:
+                    calls_per_actor: int | None = None, niced: bool = True) -> dict:
     """The service's streamed train split as a training worker reads it (`ingest.WorkerIngest`,
     with the local shuffle buffer it uses for this source, `ingest.stream_shuffle_buffer`: none
     for an ImageFolder, whose per-epoch file order already shuffles every image), on the Ray this
@@ -120,7 +120,8 @@ def ray_stream_rate(folder: Path, limit_s: float, batch: int = BATCH, transform:
     DataConfig sets it): the decode pool the service starts beside one worker on this node.
     `calls_per_actor`: calls each decode actor runs at once (default: as shipped,
     `pipeline.DECODE_CALLS_PER_ACTOR`, in blocks of whole batches; 1 as before the twenty-fourth
-    session, with the blocks of then)."""
+    session, with the blocks of then). `niced`: the decode actors' threads at `data.decode_niceness`,
+    as shipped; False: at the consumer's nice value, as before the twenty-sixth session."""
     import ray
     import ray.util
     import torch
@@ -132,6 +133,8 @@ def ray_stream_rate(folder: Path, limit_s: float, batch: int = BATCH, transform:
     from emergence_ray.data.pacing import pace_data_executor
 
     cfg = _data_cfg(folder)
+    if not niced:
+        cfg = cfg.model_copy(update={"decode_niceness": None})
     raw, spec = _listed(folder)
     # the pool starts with one actor per CPU that the consumer leaves (`cluster.spare_cpus`): every CPU
     # unless it holds some
@@ -214,6 +217,8 @@ def ingest_paths(folder: Path, procs: int, limit_s: float, batch: int = BATCH) -
             "ray_held": lambda t, s=limit_s: ray_stream_rate(folder, s, batch, transform=t, hold_cpus=1),
             "ray_held_serial": lambda t, s=limit_s: ray_stream_rate(folder, s, batch, transform=t, hold_cpus=1,
                                                                     calls_per_actor=1),
+            "ray_held_unniced": lambda t, s=limit_s: ray_stream_rate(folder, s, batch, transform=t, hold_cpus=1,
+                                                                     niced=False),
             "loader": lambda t, s=limit_s: dataloader_rate(folder, procs, s, batch=batch, transform=t)}
 
 
@@ -267,6 +272,8 @@ INGEST_PATHS = {
                 "this node)",
     "ray_held_serial": "the same, each decode actor running one call at a time, blocks not aligned to "
                        "batches (as shipped before the twenty-fourth session)",
+    "ray_held_unniced": "the service's pool beside one worker, its decode actors' threads at the consumer's nice "
+                        "value (as shipped before the twenty-sixth session; now at data.decode_niceness, below it)",
     "loader": "torch DataLoader (num_workers={procs}, same read + Decode in its workers)",
 }
 

@@ -11,12 +11,17 @@ Lowering a nice value needs root or CAP_SYS_NICE (or a RLIMIT_NICE that allows i
 that the process stays where Ray put it and rank 0 warns once; the nodes can start their workers
 at 0 instead (RAY_worker_niceness=0), as the shipped cluster configs, the dev cluster and the
 CLI's embedded Ray do. benchmarks/niceness.py measures the three settings side by side.
+
+Ray Data's decode actors go the other way (`yield_this_thread`, `data.decode_niceness`): their
+threads run below the training worker beside them, so that a worker never waits in the run queue
+behind a decode that is ahead of it, while the decode still takes every cycle the worker leaves.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import threading
 
 log = logging.getLogger("emergence_ray")
 
@@ -40,6 +45,19 @@ def set_niceness(target: int) -> int:
         except PermissionError:
             break
     return os.getpriority(os.PRIO_PROCESS, 0)
+
+
+def yield_this_thread(target: int) -> int:
+    """Raise the calling thread's nice value to `target` (never lower it: that needs privileges, and
+    a thread Ray started at 15 already yields); return its nice value afterwards. Linux names a
+    thread by its native id here; elsewhere this changes nothing."""
+    tid = threading.get_native_id()
+    try:
+        if os.getpriority(os.PRIO_PROCESS, tid) < target:
+            os.setpriority(os.PRIO_PROCESS, tid, target)
+        return os.getpriority(os.PRIO_PROCESS, tid)
+    except OSError:  # no such process on this OS (a thread id is not a pid outside Linux)
+        return os.getpriority(os.PRIO_PROCESS, 0)
 
 
 def apply_worker_niceness(target: int | None, rank: int) -> None:

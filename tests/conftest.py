@@ -115,6 +115,13 @@ def actor_classes() -> dict[str, str]:
     return {a["ActorID"]: a["ActorClassName"] for a in ray._private.state.actors().values()}
 
 
+def actor_pids() -> dict[str, int]:
+    """Process id of every actor the session's Ray has known (alive or dead), by actor id."""
+    import ray
+
+    return {a["ActorID"]: a["Pid"] for a in ray._private.state.actors().values()}
+
+
 def write_idx(path: Path, array: np.ndarray, gz: bool) -> None:
     header = struct.pack(">BBBB", 0, 0, 0x08, array.ndim) + struct.pack(f">{array.ndim}I", *array.shape)
     data = header + array.astype(np.uint8).tobytes()

@@ -389,3 +389,45 @@ def test_decode_files_called_from_threads_decodes_one_batch_at_a_time(tmp_path):
     for batch, out in zip(batches, outs):
         assert out["label"].tolist() == batch["label"].tolist()
         assert [int(img.mean()) for img in out["image"]] == [int(lbl) * 10 for lbl in batch["label"]]
+
+
+def test_decode_files_threads_yield_to_the_training_worker(tmp_path):
+    """`data.decode_niceness`: every thread that runs a `DecodeFiles` call moves itself to that nice
+    value, never below the one it has (lowering it needs privileges), and no other thread moves."""
+    import os
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    import pyarrow.fs as pafs
+
+    from emergence_ray.data.transforms import DataSpec, DecodeFiles
+    from emergence_ray.priority import yield_this_thread
+
+    def nice() -> int:
+        return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+
+    mine = nice()
+    p = tmp_path / "a.png"
+    p.write_bytes(png_bytes(np.full((8, 8), 9, np.uint8)))
+    spec = DataSpec(channels=1, image_size=8, class_names=["a"], mean=[0.5], std=[0.2])
+    target = min(19, mine + 4)
+    files = DecodeFiles(pafs.LocalFileSystem(), spec, keep_ids=False, nice=target)
+    batch = {"id": np.array([str(p)], dtype=object), "label": np.array([0])}
+
+    def call(_):
+        before = nice()
+        files(batch)
+        return before, nice(), threading.get_native_id()
+
+    with ThreadPoolExecutor(3) as pool:
+        seen = list(pool.map(call, range(12)))
+    assert {(after, before == mine or before == target) for before, after, _ in seen} == {(target, True)}
+    assert len({tid for _, _, tid in seen}) > 1  # several threads, each moved on its first call
+    assert nice() == mine  # the caller's own thread stays
+
+    def lower():  # a thread already below the target stays where it is
+        yield_this_thread(min(19, mine + 6))
+        return yield_this_thread(target)
+
+    with ThreadPoolExecutor(1) as pool:
+        assert pool.submit(lower).result() == min(19, mine + 6)

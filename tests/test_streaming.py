@@ -168,7 +168,7 @@ def test_decode_pool_starts_with_the_cpus_the_trainer_leaves(ray_session, digits
     import threading
     import time
 
-    from conftest import actor_classes
+    from conftest import actor_classes, actor_pids
     from emergence_ray.cluster import spare_cpus
     from emergence_ray.config import DataConfig
     from emergence_ray.data import pipeline
@@ -205,6 +205,9 @@ def test_decode_pool_starts_with_the_cpus_the_trainer_leaves(ray_session, digits
     def decoders() -> list[str]:
         return [cls for actor_id, cls in actor_classes().items() if actor_id not in before and "DecodeFiles" in cls]
 
+    # decode_niceness above Ray's default worker nice value (15), so that it shows however the session's
+    # Ray started its workers
+    cfg = cfg.model_copy(update={"decode_niceness": 17})
     train = pipeline.decoded(raw.train, spec, cfg, shuffle_seed=0, actors=True, start_actors=2)
     batches = iter(train.iterator().iter_batches(batch_size=16))
     first = threading.Thread(target=next, args=(batches,))
@@ -215,6 +218,16 @@ def test_decode_pool_starts_with_the_cpus_the_trainer_leaves(ray_session, digits
     time.sleep(0.2)  # far less than an actor's start-up (~1 s), after which the autoscaler would add one
     assert len(decoders()) == 2, decoders()
     first.join()
+    # the threads that ran decode calls yield to the training worker (`data.decode_niceness`); the
+    # actor's own threads (Ray's) keep the nice value Ray started it with
+    classes = actor_classes()
+    pids = [pid for actor_id, pid in actor_pids().items()
+            if actor_id not in before and "DecodeFiles" in classes[actor_id]]
+    assert len(pids) == 2, pids
+    nices = {pid: [int(Path(f"/proc/{pid}/task/{t}/stat").read_text().rsplit(")", 1)[1].split()[16])
+                   for t in os.listdir(f"/proc/{pid}/task")] for pid in pids}
+    # one of them has decoded the first batch by now: its calls' threads moved, its others did not
+    assert any(17 in n and min(n) < 17 for n in nices.values()), nices
     assert 16 + sum(len(b["label"]) for b in batches) == raw.train.count
 
 

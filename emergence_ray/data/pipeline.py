@@ -147,13 +147,15 @@ def decoded(split: Split, spec: DataSpec, cfg: DataConfig, shuffle_seed: int | N
     pool of long-lived actors (`decode_actors`, `start_actors` of them from the start, each running
     `calls_per_actor` calls at once, in blocks of whole batches of `batch_rows` where that fits,
     `files_per_task`) instead: the streamed train split, decoded every epoch, where a read task's
-    slot idles between tasks (benchmarks/STREAM.md)."""
+    slot idles between tasks (benchmarks/STREAM.md). Only those actors' threads move to
+    `data.decode_niceness`: a read task's worker process goes on to run other tasks."""
     per_image = spec.channels * spec.wire_size ** 2
     decode = Decode(spec, cfg.on_bad_image, keep_ids)
     if isinstance(split, FileSplit) and actors:
         files = split.file_list(shuffle_seed, files_per_task(split.count, per_image, ACTOR_FILES, batch_rows))
         pool = decode_actors(start_actors, calls_per_actor)
-        ds = files.map_batches(DecodeFiles, fn_constructor_args=(split.fs, spec, cfg.on_bad_image, keep_ids),
+        ds = files.map_batches(DecodeFiles, fn_constructor_args=(split.fs, spec, cfg.on_bad_image, keep_ids,
+                                                                    cfg.decode_niceness),
                                batch_format="numpy", batch_size=None, compute=pool)
     elif isinstance(split, FileSplit):
         # blocks of `files_per_task` files, decoded whole inside the read task: on 2 CPUs a

@@ -15,6 +15,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from emergence_ray.errors import DataError
+from emergence_ray.priority import yield_this_thread
 
 log = logging.getLogger("emergence_ray")
 
@@ -178,11 +179,17 @@ class DecodeFiles:
     Safe to call from several threads (`pipeline.decode_actors` runs a few calls at once): files
     are read concurrently, but one batch is decoded at a time, so an actor decodes on one CPU, as
     Ray accounts for it, while its other calls read files or hand their output to the object
-    store."""
+    store.
 
-    def __init__(self, fs, spec: DataSpec, on_bad_image: str = "fail", keep_ids: bool = True):
+    `nice`: each calling thread first moves itself to this nice value (`data.decode_niceness`),
+    below the training worker it feeds (`priority.yield_this_thread`). The actor's process is
+    its own, so nothing else runs on those threads."""
+
+    def __init__(self, fs, spec: DataSpec, on_bad_image: str = "fail", keep_ids: bool = True,
+                 nice: int | None = None):
         self.fs, self.decode = fs, Decode(spec, on_bad_image, keep_ids)
         self.decoding = threading.Lock()
+        self.nice, self.niced = nice, threading.local()
 
     def read(self, path: str) -> bytes:
         try:
@@ -197,6 +204,9 @@ class DecodeFiles:
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         ids = batch["id"]
         images = np.empty(len(ids), dtype=object)
+        if self.nice is not None and not getattr(self.niced, "done", False):
+            yield_this_thread(self.nice)
+            self.niced.done = True
         images[:] = [self.read(str(p)) for p in ids]
         with self.decoding:
             return self.decode({"image": images, "label": batch["label"], "id": ids})
