@@ -212,6 +212,9 @@ def ingest_paths(folder: Path, procs: int, limit_s: float, batch: int = BATCH) -
     """The compared paths by name: each a function of (`transform`[, seconds]) -> one pass's figures."""
     return {"ray": lambda t, s=limit_s: ray_stream_rate(folder, s, batch, transform=t),
             "ray_split": lambda t, s=limit_s: ray_stream_rate(folder, s, batch, transform=t, split=True),
+            "ray_unniced": lambda t, s=limit_s: ray_stream_rate(folder, s, batch, transform=t, niced=False),
+            "ray_split_unniced": lambda t, s=limit_s: ray_stream_rate(folder, s, batch, transform=t, split=True,
+                                                                      niced=False),
             "ray_unpaced": lambda t, s=limit_s: ray_stream_rate(folder, s, batch, transform=t, split=True,
                                                                 paced=False),
             "ray_held": lambda t, s=limit_s: ray_stream_rate(folder, s, batch, transform=t, hold_cpus=1),
@@ -266,6 +269,9 @@ INGEST_PATHS = {
            "the whole dataset read by the worker; Ray Data's scheduling loop a thread of the worker, paced",
     "ray_split": "the same through streaming_split, as shipped for each of several workers (the scheduling loop "
                  "in Ray Data's split coordinator actor, paced)",
+    "ray_unniced": "Ray Data stream for one worker, its decode actors' threads at the consumer's nice value "
+                   "(as shipped before the twenty-sixth session; now at data.decode_niceness, below it)",
+    "ray_split_unniced": "the same through streaming_split, the decode actors' threads at the consumer's nice value",
     "ray_unpaced": "the same through streaming_split, the scheduling loop unpaced (as shipped before)",
     "ray_held": "as shipped for one worker, the consuming process holding 1 of Ray's CPUs as a training worker "
                 "holds its own: the decode pool gets the other {spare} (the service's pool beside one worker on "

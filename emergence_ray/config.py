@@ -91,9 +91,10 @@ class DataConfig(_Section):
                             "Ray Data nothing); stream: Ray Data reads, decodes and streams it every epoch, "
                             "nothing materialized (any size); auto: cache when it fits")
     decode_niceness: int | None = Field(
-        10, ge=0, le=19, description="nice value of the streamed ImageFolder's decode actors' threads: below the "
-                                     "training workers (scaling.worker_niceness), so a worker never waits for a CPU "
-                                     "behind a decode that is ahead of it; null keeps Ray's")
+        15, ge=0, le=19, description="nice value of the streamed ImageFolder's decode actors' threads (Ray's own "
+                                     "for its workers): below the training workers (scaling.worker_niceness), so a "
+                                     "worker never waits for a CPU behind a decode that is ahead of it; null keeps "
+                                     "the nice value Ray started them with")
     cache_gb_per_worker: float = Field(4.0, gt=0, le=4096, description="auto caches when a worker's train + val shard, "
                                                                "as decoded uint8 images, is at most this many GiB")
 
