@@ -318,6 +318,13 @@ def _render_ingest(r: dict, key: str, earlier: dict | None) -> list[str]:
         lines += ["", f"The service's pool on this node / DataLoader: {r['ratio']['ray_held']:.2f} (medians); "
                   f"within each round {common.median(pairs):.2f} (median), {min(pairs):.2f} to {max(pairs):.2f}, "
                   f"at or above 1.0 in {sum(x >= 1.0 for x in pairs)} of {len(pairs)} rounds."]
+    niced = [(k, f"{k}_unniced") for k in ("ray", "ray_split", "ray_held")
+             if f"{k}_unniced" in r["runs"] and k in r["runs"]]
+    if niced:
+        lines += ["", "Decode actors below the consumer (`data.decode_niceness`) / at its nice value, within each "
+                  "round: " + "; ".join(f"`{a}` " + ", ".join(f"{x / max(1e-9, y):.2f}" for x, y in
+                                                  zip(r["runs"][a]["images_per_s"], r["runs"][b]["images_per_s"]))
+                              for a, b in niced) + "."]
     return lines + [""]
 
 

@@ -499,9 +499,10 @@ def test_stream_bench_measures_every_path_on_real_jpegs_and_renders_them(ray_ses
     train_images = pipeline.load_raw(stream._data_cfg(folder)).train.count  # 5% validation, 5% test held out
     assert 100 <= train_images < 120
     measure = stream.ingest_paths(folder, procs=1, limit_s=20, batch=16)
-    # the same code as ray_split unpaced, as ray with 1 CPU held, and with one call per decode
-    # actor: checked in one pass below
-    del measure["ray_unpaced"], measure["ray_held"], measure["ray_held_serial"]
+    # the same code as ray_split unpaced, as ray with 1 CPU held, with one call per decode actor
+    # and with the decode actors at the consumer's nice value: checked in one pass below
+    for k in ("ray_unpaced", "ray_held", "ray_held_serial", "ray_unniced", "ray_split_unniced", "ray_held_unniced"):
+        del measure[k]
     res = {"command": "python benchmarks/stream.py --decode-repeats 1", "machine": common.machine_info(),
            "first_step": {}, "ingest": stream.ingest_rounds(measure, 1, True, 120, 1, warmup=False),
            "decode_only": stream.ingest_rounds(measure, 1, False, 120, 1, warmup=False)}
@@ -516,7 +517,7 @@ def test_stream_bench_measures_every_path_on_real_jpegs_and_renders_them(ray_ses
 
     before = set(ray.util.placement_group_table())
     one = stream.ray_stream_rate(folder, limit_s=20, batch=16, transform=False, split=True, paced=False,
-                                 hold_cpus=1, calls_per_actor=1)
+                                 hold_cpus=1, calls_per_actor=1, niced=False)
     assert one["images"] == train_images - 16  # all but the first batch, each image once
     held = {k: v for k, v in ray.util.placement_group_table().items() if k not in before}
     assert [v["bundles"] for v in held.values()] == [{0: {"CPU": 1.0}}]  # one CPU held for the pass,
@@ -538,6 +539,12 @@ def test_stream_bench_measures_every_path_on_real_jpegs_and_renders_them(ray_ses
     assert "holding 1 of Ray's CPUs as a training worker holds its own: the decode pool gets the other 1" in text
     assert (f"The service's pool on this node / DataLoader: {ratio:.2f} (medians); within each round {pair:.2f} "
             f"(median), {pair:.2f} to {pair:.2f}, at or above 1.0 in {int(pair >= 1.0)} of 1 rounds.") in text
+    ing["runs"]["ray_unniced"] = {k: [2 * x for x in v] for k, v in ing["runs"]["ray"].items()}
+    ing["ratio"]["ray_unniced"], ing["pair_ratios"]["ray_unniced"] = 2 * ratio, [2 * pair]
+    text = stream.render(res)
+    assert "| Ray Data stream for one worker, its decode actors' threads at the consumer's nice value" in text
+    assert ("Decode actors below the consumer (`data.decode_niceness`) / at its nice value, within each round: "
+            "`ray` 0.50.") in text
     res["ingest_from"] = {"command": "python benchmarks/stream.py --skip-first-step", "git_revision": "abc1234",
                           "date": "2026-12-05"}
     assert ("From an earlier run: `python benchmarks/stream.py --skip-first-step` at git "
