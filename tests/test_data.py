@@ -414,15 +414,18 @@ def test_decode_files_threads_yield_to_the_training_worker(tmp_path):
     files = DecodeFiles(pafs.LocalFileSystem(), spec, keep_ids=False, nice=target)
     batch = {"id": np.array([str(p)], dtype=object), "label": np.array([0])}
 
+    together = threading.Barrier(3)  # three calls at once: three threads of the pool
+
     def call(_):
         before = nice()
         files(batch)
+        together.wait(timeout=30)
         return before, nice(), threading.get_native_id()
 
     with ThreadPoolExecutor(3) as pool:
         seen = list(pool.map(call, range(12)))
     assert {(after, before == mine or before == target) for before, after, _ in seen} == {(target, True)}
-    assert len({tid for _, _, tid in seen}) > 1  # several threads, each moved on its first call
+    assert len({tid for _, _, tid in seen}) == 3  # each thread moved on its first call
     assert nice() == mine  # the caller's own thread stays
 
     def lower():  # a thread already below the target stays where it is

@@ -208,6 +208,26 @@ def test_decode_pool_starts_with_the_cpus_the_trainer_leaves(ray_session, digits
     # decode_niceness above Ray's default worker nice value (15), so that it shows however the session's
     # Ray started its workers
     cfg = cfg.model_copy(update={"decode_niceness": 17})
+    seen: dict[int, set[int]] = {}  # decode actor's pid -> nice values of its threads, sampled from /proc
+    done = threading.Event()
+
+    def watch() -> None:  # the actors may be gone once their last call ends: sample them while they run
+        pids: list[int] = []
+        while not done.is_set():
+            if len(pids) < 2:
+                classes = actor_classes()
+                pids = [pid for actor_id, pid in actor_pids().items()
+                        if pid and actor_id not in before and "DecodeFiles" in classes.get(actor_id, "")]
+            for pid in pids:
+                with contextlib.suppress(OSError):  # the actor or one of its threads ended meanwhile
+                    for t in os.listdir(f"/proc/{pid}/task"):
+                        with contextlib.suppress(OSError):
+                            stat = Path(f"/proc/{pid}/task/{t}/stat").read_text()
+                            seen.setdefault(pid, set()).add(int(stat.rsplit(")", 1)[1].split()[16]))
+            time.sleep(0.001)
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
     train = pipeline.decoded(raw.train, spec, cfg, shuffle_seed=0, actors=True, start_actors=2)
     batches = iter(train.iterator().iter_batches(batch_size=16))
     first = threading.Thread(target=next, args=(batches,))
@@ -218,17 +238,12 @@ def test_decode_pool_starts_with_the_cpus_the_trainer_leaves(ray_session, digits
     time.sleep(0.2)  # far less than an actor's start-up (~1 s), after which the autoscaler would add one
     assert len(decoders()) == 2, decoders()
     first.join()
-    # the threads that ran decode calls yield to the training worker (`data.decode_niceness`); the
-    # actor's own threads (Ray's) keep the nice value Ray started it with
-    classes = actor_classes()
-    pids = [pid for actor_id, pid in actor_pids().items()
-            if actor_id not in before and "DecodeFiles" in classes[actor_id]]
-    assert len(pids) == 2, pids
-    nices = {pid: [int(Path(f"/proc/{pid}/task/{t}/stat").read_text().rsplit(")", 1)[1].split()[16])
-                   for t in os.listdir(f"/proc/{pid}/task")] for pid in pids}
-    # one of them has decoded the first batch by now: its calls' threads moved, its others did not
-    assert any(17 in n and min(n) < 17 for n in nices.values()), nices
     assert 16 + sum(len(b["label"]) for b in batches) == raw.train.count
+    done.set()
+    watcher.join()
+    # the threads that ran decode calls yield to the training worker (`data.decode_niceness`); the
+    # actors' own threads (Ray's) keep the nice value Ray started them with
+    assert any(17 in n and min(n) < 17 for n in seen.values()), {pid: sorted(n) for pid, n in seen.items()}
 
 
 def test_one_worker_reads_every_split_whole_in_a_new_order_each_epoch(ray_session, digits_imagefolder, tmp_path):
