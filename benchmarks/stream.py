@@ -105,7 +105,7 @@ def _consume(batches, transform, limit_s: float) -> dict:
 
 def ray_stream_rate(folder: Path, limit_s: float, batch: int = BATCH, transform: bool = True,
                     split: bool = False, paced: bool = True, hold_cpus: int = 0,
-                    calls_per_actor: int | None = None, niced: bool = True) -> dict:
+                    calls_per_actor: int | None = None, niced: bool = True, decodes: int | None = None) -> dict:
     """The service's streamed train split as a training worker reads it (`ingest.WorkerIngest`,
     with the local shuffle buffer it uses for this source, `ingest.stream_shuffle_buffer`: none
     for an ImageFolder, whose per-epoch file order already shuffles every image), on the Ray this
@@ -121,7 +121,9 @@ def ray_stream_rate(folder: Path, limit_s: float, batch: int = BATCH, transform:
     `calls_per_actor`: calls each decode actor runs at once (default: as shipped,
     `pipeline.DECODE_CALLS_PER_ACTOR`, in blocks of whole batches; 1 as before the twenty-fourth
     session, with the blocks of then). `niced`: the decode actors' threads at `data.decode_niceness`,
-    as shipped; False: at the consumer's nice value, as before the twenty-sixth session."""
+    as shipped; False: at the consumer's nice value, as before the twenty-sixth session.
+    `decodes`: batches each decode actor decodes at once (default: as shipped,
+    `pipeline.actor_decodes`; 1 as before the twenty-seventh session)."""
     import ray
     import ray.util
     import torch
@@ -143,7 +145,7 @@ def ray_stream_rate(folder: Path, limit_s: float, batch: int = BATCH, transform:
     # blocks of whole batches, as the service reads them (`trainer`: `prepare(batch_rows=...)`); the
     # former pool (one call per actor) with the former blocks
     ds = pipeline.decoded(raw.train, spec, cfg, shuffle_seed=0, keep_ids=False, actors=True, start_actors=start,
-                          calls_per_actor=calls, batch_rows=batch if calls > 1 else 0)
+                          calls_per_actor=calls, batch_rows=batch if calls > 1 else 0, decodes_per_actor=decodes)
     if paced:
         pace_data_executor(ds.context)
     held = None
@@ -222,6 +224,9 @@ def ingest_paths(folder: Path, procs: int, limit_s: float, batch: int = BATCH) -
                                                                     calls_per_actor=1),
             "ray_held_unniced": lambda t, s=limit_s: ray_stream_rate(folder, s, batch, transform=t, hold_cpus=1,
                                                                      niced=False),
+            "ray_one_decode": lambda t, s=limit_s: ray_stream_rate(folder, s, batch, transform=t, decodes=1),
+            "ray_held_one_decode": lambda t, s=limit_s: ray_stream_rate(folder, s, batch, transform=t, hold_cpus=1,
+                                                                        decodes=1),
             "loader": lambda t, s=limit_s: dataloader_rate(folder, procs, s, batch=batch, transform=t)}
 
 
@@ -280,6 +285,10 @@ INGEST_PATHS = {
                        "batches (as shipped before the twenty-fourth session)",
     "ray_held_unniced": "the service's pool beside one worker, its decode actors' threads at the consumer's nice "
                         "value (as shipped before the twenty-sixth session; now at data.decode_niceness, below it)",
+    "ray_one_decode": "Ray Data stream for one worker, each decode actor decoding one batch at a time (as shipped "
+                      "before the twenty-seventh session; now two at once, below the consumer)",
+    "ray_held_one_decode": "the service's pool beside one worker, each decode actor decoding one batch at a time (as "
+                           "shipped before the twenty-seventh session; now two at once, below the consumer)",
     "loader": "torch DataLoader (num_workers={procs}, same read + Decode in its workers)",
 }
 
@@ -318,6 +327,12 @@ def _render_ingest(r: dict, key: str, earlier: dict | None) -> list[str]:
         lines += ["", f"The service's pool on this node / DataLoader: {r['ratio']['ray_held']:.2f} (medians); "
                   f"within each round {common.median(pairs):.2f} (median), {min(pairs):.2f} to {max(pairs):.2f}, "
                   f"at or above 1.0 in {sum(x >= 1.0 for x in pairs)} of {len(pairs)} rounds."]
+    twice = [(k, f"{k}_one_decode") for k in ("ray", "ray_held") if f"{k}_one_decode" in r["runs"] and k in r["runs"]]
+    if twice:
+        lines += ["", "Two decodes per actor (as shipped) / one, within each round: " + "; ".join(
+            f"`{a}` " + ", ".join(f"{x / max(1e-9, y):.2f}" for x, y in
+                                  zip(r["runs"][a]["images_per_s"], r["runs"][b]["images_per_s"]))
+            for a, b in twice) + "."]
     niced = [(k, f"{k}_unniced") for k in ("ray", "ray_split", "ray_held")
              if f"{k}_unniced" in r["runs"] and k in r["runs"]]
     if niced:

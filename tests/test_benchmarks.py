@@ -501,7 +501,8 @@ def test_stream_bench_measures_every_path_on_real_jpegs_and_renders_them(ray_ses
     measure = stream.ingest_paths(folder, procs=1, limit_s=20, batch=16)
     # the same code as ray_split unpaced, as ray with 1 CPU held, with one call per decode actor
     # and with the decode actors at the consumer's nice value: checked in one pass below
-    for k in ("ray_unpaced", "ray_held", "ray_held_serial", "ray_unniced", "ray_split_unniced", "ray_held_unniced"):
+    for k in ("ray_unpaced", "ray_held", "ray_held_serial", "ray_unniced", "ray_split_unniced", "ray_held_unniced",
+              "ray_one_decode", "ray_held_one_decode"):
         del measure[k]
     res = {"command": "python benchmarks/stream.py --decode-repeats 1", "machine": common.machine_info(),
            "first_step": {}, "ingest": stream.ingest_rounds(measure, 1, True, 120, 1, warmup=False),
@@ -517,7 +518,7 @@ def test_stream_bench_measures_every_path_on_real_jpegs_and_renders_them(ray_ses
 
     before = set(ray.util.placement_group_table())
     one = stream.ray_stream_rate(folder, limit_s=20, batch=16, transform=False, split=True, paced=False,
-                                 hold_cpus=1, calls_per_actor=1, niced=False)
+                                 hold_cpus=1, calls_per_actor=1, niced=False, decodes=1)
     assert one["images"] == train_images - 16  # all but the first batch, each image once
     held = {k: v for k, v in ray.util.placement_group_table().items() if k not in before}
     assert [v["bundles"] for v in held.values()] == [{0: {"CPU": 1.0}}]  # one CPU held for the pass,
@@ -545,6 +546,11 @@ def test_stream_bench_measures_every_path_on_real_jpegs_and_renders_them(ray_ses
     assert "| Ray Data stream for one worker, its decode actors' threads at the consumer's nice value" in text
     assert ("Decode actors below the consumer (`data.decode_niceness`) / at its nice value, within each round: "
             "`ray` 0.50.") in text
+    for part in ("runs", "ratio", "pair_ratios"):
+        ing[part]["ray_one_decode"] = ing[part]["ray_unniced"]
+    text = stream.render(res)
+    assert "| Ray Data stream for one worker, each decode actor decoding one batch at a time" in text
+    assert "Two decodes per actor (as shipped) / one, within each round: `ray` 0.50." in text
     res["ingest_from"] = {"command": "python benchmarks/stream.py --skip-first-step", "git_revision": "abc1234",
                           "date": "2026-12-05"}
     assert ("From an earlier run: `python benchmarks/stream.py --skip-first-step` at git "

@@ -350,10 +350,11 @@ def test_decode_files_names_an_unreadable_file_or_skips_it(tmp_path):
     assert out["ok"].tolist() == [True, False] and out["image"][0].mean() == 200
 
 
-def test_decode_files_called_from_threads_decodes_one_batch_at_a_time(tmp_path):
+@pytest.mark.parametrize("decoders", [1, 2])
+def test_decode_files_called_from_threads_decodes_at_most_its_decoders_at_a_time(tmp_path, decoders):
     """A decode actor runs several calls at once (`pipeline.decode_actors`): each call's output is
-    its own batch's, and no two batches decode at the same time (one CPU per actor, as Ray
-    accounts it)."""
+    its own batch's, and at most `decoders` batches decode at the same time (one: one CPU per
+    actor, as Ray accounts it; two where its threads sit below the training workers)."""
     import threading
     from concurrent.futures import ThreadPoolExecutor
 
@@ -367,7 +368,7 @@ def test_decode_files_called_from_threads_decodes_one_batch_at_a_time(tmp_path):
         p.write_bytes(png_bytes(np.full((16, 16), i * 10, np.uint8)))
         paths.append(str(p))
     spec = DataSpec(channels=1, image_size=16, class_names=["a"], mean=[0.5], std=[0.2])
-    files = DecodeFiles(pafs.LocalFileSystem(), spec, keep_ids=False)
+    files = DecodeFiles(pafs.LocalFileSystem(), spec, keep_ids=False, decoders=decoders)
     decode, active, most, guard = files.decode, [0], [0], threading.Lock()
 
     def counted(batch):  # the batch decode, counting how many run at once
@@ -385,7 +386,9 @@ def test_decode_files_called_from_threads_decodes_one_batch_at_a_time(tmp_path):
     batches = [{"id": np.array(paths[i:i + 3], dtype=object), "label": np.arange(i, i + 3)} for i in range(0, 24, 3)]
     with ThreadPoolExecutor(4) as pool:
         outs = list(pool.map(files, batches))
-    assert most[0] == 1
+    assert most[0] == decoders
+    with pytest.raises(ValueError, match="decoders must be at least 1"):
+        DecodeFiles(pafs.LocalFileSystem(), spec, decoders=0)
     for batch, out in zip(batches, outs):
         assert out["label"].tolist() == batch["label"].tolist()
         assert [int(img.mean()) for img in out["image"]] == [int(lbl) * 10 for lbl in batch["label"]]

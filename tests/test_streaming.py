@@ -198,6 +198,9 @@ def test_decode_pool_starts_with_the_cpus_the_trainer_leaves(ray_session, digits
     assert pipeline.decode_actors().initial_size == 1
 
     cfg = DataConfig(source="imagefolder", path=str(digits_imagefolder), ingest="stream")
+    # a second decode per actor only below the training workers: at their priority it would take their CPU
+    assert pipeline.actor_decodes(cfg) == pipeline.NICED_DECODES_PER_ACTOR == 2
+    assert pipeline.actor_decodes(cfg.model_copy(update={"decode_niceness": None})) == 1
     raw = pipeline.load_raw(cfg)
     spec = pipeline.resolve_spec(raw, cfg)
     before = set(actor_classes())

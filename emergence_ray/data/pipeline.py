@@ -42,6 +42,13 @@ ACTOR_FILES = 128  # images per batch sent to a decode actor: the next one waits
 # batches a decode actor holds at once: one decoding (`DecodeFiles` decodes one at a time), the
 # others reading their files or handing their output to the object store meanwhile
 DECODE_CALLS_PER_ACTOR = 4
+# batches a decode actor decodes at once when its threads sit below the training workers
+# (`data.decode_niceness`): one CPU's worth, as Ray accounts it, and a second thread that takes a
+# core only while nothing above it wants one, as when the worker waits for a batch or the end of an
+# epoch leaves one decoder's last calls in flight. The service's one decoder beside a CPU worker on
+# 2 cores streamed 1.04x faster so (benchmarks/README.md, twenty-seventh session). At the workers'
+# priority (`decode_niceness` null) a second decode would take their CPU: one at a time there.
+NICED_DECODES_PER_ACTOR = 2
 STORE_SHARE = 32  # a block is at most this fraction of the smallest node's object store
 
 __all__ = ["Prepared", "prepare", "prepare_test", "decoded", "keep_ok", "load_raw", "resolve_spec"]
@@ -139,23 +146,32 @@ def decode_actors(start: int = 1, calls: int = DECODE_CALLS_PER_ACTOR) -> ray.da
     return ray.data.ActorPoolStrategy(min_size=1, max_size=most, initial_size=max(1, min(start, most)), **threads)
 
 
+def actor_decodes(cfg: DataConfig) -> int:
+    """Batches a decode actor decodes at once: `NICED_DECODES_PER_ACTOR` below the training
+    workers, one at their priority."""
+    return NICED_DECODES_PER_ACTOR if cfg.decode_niceness is not None else 1
+
+
 def decoded(split: Split, spec: DataSpec, cfg: DataConfig, shuffle_seed: int | None = None,
             keep_ids: bool = True, actors: bool = False, start_actors: int = 1,
-            calls_per_actor: int = DECODE_CALLS_PER_ACTOR, batch_rows: int = 0) -> ray.data.Dataset:
+            calls_per_actor: int = DECODE_CALLS_PER_ACTOR, batch_rows: int = 0,
+            decodes_per_actor: int | None = None) -> ray.data.Dataset:
     """Lazy: read `split` and decode it to uint8 in Ray Data tasks; unreadable images dropped
     (data.on_bad_image=skip) or raising (fail). `actors`: an ImageFolder is read and decoded in a
     pool of long-lived actors (`decode_actors`, `start_actors` of them from the start, each running
     `calls_per_actor` calls at once, in blocks of whole batches of `batch_rows` where that fits,
     `files_per_task`) instead: the streamed train split, decoded every epoch, where a read task's
     slot idles between tasks (benchmarks/STREAM.md). Only those actors' threads move to
-    `data.decode_niceness`: a read task's worker process goes on to run other tasks."""
+    `data.decode_niceness`: a read task's worker process goes on to run other tasks.
+    `decodes_per_actor`: batches an actor decodes at once (default `actor_decodes(cfg)`)."""
     per_image = spec.channels * spec.wire_size ** 2
     decode = Decode(spec, cfg.on_bad_image, keep_ids)
     if isinstance(split, FileSplit) and actors:
         files = split.file_list(shuffle_seed, files_per_task(split.count, per_image, ACTOR_FILES, batch_rows))
         pool = decode_actors(start_actors, calls_per_actor)
+        decodes = min(calls_per_actor, decodes_per_actor or actor_decodes(cfg))
         ds = files.map_batches(DecodeFiles, fn_constructor_args=(split.fs, spec, cfg.on_bad_image, keep_ids,
-                                                                    cfg.decode_niceness),
+                                                                    cfg.decode_niceness, decodes),
                                batch_format="numpy", batch_size=None, compute=pool)
     elif isinstance(split, FileSplit):
         # blocks of `files_per_task` files, decoded whole inside the read task: on 2 CPUs a

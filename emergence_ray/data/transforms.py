@@ -177,18 +177,21 @@ class DecodeFiles:
     wait between batches as a read task's slot does (benchmarks/STREAM.md).
 
     Safe to call from several threads (`pipeline.decode_actors` runs a few calls at once): files
-    are read concurrently, but one batch is decoded at a time, so an actor decodes on one CPU, as
-    Ray accounts for it, while its other calls read files or hand their output to the object
-    store.
+    are read concurrently, but at most `decoders` batches are decoded at a time (PIL's decoder and
+    resize let go of the GIL), while the other calls read files or hand their output to the object
+    store. One: an actor decodes on one CPU, as Ray accounts for it; more only where its threads
+    sit below the training workers (`pipeline.actor_decodes`).
 
     `nice`: each calling thread first moves itself to this nice value (`data.decode_niceness`),
     below the training worker it feeds (`priority.yield_this_thread`). The actor's process is
     its own, so nothing else runs on those threads."""
 
     def __init__(self, fs, spec: DataSpec, on_bad_image: str = "fail", keep_ids: bool = True,
-                 nice: int | None = None):
+                 nice: int | None = None, decoders: int = 1):
+        if decoders < 1:
+            raise ValueError(f"decoders must be at least 1, got {decoders}")
         self.fs, self.decode = fs, Decode(spec, on_bad_image, keep_ids)
-        self.decoding = threading.Lock()
+        self.decoding = threading.BoundedSemaphore(decoders)
         self.nice, self.niced = nice, threading.local()
 
     def read(self, path: str) -> bytes:
