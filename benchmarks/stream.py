@@ -231,16 +231,19 @@ def ingest_paths(folder: Path, procs: int, limit_s: float, batch: int = BATCH) -
 
 
 def ingest_rounds(measure: dict, n: int, transform: bool, images: int, procs: int, warmup: bool = True) -> dict:
-    """`n` rounds of every path in `measure`, alternated so that a drifting host load hits every
-    path alike; rates, start-up and ratios to the DataLoader, overall and within each round.
-    `warmup`: first an untimed pass of every path."""
+    """`n` rounds of every path in `measure`, alternated (every other round in reverse order) so
+    that a drifting host load and the pass before it hit every path alike; rates, start-up and
+    ratios to the DataLoader, overall and within each round. `warmup`: first an untimed pass of
+    every path."""
     runs: dict = {k: {"images_per_s": [], "with_start_images_per_s": [], "first_batch_s": []} for k in measure}
     # untimed: a first pass in this process imports the path's modules, which no later pass pays
     # (py-spy: ~2 s of the consumer's CPU in Ray Data's first pass)
     for fn in measure.values() if warmup else ():
         fn(transform, WARMUP_S)
-    for _ in range(n):
-        for k, fn in measure.items():
+    for i in range(n):
+        # every other round in reverse, so that no path always runs right after the same one (the
+        # last pass's actors and objects may still be torn down as the next one starts)
+        for k, fn in list(measure.items())[::-1 if i % 2 else 1]:
             r = fn(transform)
             for field in runs[k]:
                 runs[k][field].append(r[field])
@@ -304,9 +307,9 @@ def _render_ingest(r: dict, key: str, earlier: dict | None) -> list[str]:
     if earlier:
         lines += [f"From an earlier run: `{earlier['command']}` at git `{earlier['git_revision']}`, "
                   f"{earlier['date']}.", ""]
-    lines += ["Rounds alternate the paths, after an untimed warm-up pass of each. images/s counts from the first "
-              "batch on; *with start* counts from the "
-              "call that starts the pass (the actors' or workers' start-up included).", "",
+    lines += ["Rounds alternate the paths (every other round in reverse order), after an untimed warm-up pass of "
+              "each. images/s counts from the first batch on; *with start* counts from the call that starts the pass "
+              "(the actors' or workers' start-up included).", "",
               "| path | images/s (median) | x DataLoader | pairs x DataLoader | with start | first batch s | runs |",
               "|---|---|---|---|---|---|---|"]
     loader_start = common.median(r["runs"]["loader"]["with_start_images_per_s"])

@@ -557,6 +557,24 @@ def test_stream_bench_measures_every_path_on_real_jpegs_and_renders_them(ray_ses
             "`abc1234`, 2026-12-05.") in stream.render(res)
 
 
+def test_stream_bench_rounds_reverse_the_order_of_the_paths_every_other_round():
+    """No path always runs right after the same one: each follows and precedes the others alike."""
+    from benchmarks import stream
+
+    order: list[str] = []
+
+    def path(name: str):
+        def run(transform: bool, seconds: float = 1.0) -> dict:
+            order.append(name)
+            return {"images_per_s": 10.0, "with_start_images_per_s": 9.0, "first_batch_s": 0.1}
+        return run
+
+    res = stream.ingest_rounds({k: path(k) for k in ("ray", "ray_held", "loader")}, 3, True, 100, 2)
+    assert order == ["ray", "ray_held", "loader",  # the untimed warm-up pass
+                     "ray", "ray_held", "loader", "loader", "ray_held", "ray", "ray", "ray_held", "loader"]
+    assert res["pair_ratios"]["ray"] == [1.0, 1.0, 1.0]
+
+
 def test_allocator_bench_renders_its_rounds_against_glibcs_defaults():
     from benchmarks import allocator
 

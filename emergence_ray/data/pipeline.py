@@ -44,10 +44,11 @@ ACTOR_FILES = 128  # images per batch sent to a decode actor: the next one waits
 DECODE_CALLS_PER_ACTOR = 4
 # batches a decode actor decodes at once when its threads sit below the training workers
 # (`data.decode_niceness`): one CPU's worth, as Ray accounts it, and a second thread that takes a
-# core only while nothing above it wants one, as when the worker waits for a batch or the end of an
-# epoch leaves one decoder's last calls in flight. The service's one decoder beside a CPU worker on
-# 2 cores streamed 1.04x faster so (benchmarks/README.md, twenty-seventh session). At the workers'
-# priority (`decode_niceness` null) a second decode would take their CPU: one at a time there.
+# core only while nothing above it wants one, as a GPU worker's own CPU, mostly idle while the GPU
+# computes. The service's one decoder beside an idle held CPU on 2 cores decoded 1.29-1.42x faster
+# so; beside a CPU worker, which leaves little idle, no change beyond the noise (benchmarks/README.md,
+# twenty-seventh session). At the workers' priority (`decode_niceness` null) a second decode would
+# take their CPU: one at a time there.
 NICED_DECODES_PER_ACTOR = 2
 STORE_SHARE = 32  # a block is at most this fraction of the smallest node's object store
 
