@@ -70,13 +70,16 @@ def start_embedded(env_vars: dict[str, str], init_kwargs: dict) -> None:
       Ray's own in-cluster look-ups (Train's state-API calls) to this Ray: without them they search
       the machine and find several Rays (tracebacks: "Found multiple active Ray instances"), or the
       one a `ray start` recorded, which knows nothing of this run.
+    - `env_vars` and that `RAY_ADDRESS` reach the workers through the environment they inherit from
+      the raylet started here, not a job runtime_env: with one, even of environment variables only,
+      every worker's start goes through Ray's runtime-env agent, and each streamed epoch's decode
+      pool delivered its first batch ~0.3 s later (benchmarks/README.md, twenty-seventh session).
     """
     gcs_port = free_port()
-    runtime_env = {"env_vars": {**env_vars, "RAY_ADDRESS": f"{LOOPBACK}:{gcs_port}"}}
-    with environ(embedded_env(gcs_port)), _loopback_node():
+    inherited = {**embedded_env(gcs_port), **env_vars, "RAY_ADDRESS": f"{LOOPBACK}:{gcs_port}"}
+    with environ(inherited), _loopback_node():
         ray.init(address="local", num_cpus=os.cpu_count() or 1, _node_ip_address=LOOPBACK,
-                 dashboard_host=LOOPBACK, _system_config={"enable_metrics_collection": False},
-                 runtime_env=runtime_env, **init_kwargs)
+                 dashboard_host=LOOPBACK, _system_config={"enable_metrics_collection": False}, **init_kwargs)
     if ray.util.get_node_ip_address() != LOOPBACK:
         log.warning("the embedded Ray did not bind to %s (node IP %s): its ports are reachable from the "
                     "network; check this Ray version's RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", LOOPBACK,

@@ -635,3 +635,22 @@ def test_evaluate_bench_runs_the_cli_both_ways_and_renders(tmp_path):
     text = evaluate_bench.render(res)
     assert "Command: `python benchmarks/evaluate_bench.py --images 60 --rounds 1`" in text
     assert "| glibc's defaults (`scaling.keep_freed_memory=false`, as before) |" in text and "**1.00x** |" in text
+
+
+def test_epoch_start_bench_runs_both_starts_of_the_embedded_ray_and_renders_them(tmp_path):
+    """epoch_start.py end to end on a small JPEG folder: each configuration in its own process with
+    its own embedded Ray (one round, two passes each: one timed), then the table and the line."""
+    from conftest import cli_env
+
+    proc = subprocess.run([sys.executable, "benchmarks/epoch_start.py", "--rounds", "1", "--passes", "2",
+                           "--images", "120", "--data", str(tmp_path / "data"), "--out", str(tmp_path / "out")],
+                          capture_output=True, text=True, timeout=600, cwd=ROOT, env=cli_env())
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads((tmp_path / "out" / "EPOCH_START.json").read_text())
+    assert set(res["runs"]) == {"inherited", "runtime_env"}
+    for rounds in res["runs"].values():
+        assert len(rounds) == 1 and len(rounds[0]) == 1 and 0 < rounds[0][0] < 60
+    text = (tmp_path / "out" / "EPOCH_START.md").read_text()
+    assert "Command: `python benchmarks/epoch_start.py --rounds 1 --passes 2 --images 120`" in text
+    assert "| as shipped: the workers' environment variables inherited from the raylet" in text
+    assert "As shipped, the first batch comes" in text

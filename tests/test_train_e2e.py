@@ -100,14 +100,24 @@ def test_embedded_ray_starts_workers_at_nice_0_and_leaves_the_environment_alone(
     code = ("import os, ray\nfrom emergence_ray import cluster\ncluster.connect()\n"
             "probe = ray.remote(lambda: (os.getpriority(os.PRIO_PROCESS, 0), os.environ.get('MALLOC_ARENA_MAX')))\n"
             "nice, arenas = ray.get(probe.remote())\n"
-            "print(nice, os.environ.get('RAY_worker_niceness'), arenas)\nray.shutdown()\n")
+            "print(nice, os.environ.get('RAY_worker_niceness'), arenas)\n"
+            "env = ray.remote(lambda: (os.environ.get('RAY_ADDRESS'), os.environ.get('RAY_DATA_LOG_LEVEL'),\n"
+            "                          ray.get_runtime_context().runtime_env))\n"
+            "print(ray.get_runtime_context().gcs_address, os.environ.get('RAY_ADDRESS'), *ray.get(env.remote()))\n"
+            "ray.shutdown()\n")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
                           env=cli_env(HOME=str(tmp_path)), cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     # a worker other than a training worker keeps glibc's allocator as it comes
-    assert _last_line(proc.stdout) == "0 None None"
+    assert proc.stdout.strip().splitlines()[-2] == "0 None None"
+    # the workers find this Ray and log quietly through the environment they inherit from its raylet;
+    # the driver's own environment is as it was, and the job has no runtime_env (one would send every
+    # worker's start through Ray's runtime-env agent)
+    gcs, driver_address, worker_address, level, runtime_env = _last_line(proc.stdout).split(" ", 4)
+    assert gcs.startswith("127.0.0.1:") and worker_address == gcs and driver_address == "None"
+    assert level == "WARNING" and runtime_env == "{}"
     # a value the user set is the one the workers get, and it stays set
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
                           env=cli_env(HOME=str(tmp_path), RAY_worker_niceness="5"), cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert _last_line(proc.stdout) == "5 5 None"
+    assert proc.stdout.strip().splitlines()[-2] == "5 5 None"
