@@ -73,7 +73,7 @@ def start_embedded(env_vars: dict[str, str], init_kwargs: dict) -> None:
     - `env_vars` and that `RAY_ADDRESS` reach the workers through the environment they inherit from
       the raylet started here, not a job runtime_env: with one, even of environment variables only,
       every worker's start goes through Ray's runtime-env agent, and each streamed epoch's decode
-      pool delivered its first batch ~0.3 s later (benchmarks/README.md, twenty-seventh session).
+      pool delivered its first batch 0.36 s later (benchmarks/EPOCH_START.md).
     """
     gcs_port = free_port()
     inherited = {**embedded_env(gcs_port), **env_vars, "RAY_ADDRESS": f"{LOOPBACK}:{gcs_port}"}

@@ -93,8 +93,9 @@ class DataConfig(_Section):
     decode_niceness: int | None = Field(
         15, ge=0, le=19, description="nice value of the streamed ImageFolder's decode actors' threads (Ray's own "
                                      "for its workers): below the training workers (scaling.worker_niceness), so a "
-                                     "worker never waits for a CPU behind a decode that is ahead of it; null keeps "
-                                     "the nice value Ray started them with")
+                                     "worker never waits for a CPU behind a decode that is ahead of it, and each "
+                                     "actor decodes two batches at once for the cycles the workers leave; null "
+                                     "keeps the nice value Ray started them with, one decode at a time")
     cache_gb_per_worker: float = Field(4.0, gt=0, le=4096, description="auto caches when a worker's train + val shard, "
                                                                "as decoded uint8 images, is at most this many GiB")
 

@@ -39,8 +39,8 @@ SAMPLE = 512  # train images inspected to resolve channels, size and normalizati
 BLOCK_BYTES = 16 * 2**20  # decoded bytes per block, at least: far below a small object store
 MAX_BLOCK_BYTES = 64 * 2**20
 ACTOR_FILES = 128  # images per batch sent to a decode actor: the next one waits queued meanwhile
-# batches a decode actor holds at once: one decoding (`DecodeFiles` decodes one at a time), the
-# others reading their files or handing their output to the object store meanwhile
+# batches a decode actor holds at once: one or two decoding (`actor_decodes`), the others reading
+# their files or handing their output to the object store meanwhile
 DECODE_CALLS_PER_ACTOR = 4
 # batches a decode actor decodes at once when its threads sit below the training workers
 # (`data.decode_niceness`): one CPU's worth, as Ray accounts it, and a second thread that takes a
@@ -137,8 +137,9 @@ def decode_actors(start: int = 1, calls: int = DECODE_CALLS_PER_ACTOR) -> ray.da
     alone ran at 0.74-0.99x of a DataLoader so, 0.92-1.09x with the pool started whole
     (benchmarks/README.md, eighteenth session).
 
-    Each actor runs `calls` calls at once in threads, and `DecodeFiles` lets one of them decode at
-    a time: one CPU's worth of decoding per actor, as Ray accounts it. One call
+    Each actor runs `calls` calls at once in threads, and `DecodeFiles` lets `actor_decodes` of
+    them decode at a time: one CPU's worth of decoding per actor, as Ray accounts it, and below the
+    training workers a second decode for the cycles they leave. One call
     at a time, an actor sat idle between batches while its last output went to the object store
     and the next batch was sent: ~15 ms of every ~57 ms batch, a quarter of its core
     (benchmarks/README.md, twenty-fourth session)."""
