@@ -221,6 +221,16 @@ def jpeg_bench_start(script: str, doc: str, argv: list[str] | None, images: int,
     return args, folder, {"command": command_line(script, p, args, ("images", "rounds")), "machine": machine_info()}
 
 
+def results_header(title: str, command: str, m: dict, software: bool = True) -> list[str]:
+    """The lines every results file opens with: its title, the command that produced it, the git
+    revision, the machine (`machine_info`; `software`: torch's and Ray's versions, else the OS)
+    and the date."""
+    about = f"torch {m['torch']}, Ray {m['ray']}; load average" if software else f"{m['os']}; load average"
+    return [f"# {title}", "", f"Command: `{command}`  ", f"Git revision: `{m['git_revision']}`  ",
+            f"Machine: {m['nproc']} CPUs ({m['cpu']}), {m['ram_gib']} GiB{',' if not software else ';'} {about} at "
+            f"start {m['load_average']}  ", f"Date: {m['date']}  ", ""]
+
+
 def write_results(folder: Path, stem: str, res: dict, text: str) -> None:
     """A benchmark's results: folder/STEM.json (every figure) and folder/STEM.md (`text`, also
     printed)."""

@@ -88,10 +88,8 @@ def measure(folder: Path, images: int, rounds: int) -> dict:
 
 def render(res: dict) -> str:
     m, r = res["machine"], res["decode"]
-    lines = ["# Decode cost per image: the shipped DecodeFiles against the former (C, H, W) conversion", "",
-             f"Command: `{res['command']}`  ", f"Git revision: `{m['git_revision']}`  ",
-             f"Machine: {m['nproc']} CPUs ({m['cpu']}), {m['ram_gib']} GiB, {m['os']}; load average at start "
-             f"{m['load_average']}  ", f"Date: {m['date']}  ", "",
+    title = "Decode cost per image: the shipped DecodeFiles against the former (C, H, W) conversion"
+    lines = [*common.results_header(title, res["command"], m, software=False),
              f"{r['images']} photo-like 256 px JPEGs (stream.py's), imagenet policy at 256 px, batches of {BATCH} "
              "files as a decode actor gets them; one process, the two alternated round by round. Outputs "
              f"identical: {'yes' if r['identical_output'] else 'NO'}.", "",

@@ -59,10 +59,8 @@ def child(config: str, folder: Path, passes: int) -> dict:
 
 def render(res: dict) -> str:
     m = res["machine"]
-    lines = ["# A streamed epoch's first batch: the embedded Ray as shipped against a job runtime_env", "",
-             f"Command: `{res['command']}`  ", f"Git revision: `{m['git_revision']}`  ",
-             f"Machine: {m['nproc']} CPUs ({m['cpu']}), {m['ram_gib']} GiB; torch {m['torch']}, Ray {m['ray']}; "
-             f"load average at start {m['load_average']}  ", f"Date: {m['date']}  ", "",
+    title = "A streamed epoch's first batch: the embedded Ray as shipped against a job runtime_env"
+    lines = [*common.results_header(title, res["command"], m),
              f"Each pass: stream.py's `ray_held` on {res['images']} photo-like JPEGs (the service's decode pool "
              "beside one worker holding 1 CPU); seconds from the pass's start to its first batch. Each "
              "configuration runs in its own process, the two alternating round by round; the first pass of "
@@ -103,10 +101,7 @@ def main(argv: list[str] | None = None) -> int:
                 raise RuntimeError(proc.stderr[-3000:])
             res["runs"][k].append(json.loads(proc.stdout.strip().splitlines()[-1])["first_batch_s"])
             print(k, res["runs"][k][-1], flush=True)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "EPOCH_START.json").write_text(json.dumps(res, indent=2))
-    (args.out / "EPOCH_START.md").write_text(render(res))
-    print(render(res))
+    common.write_results(args.out, "EPOCH_START", res, render(res))
     return 0
 
 

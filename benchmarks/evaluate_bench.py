@@ -48,10 +48,8 @@ def evaluate_run(ckpt: Path, folder: Path, out: Path, extra: tuple[str, ...]) ->
 
 def render(res: dict) -> str:
     m = res["machine"]
-    lines = ["# `emergence-ray evaluate` on a CPU: the driver keeping freed memory against glibc's defaults", "",
-             f"Command: `{res['command']}`  ", f"Git revision: `{m['git_revision']}`  ",
-             f"Machine: {m['nproc']} CPUs ({m['cpu']}), {m['ram_gib']} GiB; torch {m['torch']}, Ray {m['ray']}; "
-             f"load average at start {m['load_average']}  ", f"Date: {m['date']}  ", "",
+    title = "`emergence-ray evaluate` on a CPU: the driver keeping freed memory against glibc's defaults"
+    lines = [*common.results_header(title, res["command"], m),
              f"{res['images']:,} photo-like 256 px JPEGs (stream.py's) in 10 class folders, the seeded test split "
              f"({res['test_images']:,} images) evaluated by the CLI (embedded Ray) with a `cnn` checkpoint (width "
              f"{predict_bench.WIDTH}) for 224 px RGB, imagenet policy, batches of 512 on the driver; the whole "

@@ -236,10 +236,8 @@ def render(results: dict) -> str:
 
     m = results["machine"]
     names = list(results["runs"])
-    lines = ["# `emergence-ray train` to the first training step, on a running cluster", "",
-             f"Command: `{results['command']}`  ", f"Git revision: `{m['git_revision']}`  ",
-             f"Machine: {m['nproc']} CPUs ({m['cpu']}), {m['ram_gib']} GiB; torch {m['torch']}, Ray {m['ray']}; "
-             f"load average at start {m['load_average']}  ", f"Date: {m['date']}  ", "",
+    title = "`emergence-ray train` to the first training step, on a running cluster"
+    lines = [*common.results_header(title, results["command"], m),
              f"Cluster: `python cluster/local_cluster.py start --cpus {results['cpus']}` (a `ray start --head`, the "
              "development set-up), started once; every launch is the built-in digits job, 2 workers, 1 epoch: "
              f"`{results['runs'][names[0]][0]['command']}`. Versions: "

@@ -142,10 +142,8 @@ def in_subprocess(allocator: str, folder: Path, images: int, rounds: int) -> dic
 
 def render(res: dict) -> str:
     m = res["machine"]
-    lines = ["# The device transform on a CPU: shipped against the former implementation", "",
-             f"Command: `{res['command']}`  ", f"Git revision: `{m['git_revision']}`  ",
-             f"Machine: {m['nproc']} CPUs ({m['cpu']}), {m['ram_gib']} GiB, {m['os']}; load average at start "
-             f"{m['load_average']}  ", f"Date: {m['date']}  ", "",
+    title = "The device transform on a CPU: shipped against the former implementation"
+    lines = [*common.results_header(title, res["command"], m, software=False),
              f"{res['images']} photo-like 256 px JPEGs (stream.py's) decoded as the service decodes them, batches "
              f"of {BATCH}, one torch thread; shipped and former alternated round by round in one process per "
              "allocator setting. Former: the batch normalized at once (three passes over a batch-sized float "
