@@ -81,26 +81,53 @@ def _listed(folder: Path):
     return raw, pipeline.resolve_spec(raw, cfg)
 
 
+def machine_cpu() -> tuple[float, float]:
+    """(busy, total) CPU-seconds of the whole machine since boot, all cores (/proc/stat: idle and
+    iowait are not busy); (0, 0) where there is no /proc/stat."""
+    try:
+        with open("/proc/stat") as f:
+            ticks = [int(x) for x in f.readline().split()[1:]]
+    except OSError:
+        return 0.0, 0.0
+    hz = os.sysconf("SC_CLK_TCK")
+    return (sum(ticks) - ticks[3] - ticks[4]) / hz, sum(ticks) / hz
+
+
+def _cpu_use(start: tuple[float, float, float], images: int) -> dict:
+    """Where the CPU went from `start` (machine busy, machine total, this process's CPU seconds) to
+    now: cores in use over the whole machine, its CPU per image (every process: decoders, Ray's
+    daemons, the consumer), and this consuming process's own CPU per image (all its threads; a
+    DataLoader's worker processes are not in it)."""
+    busy, total = machine_cpu()
+    own = time.process_time()
+    cores = os.cpu_count() or 1
+    n = max(1, images)
+    return {"cores_busy": cores * (busy - start[0]) / max(1e-9, total - start[1]),
+            "cpu_ms_per_image": 1000 * (busy - start[0]) / n, "consumer_cpu_ms_per_image": 1000 * (own - start[2]) / n}
+
+
 def _consume(batches, transform, limit_s: float) -> dict:
     """Apply the device transform to every batch (as a CPU worker does; None: leave it to a GPU)
-    -> images/s after the first batch."""
+    -> images/s after the first batch, and where the CPU went meanwhile (`_cpu_use`)."""
     import torch
 
     gen = torch.Generator().manual_seed(0)
     n, t0, t_first = 0, time.perf_counter(), None
-    first = 0
+    first, cpu0 = 0, None
     for b in batches:
         x = transform(b["image"], gen) if transform is not None else b["image"]
         if t_first is None:
             t_first, first = time.perf_counter(), len(x)
+            cpu0 = (*machine_cpu(), time.process_time())
         else:
             n += len(x)
         if time.perf_counter() - t0 > limit_s:
             break
     end = time.perf_counter()
     dt = end - (t_first or t0)
+    use = _cpu_use(cpu0, n) if cpu0 else {"cores_busy": 0.0, "cpu_ms_per_image": 0.0, "consumer_cpu_ms_per_image": 0.0}
     return {"images": n, "seconds": dt, "images_per_s": n / max(1e-9, dt), "first_batch_s": (t_first or t0) - t0,
-            "with_start_images_per_s": (n + first) / max(1e-9, end - t0)}
+            "with_start_images_per_s": (n + first) / max(1e-9, end - t0), **use}
 
 
 def ray_stream_rate(folder: Path, limit_s: float, batch: int = BATCH, transform: bool = True,
@@ -230,12 +257,16 @@ def ingest_paths(folder: Path, procs: int, limit_s: float, batch: int = BATCH) -
             "loader": lambda t, s=limit_s: dataloader_rate(folder, procs, s, batch=batch, transform=t)}
 
 
+RUN_FIELDS = ("images_per_s", "with_start_images_per_s", "first_batch_s", "cores_busy", "cpu_ms_per_image",
+              "consumer_cpu_ms_per_image")
+
+
 def ingest_rounds(measure: dict, n: int, transform: bool, images: int, procs: int, warmup: bool = True) -> dict:
     """`n` rounds of every path in `measure`, alternated (every other round in reverse order) so
     that a drifting host load and the pass before it hit every path alike; rates, start-up and
     ratios to the DataLoader, overall and within each round. `warmup`: first an untimed pass of
     every path."""
-    runs: dict = {k: {"images_per_s": [], "with_start_images_per_s": [], "first_batch_s": []} for k in measure}
+    runs: dict = {k: {field: [] for field in RUN_FIELDS} for k in measure}
     # untimed: a first pass in this process imports the path's modules, which no later pass pays
     # (py-spy: ~2 s of the consumer's CPU in Ray Data's first pass)
     for fn in measure.values() if warmup else ():
@@ -320,6 +351,7 @@ def _render_ingest(r: dict, key: str, earlier: dict | None) -> list[str]:
                      f"{', '.join(f'{x:.2f}' for x in r['pair_ratios'][k])} | {start:.0f} "
                      f"({start / max(1e-9, loader_start):.2f}x) | {common.median(runs['first_batch_s']):.1f} | "
                      f"{', '.join(f'{x:.0f}' for x in runs['images_per_s'])} |")
+    lines += _render_cpu(r)
     if key == "ingest" and "ray" in r["ratio"]:
         pairs = r["pair_ratios"]["ray"]
         lines += ["", f"Ratio as shipped / DataLoader: {r['ratio']['ray']:.2f} (medians); within each round "
@@ -344,6 +376,22 @@ def _render_ingest(r: dict, key: str, earlier: dict | None) -> list[str]:
                                                   zip(r["runs"][a]["images_per_s"], r["runs"][b]["images_per_s"]))
                               for a, b in niced) + "."]
     return lines + [""]
+
+
+def _render_cpu(r: dict) -> list[str]:
+    """Where the CPU went in each path's passes, from the first batch on (runs from before the
+    twenty-eighth session did not record it)."""
+    runs = {k: v for k, v in r["runs"].items() if v.get("cpu_ms_per_image")}
+    if not runs:
+        return []
+    lines = ["", "Where the CPU went, from the first batch on (medians over the passes): the cores in use on the "
+             "whole machine, its CPU per image (every process: decoders, Ray's daemons, the consumer), and the "
+             "consuming process's own (all its threads; not the DataLoader's worker processes).", "",
+             "| path | cores in use | CPU ms per image | consumer's CPU ms per image |", "|---|---|---|---|"]
+    for k, v in runs.items():
+        cores, cpu, own = (common.median(v[f]) for f in ("cores_busy", "cpu_ms_per_image", "consumer_cpu_ms_per_image"))
+        lines.append(f"| `{k}` | {cores:.2f} | {cpu:.3f} | {own:.3f} |")
+    return lines
 
 
 def render(results: dict) -> str:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import os
 import struct
 import subprocess
 import sys
@@ -513,6 +514,10 @@ def test_stream_bench_measures_every_path_on_real_jpegs_and_renders_them(ray_ses
         for r in runs.values():
             assert r["images_per_s"][0] > 0 and r["with_start_images_per_s"][0] > 0
             assert r["first_batch_s"][0] > 0
+            # where the CPU went: some of this machine's cores, and every image cost the machine at
+            # least what it cost the consuming process (less /proc/stat's tick granularity)
+            assert 0 < r["cores_busy"][0] <= os.cpu_count() + 0.05
+            assert r["cpu_ms_per_image"][0] >= 0.8 * r["consumer_cpu_ms_per_image"][0] > 0
         assert res[section]["ratio"]["loader"] == 1.0
     import ray.util
 
@@ -533,6 +538,10 @@ def test_stream_bench_measures_every_path_on_real_jpegs_and_renders_them(ray_ses
     assert "## Decode alone (120 images, 1 CPU processes each, no device transform)" in text
     assert text.count("| the same through streaming_split, as shipped for each") == 2
     assert text.count("| torch DataLoader (num_workers=1") == 2
+    loader = res["ingest"]["runs"]["loader"]
+    assert text.count("| path | cores in use | CPU ms per image | consumer's CPU ms per image |") == 2
+    assert (f"| `loader` | {loader['cores_busy'][0]:.2f} | {loader['cpu_ms_per_image'][0]:.3f} | "
+            f"{loader['consumer_cpu_ms_per_image'][0]:.3f} |") in text
     ing = res["ingest"]  # the held path's row and line, from the one-worker figures
     ing["runs"]["ray_held"], ing["ratio"]["ray_held"] = ing["runs"]["ray"], ing["ratio"]["ray"]
     ing["pair_ratios"]["ray_held"] = ing["pair_ratios"]["ray"]
@@ -566,7 +575,8 @@ def test_stream_bench_rounds_reverse_the_order_of_the_paths_every_other_round():
     def path(name: str):
         def run(transform: bool, seconds: float = 1.0) -> dict:
             order.append(name)
-            return {"images_per_s": 10.0, "with_start_images_per_s": 9.0, "first_batch_s": 0.1}
+            return {"images_per_s": 10.0, "with_start_images_per_s": 9.0, "first_batch_s": 0.1, "cores_busy": 2.0,
+                    "cpu_ms_per_image": 1.5, "consumer_cpu_ms_per_image": 0.7}
         return run
 
     res = stream.ingest_rounds({k: path(k) for k in ("ray", "ray_held", "loader")}, 3, True, 100, 2)
