@@ -82,15 +82,17 @@ def _listed(folder: Path):
 
 
 def machine_cpu() -> tuple[float, float]:
-    """(busy, total) CPU-seconds of the whole machine since boot, all cores (/proc/stat: idle and
-    iowait are not busy); (0, 0) where there is no /proc/stat."""
+    """(busy, total) CPU-seconds of the whole machine since boot, all cores (/proc/stat's user,
+    nice, system, irq and softirq are busy; idle, iowait and steal, time the hypervisor gave to
+    another machine, are not); (0, 0) where there is no /proc/stat."""
     try:
         with open("/proc/stat") as f:
-            ticks = [int(x) for x in f.readline().split()[1:]]
+            user, nice, system, idle, iowait, irq, softirq, steal = (int(x) for x in f.readline().split()[1:9])
     except OSError:
         return 0.0, 0.0
     hz = os.sysconf("SC_CLK_TCK")
-    return (sum(ticks) - ticks[3] - ticks[4]) / hz, sum(ticks) / hz
+    busy = user + nice + system + irq + softirq
+    return busy / hz, (busy + idle + iowait + steal) / hz
 
 
 def _cpu_use(start: tuple[float, float, float], images: int) -> dict:
