@@ -81,6 +81,9 @@ def _listed(folder: Path):
     return raw, pipeline.resolve_spec(raw, cfg)
 
 
+CPU_FIELDS = ("cores_busy", "cpu_ms_per_image", "consumer_cpu_ms_per_image")  # `_cpu_use`'s figures
+
+
 def machine_cpu() -> tuple[float, float]:
     """(busy, total) CPU-seconds of the whole machine since boot, all cores (/proc/stat's user,
     nice, system, irq and softirq are busy; idle, iowait and steal, time the hypervisor gave to
@@ -127,7 +130,7 @@ def _consume(batches, transform, limit_s: float) -> dict:
             break
     end = time.perf_counter()
     dt = end - (t_first or t0)
-    use = _cpu_use(cpu0, n) if cpu0 else {"cores_busy": 0.0, "cpu_ms_per_image": 0.0, "consumer_cpu_ms_per_image": 0.0}
+    use = _cpu_use(cpu0, n) if cpu0 else dict.fromkeys(CPU_FIELDS, 0.0)
     return {"images": n, "seconds": dt, "images_per_s": n / max(1e-9, dt), "first_batch_s": (t_first or t0) - t0,
             "with_start_images_per_s": (n + first) / max(1e-9, end - t0), **use}
 
@@ -259,8 +262,7 @@ def ingest_paths(folder: Path, procs: int, limit_s: float, batch: int = BATCH) -
             "loader": lambda t, s=limit_s: dataloader_rate(folder, procs, s, batch=batch, transform=t)}
 
 
-RUN_FIELDS = ("images_per_s", "with_start_images_per_s", "first_batch_s", "cores_busy", "cpu_ms_per_image",
-              "consumer_cpu_ms_per_image")
+RUN_FIELDS = ("images_per_s", "with_start_images_per_s", "first_batch_s", *CPU_FIELDS)
 
 
 def ingest_rounds(measure: dict, n: int, transform: bool, images: int, procs: int, warmup: bool = True) -> dict:
@@ -391,7 +393,7 @@ def _render_cpu(r: dict) -> list[str]:
              "consuming process's own (all its threads; not the DataLoader's worker processes).", "",
              "| path | cores in use | CPU ms per image | consumer's CPU ms per image |", "|---|---|---|---|"]
     for k, v in runs.items():
-        cores, cpu, own = (common.median(v[f]) for f in ("cores_busy", "cpu_ms_per_image", "consumer_cpu_ms_per_image"))
+        cores, cpu, own = (common.median(v[f]) for f in CPU_FIELDS)
         lines.append(f"| `{k}` | {cores:.2f} | {cpu:.3f} | {own:.3f} |")
     return lines
 
